@@ -1,0 +1,148 @@
+"""The benchmark harness: runs suites, prints their tables, writes JSON + markdown + PNG plots.
+
+A suite is a module in `bench/suites/` with
+  TITLE: str
+  def run(ctx: Context) -> list[dict]   rows of one table (same keys in every row)
+and optionally
+  def plot(rows: list[dict], path: str) -> None   a custom PNG (default: bar chart of median_ms)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bench.measure import device_name
+
+SUITES = ("softvq",)
+RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+@dataclass
+class Context:
+    """What a suite gets: the device, quick or full mode, and where to write extra files."""
+
+    device: torch.device
+    quick: bool
+    out_dir: str
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        """A line printed under the suite's table and kept in the markdown."""
+        self.notes.append(text)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    from softvq_fast._extension import extension_status
+
+    return {
+        "machine": device_name(device),
+        "device": str(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "extension": extension_status(),
+        "platform": platform.platform(),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0 or 0.01 <= abs(value) < 1e5:
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    keys = list(rows[0].keys())
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _default_plot(title: str, rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if isinstance(r.get("median_ms"), (int, float))]
+    if not timed:
+        return
+    labels = [" ".join(str(r[k]) for k in r if k in ("case", "pass", "backend")) for r in timed]
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(timed) + 1.5))
+    ax.barh(range(len(timed)), [r["median_ms"] for r in timed])
+    ax.set_yticks(range(len(timed)), labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("median time (ms, log scale)")
+    ax.set_title(title)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section_markdown(title: str, env: dict, rows: list[dict], notes: list[str], quick: bool) -> str:
+    mode = "quick" if quick else "full"
+    head = f"### {title}: {env['machine']}, {mode} mode, {env['date']}\n\n"
+    head += f"torch {env['torch']}, triton {env['triton']}, extension: {env['extension']}\n\n"
+    return head + markdown_table(rows) + "".join(f"\n{n}\n" for n in notes)
+
+
+def record(suite: str, device_kind: str, text: str) -> None:
+    """Replace (or append) this suite's section for this device kind in bench/RESULTS.md."""
+    begin, end = f"<!-- {suite}:{device_kind}:begin -->", f"<!-- {suite}:{device_kind}:end -->"
+    current = open(RESULTS_MD).read() if os.path.exists(RESULTS_MD) else "# Measured results\n"
+    block = f"{begin}\n{text}{end}"
+    if begin in current and end in current:
+        before, rest = current.split(begin, 1)
+        current = before + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    with open(RESULTS_MD, "w") as f:
+        f.write(current)
+
+
+def run_suites(names: list[str], device: torch.device, quick: bool, out_dir: str, record_results: bool) -> int:
+    os.makedirs(out_dir, exist_ok=True)
+    env = environment(device)
+    print(f"# softvq-fast benchmarks on {env['machine']} ({'quick' if quick else 'full'} mode), {env['date']}")
+    summary: dict[str, Any] = {"environment": env, "quick": quick, "suites": {}}
+    markdown = [f"# softvq-fast benchmarks\n\n{json.dumps(env, indent=1)}\n"]
+    for name in names:
+        module = importlib.import_module(f"bench.suites.{name}")
+        ctx = Context(device=device, quick=quick, out_dir=out_dir)
+        print(f"\n## {module.TITLE}", flush=True)
+        rows = module.run(ctx)
+        text = section_markdown(module.TITLE, env, rows, ctx.notes, quick)
+        print(markdown_table(rows) + "".join(f"{n}\n" for n in ctx.notes), flush=True)
+        markdown.append(text)
+        summary["suites"][name] = {"title": module.TITLE, "rows": rows, "notes": ctx.notes}
+        png = os.path.join(out_dir, f"{name}.png")
+        getattr(module, "plot", lambda r, p: _default_plot(module.TITLE, r, p))(rows, png)
+        if record_results:
+            record(name, device.type, text)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(markdown))
+    print(f"\nwrote {out_dir}/results.json, results.md and one PNG per suite")
+    return 0

@@ -1,0 +1,97 @@
+"""Timing and peak-memory measurement shared by every suite.
+
+Times are medians over repeats after warm-up; on CUDA the device is synchronised around each
+repeat (CUDA events would hide host overhead that users pay too). Peak memory is the peak of
+memory allocated *during* the call above what was allocated before it: on CUDA from the caching
+allocator's statistics, on the CPU from the profiler's allocation events.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    repeats: int
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
+    max_seconds: float = 20.0,
+) -> Timing:
+    """Median wall time of `fn()` in milliseconds. Stops repeating after `max_seconds` (at least
+    three repeats are always taken) so that slow baselines on the CPU stay bounded."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples: list[float] = []
+    start_all = time.perf_counter()
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+        if len(samples) >= 3 and time.perf_counter() - start_all > max_seconds:
+            break
+    return Timing(statistics.median(samples), min(samples), len(samples))
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated by one call of `fn()` above the allocation level before it."""
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for the machine a measurement ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"

@@ -1,0 +1,1 @@
+"""Benchmark suites; each module is listed in bench.harness.SUITES."""

@@ -1,0 +1,1 @@
+"""Subcommands of the `softvq-fast` console script (see `softvq_fast.cli`)."""

@@ -1,0 +1,114 @@
+"""Backend selection shared by every op (xformers fmha style).
+
+Each op owns a list of `Backend` objects. A backend declares the devices and dtypes it handles
+and answers `not_supported_reasons(inputs)`; an empty list means it can run them. The
+dispatcher takes an explicit choice (argument, then environment variable) or, for "auto", the
+first backend of the op's per-device order with no reasons; when nothing fits it raises
+`NoBackendError` listing every backend's reasons.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+AUTO = "auto"
+
+
+class NoBackendError(RuntimeError):
+    """Raised when the requested backend, or every backend, cannot run the given inputs."""
+
+
+class Backend:
+    """One implementation of an op.
+
+    Subclasses set `name`, `devices` (device types such as "cpu", "cuda") and `dtypes`, and may
+    override `unavailable_reason` (environment: missing package, extension, GPU) and
+    `input_reasons` (shapes, head dims, ...). `inputs` is the op's own description object; it
+    must have `device` (torch.device) and `dtype` (torch.dtype) attributes.
+    """
+
+    name: str = ""
+    devices: frozenset[str] = frozenset()
+    dtypes: frozenset[torch.dtype] = frozenset()
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run in this environment at all, or None."""
+        return None
+
+    def input_reasons(self, inputs: Any) -> list[str]:
+        """Reasons specific to these inputs beyond device and dtype."""
+        return []
+
+    def not_supported_reasons(self, inputs: Any) -> list[str]:
+        reasons = []
+        unavailable = self.unavailable_reason()
+        if unavailable:
+            reasons.append(unavailable)
+        if inputs.device.type not in self.devices:
+            reasons.append(f"device {inputs.device.type} not supported (supports {sorted(self.devices)})")
+        if inputs.dtype not in self.dtypes:
+            names = sorted(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {str(inputs.dtype).replace('torch.', '')} not supported (supports {names})")
+        return reasons + self.input_reasons(inputs)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+@dataclass(frozen=True)
+class OpBackends:
+    """The backends of one op, the environment variable that overrides the choice, and the
+    automatic order per device type."""
+
+    op: str
+    backends: tuple[Backend, ...]
+    env_var: str
+    auto_order: Callable[[str], Sequence[str]]
+
+    def get(self, name: str) -> Backend:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        known = ", ".join([AUTO] + [b.name for b in self.backends])
+        raise ValueError(f"{self.op}: unknown backend {name!r}; expected one of: {known}")
+
+    def select(self, inputs: Any, requested: str | None = None) -> Backend:
+        """Pick the backend for `inputs`: `requested` if given and not "auto", else the
+        environment variable, else the first supported backend in the device's order."""
+        choice = requested if requested not in (None, AUTO) else os.environ.get(self.env_var, AUTO) or AUTO
+        if choice != AUTO:
+            backend = self.get(choice)
+            reasons = backend.not_supported_reasons(inputs)
+            if reasons:
+                source = "requested" if requested not in (None, AUTO) else f"set by {self.env_var}"
+                raise NoBackendError(
+                    f"{self.op}: backend {choice!r} ({source}) cannot run these inputs: " + "; ".join(reasons)
+                )
+            return backend
+        collected = []
+        for name in self.auto_order(inputs.device.type):
+            backend = self.get(name)
+            reasons = backend.not_supported_reasons(inputs)
+            if not reasons:
+                return backend
+            collected.append(f"  {name}: " + "; ".join(reasons))
+        raise NoBackendError(f"{self.op}: no backend can run these inputs:\n" + "\n".join(collected))
+
+
+_REGISTRY: dict[str, OpBackends] = {}
+
+
+def register_op(op_backends: OpBackends) -> OpBackends:
+    """Record an op's backends so that `softvq-fast env` can list them."""
+    _REGISTRY[op_backends.op] = op_backends
+    return op_backends
+
+
+def registered_ops() -> dict[str, OpBackends]:
+    """Every registered op, importing the op modules first."""
+    import softvq_fast.ops  # noqa: F401  (registers on import)
+
+    return dict(_REGISTRY)

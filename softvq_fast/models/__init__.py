@@ -1,0 +1,1 @@
+"""Model core: the SoftVQ-VAE tokenizer and the SiT/DiT generators."""

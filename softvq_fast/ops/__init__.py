@@ -1,0 +1,1 @@
+"""The ops: each module registers a torch.library custom op and its backends (softvq_fast.dispatch)."""

@@ -1,0 +1,86 @@
+"""Package foundation: imports, the extension, the env command, the dispatcher contract."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import softvq_fast
+from softvq_fast import cli
+from softvq_fast._extension import extension_available
+from softvq_fast.dispatch import AUTO, Backend, NoBackendError, OpBackends
+
+
+def test_extension_imports_without_gpu():
+    assert extension_available(), "softvq_fast._C was not built or does not import"
+
+
+def test_kernels_package_maps_to_softvq_fast_kernels():
+    import softvq_fast.kernels
+
+    assert softvq_fast.kernels.__name__ == "softvq_fast.kernels"
+
+
+def test_env_command_lists_versions_and_backends():
+    out = subprocess.run(
+        [sys.executable, "-m", "softvq_fast.cli", "env"], capture_output=True, text=True, check=True
+    ).stdout
+    for word in ("torch", "triton", "extension", "devices:", "backends"):
+        assert word in out
+    assert softvq_fast.__version__ in out
+
+
+def test_cli_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name.replace("_", "-") in out
+
+
+class _Inputs:
+    def __init__(self, device="cpu", dtype=torch.float32, n=4):
+        self.device, self.dtype, self.n = torch.device(device), dtype, n
+
+
+class _Small(Backend):
+    name, devices, dtypes = "small", frozenset({"cpu"}), frozenset({torch.float32})
+
+    def input_reasons(self, inputs):
+        return [] if inputs.n <= 8 else [f"n={inputs.n} > 8"]
+
+
+class _Missing(Backend):
+    name, devices, dtypes = "missing", frozenset({"cpu", "cuda"}), frozenset({torch.float32, torch.bfloat16})
+
+    def unavailable_reason(self):
+        return "package xyz is not installed"
+
+
+def _op():
+    return OpBackends("toy", (_Missing(), _Small()), "SOFTVQ_FAST_TOY_BACKEND", lambda device: ["missing", "small"])
+
+
+def test_dispatch_auto_takes_first_supported(monkeypatch):
+    monkeypatch.delenv("SOFTVQ_FAST_TOY_BACKEND", raising=False)
+    assert _op().select(_Inputs(), AUTO).name == "small"
+
+
+def test_dispatch_lists_every_reason_when_nothing_fits(monkeypatch):
+    monkeypatch.delenv("SOFTVQ_FAST_TOY_BACKEND", raising=False)
+    with pytest.raises(NoBackendError) as err:
+        _op().select(_Inputs(dtype=torch.bfloat16, n=20))
+    text = str(err.value)
+    assert "package xyz is not installed" in text and "n=20 > 8" in text and "bfloat16" in text
+
+
+def test_dispatch_explicit_and_env_choice(monkeypatch):
+    with pytest.raises(NoBackendError, match="'missing' .requested"):
+        _op().select(_Inputs(), "missing")
+    monkeypatch.setenv("SOFTVQ_FAST_TOY_BACKEND", "missing")
+    with pytest.raises(NoBackendError, match="SOFTVQ_FAST_TOY_BACKEND"):
+        _op().select(_Inputs())
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        _op().select(_Inputs(), "nope")
