@@ -1,0 +1,63 @@
+"""Transformer building blocks shared by the tokenizer ViTs and the SiT/DiT generators.
+
+Parameter names follow timm (`qkv`, `proj`, `q_norm`, `k_norm`, `fc1`, `fc2`) so that the authors'
+checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from softvq_fast.ops.attention import attention
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on (B, S, dim) through `softvq_fast.attention`.
+
+    q, k and v are strided views of one qkv projection in the (B, S, H, head_dim) layout that
+    `softvq_fast.attention` takes, so no copy is made before the kernel. `rope`, if given, maps a
+    (B, S, H, head_dim) tensor to its rotated version (applied to q and k).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, rope: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        return self.proj(attention(q, k, v, backend=self.backend).flatten(2))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 on the last dimension. `approximate` is GELU's ("none" or "tanh")."""
+
+    def __init__(self, dim: int, hidden_dim: int, approximate: str = "none") -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate=approximate)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
