@@ -9,3 +9,4 @@ Public entry points:
 __version__ = "0.1.0"
 
 from softvq_fast import _extension  # noqa: F401  (loads the C++ ops before any op module)
+from softvq_fast.ops.attention import attention  # noqa: E402,F401

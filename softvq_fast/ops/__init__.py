@@ -1,1 +1,2 @@
 """The ops: each module registers a torch.library custom op and its backends (softvq_fast.dispatch)."""
+from softvq_fast.ops import attention as _attention  # noqa: F401  (registers its backends)

@@ -1,0 +1,284 @@
+"""Non-causal multi-head attention with backend dispatch: `attention(q, k, v, *, scale, backend)`.
+
+Layout: q is (B, Sq, H, D), k and v are (B, Sk, H, D) (batch, sequence, heads, head dim), the
+layout that one qkv Linear produces (`x @ Wqkv -> (B, S, 3, H, D)`, unbound into strided views).
+Inputs may be non-contiguous as long as the last dimension has stride 1; the `softvq` kernels read
+them in place. The output is (B, Sq, H, D) contiguous, so `.flatten(2)` is free.
+
+Backends (`softvq-fast env` lists them with the reasons each cannot run here):
+  softvq      ours, from csrc/: CPU fp32/bf16 (any length, head dim <= 256); CUDA bf16/fp16
+              (S <= 128 with head dims 64/72/128, any S with head dim 64). Backward: the
+              recompute path below (exact formula from the saved log-sum-exp).
+  flash_attn  flash_attn.flash_attn_func, when the package is importable (CUDA, bf16/fp16).
+  xformers    xformers.ops.memory_efficient_attention, when importable (CUDA).
+  sdpa        torch.nn.functional.scaled_dot_product_attention.
+  math        plain PyTorch (softmax in fp32 or better); the reference.
+
+`backend="auto"` takes the first backend of the device's order that supports the inputs:
+  cpu:  softvq, sdpa, math        (bench/suites/attention.py, this repo's CI CPU: ours is faster
+                                   than SDPA at S <= 128 and at the tokenizer lengths)
+  cuda: softvq, flash_attn, sdpa, xformers, math   (not yet measured on a GPU: ours first
+                                   because it targets these shapes; revisit with bench/gpu_check.sh)
+`SOFTVQ_FAST_ATTENTION=<name>` overrides "auto"; an explicit backend that cannot run raises
+`NoBackendError` listing the reasons.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from softvq_fast._extension import extension_available, extension_has_cuda
+from softvq_fast.dispatch import Backend, OpBackends, register_op
+
+__all__ = ["attention", "ATTENTION_BACKENDS"]
+
+_FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
+_HALVES = frozenset({torch.bfloat16, torch.float16})
+
+# Kernel limits of csrc/ (keep in sync with csrc/cpu/attention.cpp and csrc/cuda/attention.cu).
+CPU_MAX_HEAD_DIM = 256
+CUDA_SHORT_MAX_LEN = 128
+CUDA_SHORT_HEAD_DIMS = (64, 72, 128)
+CUDA_TILED_HEAD_DIMS = (64,)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What the backends look at: shapes (B, Sq, H, D) / (B, Sk, H, D), device, dtype, strides."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    last_dim_contiguous: bool
+
+
+def _describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionInputs:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"attention: {name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.dtype not in _FLOATS:
+        raise ValueError(f"attention: dtype must be floating point ({sorted(map(str, _FLOATS))}), got {q.dtype}")
+    b, sq, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
+        raise ValueError(
+            f"attention: k and v must be (B, Sk, H, D) = ({b}, Sk, {h}, {d}) matching q {tuple(q.shape)}, "
+            f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    return AttentionInputs(
+        device=q.device,
+        dtype=q.dtype,
+        batch=b,
+        heads=h,
+        q_len=sq,
+        kv_len=k.shape[1],
+        head_dim=d,
+        last_dim_contiguous=all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, k, v)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++/CUDA op: softvq_fast::attention_fwd(q, k, v, scale) -> (out, lse)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    b, sq, h, d = q.shape
+    out = q.new_empty((b, sq, h, d))
+    lse = q.new_empty((b, h, sq), dtype=torch.float32)
+    return out, lse
+
+
+def _backward_from_lse(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact gradients from the saved log-sum-exp (B, H, Sq), computed in fp32 (or fp64).
+
+    P = exp(q·kᵀ·scale − lse); dV = Pᵀ·dO; dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O)); dQ = dS·K·scale;
+    dK = dSᵀ·Q·scale. Materialises (B, H, Sq, Sk) like the math backend.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf, of, gf = (t.to(acc) for t in (q, k, v, out, grad_out))
+    p = torch.exp(torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale - lse.to(acc).unsqueeze(-1))
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, gf)
+    delta = (gf * of).sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, H, Sq, 1)
+    ds = p * (torch.einsum("bqhd,bkhd->bhqk", gf, vf) - delta)
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _fwd_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backward_from_lse(grad_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+def _kernel_op_available() -> bool:
+    """True when the loaded extension defines softvq_fast::attention_fwd (an older build may not)."""
+    return extension_available() and hasattr(torch.ops.softvq_fast, "attention_fwd")
+
+
+if _kernel_op_available():
+    torch.library.register_fake("softvq_fast::attention_fwd")(_fwd_fake)
+    torch.library.register_autograd("softvq_fast::attention_fwd", _fwd_backward, setup_context=_setup_context)
+
+
+def _softvq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.ops.softvq_fast.attention_fwd(q, k, v, scale)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The other backends
+# ---------------------------------------------------------------------------------------------
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v.to(acc)).to(q.dtype).contiguous()
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v, softmax_scale=scale).contiguous()
+
+
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    from xformers.ops import memory_efficient_attention
+
+    return memory_efficient_attention(q, k, v, scale=scale).contiguous()
+
+
+class _AttentionBackend(Backend):
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+    def __init__(self, name, devices, dtypes, fn, package: str | None = None) -> None:
+        self.name, self.devices, self.dtypes, self.fn, self.package = name, frozenset(devices), dtypes, fn, package
+
+    def unavailable_reason(self) -> str | None:
+        if self.package and importlib.util.find_spec(self.package) is None:
+            return f"package {self.package} is not installed"
+        return None
+
+
+class _SoftVQBackend(_AttentionBackend):
+    def unavailable_reason(self) -> str | None:
+        if not extension_available():
+            return "extension softvq_fast._C is not built"
+        if not _kernel_op_available():
+            return "extension softvq_fast._C lacks softvq_fast::attention_fwd (rebuild it)"
+        return None
+
+    def input_reasons(self, inputs: AttentionInputs) -> list[str]:
+        reasons = []
+        if not inputs.last_dim_contiguous:
+            reasons.append("q, k, v need stride 1 in the last (head_dim) dimension")
+        d, s = inputs.head_dim, inputs.kv_len
+        if inputs.device.type == "cpu":
+            if inputs.dtype not in (torch.float32, torch.bfloat16):
+                reasons.append(f"cpu kernel takes float32 or bfloat16, got {inputs.dtype}")
+            if d > CPU_MAX_HEAD_DIM:
+                reasons.append(f"cpu kernel takes head_dim <= {CPU_MAX_HEAD_DIM}, got {d}")
+        elif inputs.device.type == "cuda":
+            if not extension_has_cuda():
+                reasons.append("extension was built without its CUDA kernels")
+            if inputs.dtype not in _HALVES:
+                reasons.append(f"cuda kernels take bfloat16 or float16, got {inputs.dtype}")
+            short = s <= CUDA_SHORT_MAX_LEN and d in CUDA_SHORT_HEAD_DIMS
+            if not short and d not in CUDA_TILED_HEAD_DIMS:
+                reasons.append(
+                    f"cuda kernels take head_dim in {CUDA_SHORT_HEAD_DIMS} for kv length <= {CUDA_SHORT_MAX_LEN} "
+                    f"or head_dim in {CUDA_TILED_HEAD_DIMS} for any length, got head_dim {d}, kv length {s}"
+                )
+        return reasons
+
+
+class _FlashAttnBackend(_AttentionBackend):
+    def input_reasons(self, inputs: AttentionInputs) -> list[str]:
+        reasons = []
+        if inputs.head_dim > 256 or inputs.head_dim % 8:
+            reasons.append(f"flash_attn takes head_dim <= 256 and a multiple of 8, got {inputs.head_dim}")
+        if not inputs.last_dim_contiguous:
+            reasons.append("flash_attn needs stride 1 in the last dimension")
+        return reasons
+
+
+_SOFTVQ = _SoftVQBackend("softvq", ("cpu", "cuda"), frozenset({torch.float32, torch.bfloat16, torch.float16}), _softvq)
+ATTENTION_BACKENDS: tuple[Backend, ...] = (
+    _SOFTVQ,
+    _FlashAttnBackend("flash_attn", ("cuda",), _HALVES, _flash_attn, package="flash_attn"),
+    _AttentionBackend("xformers", ("cuda",), _FLOATS - {torch.float64}, _xformers, package="xformers"),
+    _AttentionBackend("sdpa", ("cpu", "cuda"), _FLOATS, _sdpa),
+    _AttentionBackend("math", ("cpu", "cuda"), _FLOATS, _math_attention),
+)
+
+_AUTO_ORDER = {
+    "cpu": ("softvq", "sdpa", "math"),
+    "cuda": ("softvq", "flash_attn", "sdpa", "xformers", "math"),
+}
+
+
+def _auto_order(device_type: str) -> tuple[str, ...]:
+    return _AUTO_ORDER.get(device_type, ("sdpa", "math"))
+
+
+OPS = register_op(OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _auto_order))
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale)·v per batch and head, non-causal.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D); any strides with stride 1 in the last dimension are read
+    without a copy by the `softvq` kernels. scale defaults to 1/sqrt(D). Returns (B, Sq, H, D),
+    contiguous, in q's dtype. Differentiable with every backend. See the module docstring for the
+    backends and the automatic order.
+    """
+    inputs = _describe(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(inputs.head_dim)
+    chosen = OPS.select(inputs, backend)
+    return chosen.fn(q, k, v, float(scale))
