@@ -10,3 +10,4 @@ __version__ = "0.1.0"
 
 from softvq_fast import _extension  # noqa: F401  (loads the C++ ops before any op module)
 from softvq_fast.ops.attention import attention  # noqa: E402,F401
+from softvq_fast.ops.soft_vq import SoftVQStats, soft_vq  # noqa: E402,F401

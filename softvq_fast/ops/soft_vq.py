@@ -1,0 +1,306 @@
+"""soft_vq: every token becomes a softmax-weighted mix of its codebook's rows (SoftVQ-VAE).
+
+Per codebook c (the S tokens split into C contiguous segments):
+  logits = ẑ · Êᵀ (ẑ, Ê L2-normalised when l2_norm), p = softmax(logits / tau), z_q = p · Ê.
+The codebook gets gradient only through the value path p · Ê (the authors detach it in the logits).
+
+Backends (argument `backend`, else $SOFTVQ_FAST_BACKEND, else by device):
+  reference  plain PyTorch, the math as written (materialises tokens x codebook tensors)
+  cpu        fused row-blocked CPU path (softvq_fast.ops.soft_vq_blocked), bounded workspace
+  triton     fused Triton kernels for CUDA (softvq_fast.kernels.soft_vq); on the CPU only under
+             TRITON_INTERPRET=1 (tests)
+The fused backends are the torch.library custom ops softvq_fast::soft_vq_forward/backward.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from softvq_fast.dispatch import Backend, OpBackends, register_op
+from softvq_fast.ops import soft_vq_blocked
+from softvq_fast.ops.soft_vq_reference import SoftVQParts, reference_parts
+
+DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+REFERENCE_DTYPES = DTYPES | {torch.float64}
+ENTROPY_TEMPERATURE = 0.01
+MAX_TRITON_DIM = 256
+# Rows of the fused forward's row_stats (4, C, M), all float32. The max logit is kept apart from
+# the log-sums so that exp(logit - max) stays exact when logits / temperature is large.
+ROW_STATS = ("max_logit", "log_sum_tau", "log_sum_entropy", "row_entropy")
+
+
+@dataclass(frozen=True)
+class SoftVQInputs:
+    """What backend selection looks at."""
+
+    device: torch.device
+    dtype: torch.dtype
+    dim: int
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    devices = frozenset({"cpu", "cuda"})
+    dtypes = REFERENCE_DTYPES
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    devices = frozenset({"cpu"})
+    dtypes = DTYPES
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    dtypes = DTYPES
+
+    @property
+    def devices(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"cuda", "cpu"}) if triton_interpreted() else frozenset({"cuda"})
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        if not triton_interpreted() and not torch.cuda.is_available():
+            return "no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly)"
+        return None
+
+    def input_reasons(self, inputs: SoftVQInputs) -> list[str]:
+        if inputs.dim > MAX_TRITON_DIM:
+            return [f"code dimension D={inputs.dim} > {MAX_TRITON_DIM}"]
+        return []
+
+
+SOFT_VQ_BACKENDS = register_op(
+    OpBackends(
+        op="soft_vq",
+        backends=(ReferenceBackend(), CpuBackend(), TritonBackend()),
+        env_var="SOFTVQ_FAST_BACKEND",
+        auto_order=lambda device_type: ("triton", "reference") if device_type == "cuda" else ("cpu", "reference"),
+    )
+)
+
+
+# ----------------------------------------------------------------------------- fused custom ops
+def _fused_impl(backend: str):
+    if backend == "cpu":
+        return soft_vq_blocked
+    from softvq_fast.kernels import soft_vq as triton_soft_vq
+
+    return triton_soft_vq
+
+
+@torch.library.custom_op("softvq_fast::soft_vq_forward", mutates_args=())
+def soft_vq_forward(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    tau: float,
+    entropy_temperature: float,
+    with_stats: bool,
+    backend: str,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z (C, M, D), codebook (C, K, D) -> z_q (C, M, D), row_stats (4, C, M) float32 (ROW_STATS),
+    column_sum (C, K) float32 (sum over rows of softmax(logits / entropy_temperature)), indices (C, M).
+    Per row, log softmax(logits / t)_k = (logit_k - max_logit) / t - log_sum_t."""
+    impl = _fused_impl(backend)
+    if backend == "cpu":
+        return impl.forward(z, codebook, tau, entropy_temperature, with_stats)
+    return impl.forward(z, codebook, tau, entropy_temperature, with_stats, allow_tf32)
+
+
+@soft_vq_forward.register_fake
+def _(z, codebook, tau, entropy_temperature, with_stats, backend, allow_tf32):
+    C, M, _ = z.shape
+    return (
+        torch.empty_like(z),
+        z.new_empty(4, C, M, dtype=torch.float32),
+        z.new_empty(C, codebook.shape[1], dtype=torch.float32),
+        z.new_empty(C, M, dtype=torch.long),
+    )
+
+
+@torch.library.custom_op("softvq_fast::soft_vq_backward", mutates_args=())
+def soft_vq_backward(
+    grad_z_q: torch.Tensor,
+    grad_row_entropy: torch.Tensor,
+    grad_column_sum: torch.Tensor,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    z_q: torch.Tensor,
+    row_stats: torch.Tensor,
+    tau: float,
+    entropy_temperature: float,
+    with_entropy: bool,
+    backend: str,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (z (C, M, D), codebook (C, K, D)) of soft_vq_forward's z_q and, with `with_entropy`,
+    of its row entropy (C, M) and column sum (C, K)."""
+    impl = _fused_impl(backend)
+    args = (grad_z_q.contiguous(), grad_row_entropy.contiguous(), grad_column_sum.contiguous(), z, codebook,
+            z_q, row_stats, tau, entropy_temperature, with_entropy)
+    return impl.backward(*args) if backend == "cpu" else impl.backward(*args, allow_tf32)
+
+
+@soft_vq_backward.register_fake
+def _(grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats, tau, entropy_temperature,
+      with_entropy, backend, allow_tf32):
+    return torch.empty_like(z), torch.empty_like(codebook)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    z, codebook, tau, entropy_temperature, with_stats, backend, allow_tf32 = inputs
+    z_q, row_stats, _, _ = output
+    ctx.save_for_backward(z, codebook, z_q, row_stats)
+    ctx.params = (tau, entropy_temperature, with_stats, backend, allow_tf32)
+
+
+def _backward(ctx, grad_z_q, grad_row_stats, grad_column_sum, _grad_indices):
+    z, codebook, z_q, row_stats = ctx.saved_tensors
+    tau, entropy_temperature, with_stats, backend, allow_tf32 = ctx.params
+    with_entropy = with_stats and (grad_row_stats is not None or grad_column_sum is not None)
+    if grad_z_q is None:
+        grad_z_q = torch.zeros_like(z_q)
+    grad_row_entropy = torch.zeros_like(row_stats[3]) if grad_row_stats is None else grad_row_stats[3]
+    if grad_column_sum is None:
+        grad_column_sum = z.new_zeros(codebook.shape[:2], dtype=torch.float32)
+    grad_z, grad_codebook = soft_vq_backward(
+        grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats,
+        tau, entropy_temperature, with_entropy, backend, allow_tf32,
+    )
+    return grad_z, grad_codebook, None, None, None, None, None
+
+
+soft_vq_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fused_parts(
+    z: torch.Tensor, codebook: torch.Tensor, tau: float, entropy_temperature: float, with_stats: bool,
+    backend: str, allow_tf32: bool,
+) -> SoftVQParts:
+    z_q, row_stats, column_sum, indices = soft_vq_forward(
+        z.contiguous(), codebook.contiguous(), tau, entropy_temperature, with_stats, backend, allow_tf32
+    )
+    return SoftVQParts(z_q, row_stats[3], column_sum, torch.exp(-row_stats[1]), indices)
+
+
+# ----------------------------------------------------------------------------- public API
+@dataclass
+class SoftVQStats:
+    """Side outputs of soft_vq(..., return_stats=True), computed without a tokens x codebook tensor.
+
+    entropy_loss: scalar float32, differentiable w.r.t. z: mean row entropy minus the entropy of
+        the mean distribution over all rows and codebooks, both of softmax(logits / 0.01) (the
+        authors' regulariser before `entropy_loss_ratio`).
+    indices: argmax code per token, z's leading shape ((B, S) or (N,)), int64.
+    max_prob: scalar, mean over tokens of the largest probability at temperature tau.
+    usage: (C, K) int64, how many tokens picked each code (argmax).
+    cos: scalar, mean cosine similarity between the (normalised if l2_norm) input and z_q.
+    """
+
+    entropy_loss: torch.Tensor
+    indices: torch.Tensor
+    max_prob: torch.Tensor
+    usage: torch.Tensor
+    cos: torch.Tensor
+
+
+def entropy_regulariser(row_entropy: torch.Tensor, column_sum: torch.Tensor) -> torch.Tensor:
+    """row_entropy (C, M), column_sum (C, K) -> scalar: mean row entropy minus the entropy of the
+    mean distribution over all C*M rows (log with +1e-6 as in the authors' code)."""
+    C, M = row_entropy.shape
+    mean_probs = column_sum.sum(dim=0) / (C * M)
+    return row_entropy.mean() + (mean_probs * torch.log(mean_probs + 1e-6)).sum()
+
+
+def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, tau: float) -> None:
+    if not isinstance(z, torch.Tensor) or z.dim() not in (2, 3):
+        raise ValueError(f"soft_vq: z must be a tensor of shape (B, S, D) or (N, D), got {_describe(z)}")
+    if not isinstance(codebook, torch.Tensor) or codebook.dim() not in (2, 3):
+        raise ValueError(f"soft_vq: codebook must be a tensor of shape (C, K, D) or (K, D), got {_describe(codebook)}")
+    if z.dtype not in REFERENCE_DTYPES:
+        raise TypeError(f"soft_vq: z must be float32, bfloat16, float16 (or float64, reference only), got {z.dtype}")
+    if codebook.dtype != z.dtype:
+        raise TypeError(f"soft_vq: codebook dtype {codebook.dtype} differs from z dtype {z.dtype}")
+    if codebook.device != z.device:
+        raise ValueError(f"soft_vq: codebook is on {codebook.device} but z is on {z.device}")
+    if codebook.shape[-1] != z.shape[-1]:
+        raise ValueError(
+            f"soft_vq: codebook code dimension {codebook.shape[-1]} != z dimension D={z.shape[-1]} "
+            f"(z {tuple(z.shape)}, codebook {tuple(codebook.shape)})"
+        )
+    num_codebooks = codebook.shape[0] if codebook.dim() == 3 else 1
+    tokens = z.shape[-2]
+    if tokens % num_codebooks:
+        raise ValueError(
+            f"soft_vq: z has {tokens} tokens per sample (dim -2), not divisible by the {num_codebooks} codebooks"
+        )
+    if not tau > 0:
+        raise ValueError(f"soft_vq: tau must be > 0, got {tau}")
+
+
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def soft_vq(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    tau: float,
+    *,
+    l2_norm: bool = False,
+    return_stats: bool = False,
+    entropy_temperature: float = ENTROPY_TEMPERATURE,
+    backend: str = "auto",
+    allow_tf32: bool | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, SoftVQStats]:
+    """Soft vector quantization.
+
+    z: (B, S, D) or (N, D); codebook: (C, K, D) or (K, D), same dtype and device. With C codebooks
+    the S tokens (N rows) split into C contiguous segments; segment c uses codebook c.
+    Returns z_q shaped like z, and with `return_stats` also a SoftVQStats.
+    `allow_tf32` (fp32 inputs, triton backend): tensor-core TF32 dot products (~3e-4 relative
+    error); default torch.backends.cuda.matmul.allow_tf32.
+    """
+    _check_inputs(z, codebook, tau)
+    z3 = z if z.dim() == 3 else z.unsqueeze(0)
+    codebooks = codebook if codebook.dim() == 3 else codebook.unsqueeze(0)
+    B, S, D = z3.shape
+    C = codebooks.shape[0]
+    segment = S // C
+    # codebook-major rows: (C, B * segment, D), as in the authors' code
+    z_rows = z3.reshape(B, C, segment, D).transpose(0, 1).reshape(C, B * segment, D)
+    if l2_norm:
+        z_rows = F.normalize(z_rows, p=2, dim=-1)
+        codebooks = F.normalize(codebooks, p=2, dim=-1)
+    chosen = SOFT_VQ_BACKENDS.select(SoftVQInputs(z.device, z.dtype, D), backend)
+    if chosen.name == "reference":
+        parts = reference_parts(z_rows, codebooks, tau, entropy_temperature, return_stats)
+    else:
+        tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
+        parts = _fused_parts(z_rows, codebooks, tau, entropy_temperature, return_stats, chosen.name, tf32)
+    z_q = parts.z_q.reshape(C, B, segment, D).transpose(0, 1).reshape(z.shape)
+    if not return_stats:
+        return z_q
+    with torch.no_grad():
+        cos = F.cosine_similarity(z_rows.reshape(-1, D), parts.z_q.reshape(-1, D), dim=-1).mean()
+        usage = torch.zeros(C, codebooks.shape[1], dtype=torch.long, device=z.device)
+        usage.scatter_add_(1, parts.indices, torch.ones_like(parts.indices))
+    stats = SoftVQStats(
+        entropy_loss=entropy_regulariser(parts.row_entropy, parts.column_sum),
+        indices=parts.indices.reshape(C, B, segment).transpose(0, 1).reshape(z.shape[:-1]),
+        max_prob=parts.max_prob.mean(),
+        usage=usage,
+        cos=cos,
+    )
+    return z_q, stats
