@@ -1,0 +1,153 @@
+"""Fused LayerNorm (no affine) + adaLN modulation: y = LN(x) * (1 + scale) + shift.
+
+The operation at the entry of every DiT/SiT attention and MLP branch and of the final layer.
+x is (B, S, D); scale and shift are (B, D), one row per sample, broadcast over the S tokens.
+
+Backends (`SOFTVQ_FAST_LN_MODULATE_BACKEND` or the `backend` argument overrides `auto`):
+  triton     fused Triton kernels, forward and backward (CUDA; on the CPU only under
+             TRITON_INTERPRET=1, for tests)
+  reference  torch.nn.functional.layer_norm followed by the modulation (any device)
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from softvq_fast.dispatch import AUTO, Backend, OpBackends, register_op
+
+_FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16})
+_MAX_TRITON_DIM = 16384
+
+
+@dataclass(frozen=True)
+class LayerNormModulateInputs:
+    device: torch.device
+    dtype: torch.dtype
+    dim: int
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    dtypes = _FLOATS
+
+    @property
+    def devices(self) -> frozenset[str]:  # type: ignore[override]
+        # The interpreter runs the same kernels on CPU tensors (slowly): tests only.
+        return frozenset({"cuda", "cpu"}) if os.environ.get("TRITON_INTERPRET") == "1" else frozenset({"cuda"})
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        return None
+
+    def input_reasons(self, inputs: LayerNormModulateInputs) -> list[str]:
+        if inputs.dim > _MAX_TRITON_DIM:
+            return [f"hidden size {inputs.dim} > {_MAX_TRITON_DIM} (one row per program)"]
+        return []
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    devices = frozenset({"cpu", "cuda"})
+    dtypes = _FLOATS | {torch.float64}
+
+
+BACKENDS = register_op(
+    OpBackends(
+        op="layernorm_modulate",
+        backends=(TritonBackend(), ReferenceBackend()),
+        env_var="SOFTVQ_FAST_LN_MODULATE_BACKEND",
+        auto_order=lambda device_type: ("triton", "reference") if device_type == "cuda" else ("reference",),
+    )
+)
+
+
+@torch.library.custom_op("softvq_fast::layernorm_modulate_triton", mutates_args=())
+def _triton_forward(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from softvq_fast.kernels.layernorm_modulate import layernorm_modulate_forward
+
+    return layernorm_modulate_forward(x, scale, shift, eps)
+
+
+@_triton_forward.register_fake
+def _(x, scale, shift, eps):
+    rows = x.shape[0] * x.shape[1]
+    stats = x.new_empty(rows, dtype=torch.float32)
+    return torch.empty_like(x), stats, stats.clone()
+
+
+@torch.library.custom_op("softvq_fast::layernorm_modulate_triton_backward", mutates_args=())
+def _triton_backward(
+    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from softvq_fast.kernels.layernorm_modulate import layernorm_modulate_backward
+
+    return layernorm_modulate_backward(dy.contiguous(), x, scale, mean, rstd)
+
+
+@_triton_backward.register_fake
+def _(dy, x, scale, mean, rstd):
+    grad_row = x.new_empty(x.shape[0], x.shape[2], dtype=torch.float32)
+    return torch.empty_like(x), grad_row, grad_row.clone()
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, scale, _, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dscale, dshift = _triton_backward(dy, x, scale, mean, rstd)
+    return dx, dscale.to(scale.dtype), dshift.to(scale.dtype), None
+
+
+_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"layernorm_modulate: x must be (B, S, D), got shape {tuple(x.shape)}")
+    expected = (x.shape[0], x.shape[2])
+    for name, t in (("shift", shift), ("scale", scale)):
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"layernorm_modulate: {name} must be (B, D) = {expected} for x of shape {tuple(x.shape)}, "
+                f"got {tuple(t.shape)}"
+            )
+        if t.device != x.device or t.dtype != x.dtype:
+            raise ValueError(
+                f"layernorm_modulate: {name} is {t.dtype} on {t.device}, expected x's {x.dtype} on {x.device}"
+            )
+
+
+def _modulation_rows(scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with unit column stride and one shared row stride (adaLN chunks qualify as they are)."""
+    if scale.stride(1) == 1 and shift.stride(1) == 1 and scale.stride(0) == shift.stride(0):
+        return scale, shift
+    return scale.contiguous(), shift.contiguous()
+
+
+def layernorm_modulate(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    backend: str = AUTO,
+) -> torch.Tensor:
+    """LayerNorm over the last dimension of x (B, S, D) without affine parameters, then
+    `* (1 + scale[:, None]) + shift[:, None]` with shift, scale of shape (B, D). Returns (B, S, D)."""
+    _check(x, shift, scale)
+    chosen = BACKENDS.select(LayerNormModulateInputs(x.device, x.dtype, x.shape[-1]), backend)
+    if chosen.name == "triton":
+        scale, shift = _modulation_rows(scale, shift)
+        return _triton_forward(x.contiguous(), scale, shift, eps)[0]
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
