@@ -1,0 +1,209 @@
+"""SoftVQ-VAE: ViT encoder -> latent tokens -> soft vector quantisation -> ViT decoder.
+
+    images (B, 3, H, W) in [-1, 1]
+      encoder            (B, T, width_enc)   latent-token outputs of the encoder ViT
+      quant_conv         (B, T, D)           linear to the codebook dimension
+      quantize           (B, T, D)           softvq_fast.soft_vq over C codebooks (token segments)
+      post_quant_conv    (B, T, width_dec)
+      decoder            (B, 3, H, W)
+
+`encode` returns the soft-quantised latents (what generators are trained on); `decode` maps latents
+back to images. Generators use `normalize_latents` / `denormalize_latents` with the config's scalar
+`vq_mean`, `vq_std`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from softvq_fast.models import checkpoint
+from softvq_fast.models.config import SoftVQConfig, preset_config, vit_spec
+from softvq_fast.models.vit import LatentDecoder, LatentEncoder
+from softvq_fast.nn.transformer import Attention
+from softvq_fast.ops.soft_vq import soft_vq
+
+logger = logging.getLogger("softvq_fast")
+
+
+class SoftQuantizer(nn.Module):
+    """The eval-mode soft VQ bottleneck: `embedding` (C, K, D), token segment c uses codebook c.
+    The softmax over K codes at temperature `tau` runs in float32 (outside any autocast)."""
+
+    def __init__(self, num_codebooks: int, codebook_size: int, dim: int, tau: float, l2_norm: bool, backend: str) -> None:
+        super().__init__()
+        self.tau, self.l2_norm, self.backend = tau, l2_norm, backend
+        embedding = torch.empty(num_codebooks, codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        self.embedding = nn.Parameter(F.normalize(embedding, dim=-1) if l2_norm else embedding)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return soft_vq(z.float(), self.embedding.float(), self.tau, l2_norm=self.l2_norm, backend=self.backend)
+
+
+class SoftVQVAE(nn.Module):
+    """The SoftVQ-VAE tokenizer. Build with `from_pretrained(folder)` (release layout) or
+    `from_preset(name)` (random weights of a released size, see `softvq_fast.models.PRESETS`).
+
+    `attention_backend` / `soft_vq_backend` are the op backends ("auto" picks the fastest that
+    runs the inputs); `set_backends` changes them later.
+    """
+
+    def __init__(self, config: SoftVQConfig, *, attention_backend: str = "auto", soft_vq_backend: str = "auto") -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        enc, dec = vit_spec(config.encoder_model), vit_spec(config.decoder_model)
+        rope = dict(use_rope=config.use_rope, rope_mixed=config.rope_mixed, rope_theta=config.rope_theta)
+        self.encoder = LatentEncoder(
+            enc, config.encoder_depth or enc.depth, config.image_size, config.enc_patch_size,
+            config.num_latent_tokens, config.base_image_size, attention_backend=attention_backend, **rope,
+        )
+        self.quant_conv = nn.Linear(enc.width, config.codebook_embed_dim)
+        self.quantize = SoftQuantizer(
+            config.num_codebooks, config.codebook_size, config.codebook_embed_dim, config.tau,
+            config.codebook_l2_norm, soft_vq_backend,
+        )
+        self.post_quant_conv = nn.Linear(config.codebook_embed_dim, dec.width)
+        self.decoder = LatentDecoder(
+            dec, config.decoder_depth or dec.depth, config.image_size, config.dec_patch_size,
+            config.num_latent_tokens, config.base_image_size, config.dec_cls_token, config.use_ape,
+            attention_backend=attention_backend, **rope,
+        )
+        self.load_report: checkpoint.LoadReport | None = None
+        self.eval()
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "SoftVQVAE":
+        """Random weights with the architecture of a released tokenizer, e.g. "softvq-b-32",
+        "softvq-bl-64-512" (for benchmarks and tests)."""
+        return cls(preset_config(name), **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        attention_backend: str = "auto",
+        soft_vq_backend: str = "auto",
+    ) -> "SoftVQVAE":
+        """Load a release folder (`config.json` + `model.safetensors` or `pytorch_model.bin`).
+
+        The ViT depth comes from the checkpoint's blocks where it differs from the model name.
+        Training-only keys are ignored and listed in `model.load_report.ignored`; any other
+        missing, unexpected or misshaped key raises `CheckpointError` naming it."""
+        directory = Path(path)
+        config = checkpoint.read_config(directory)
+        state, source = checkpoint.read_state_dict(directory)
+        state, ignored = checkpoint.split_training_only(state)
+        config.encoder_depth = checkpoint.block_count(state, "encoder.model.blocks.")
+        config.decoder_depth = checkpoint.block_count(state, "decoder.model.blocks.")
+        with torch.device("meta"):
+            model = cls(config, attention_backend=attention_backend, soft_vq_backend=soft_vq_backend)
+        checkpoint.check_keys(model.state_dict(), state, source)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        model.load_report = checkpoint.LoadReport(ignored=ignored, weights_file=str(source))
+        if ignored:
+            logger.info("%s: ignored %d training-only keys: %s", source, len(ignored), ", ".join(ignored))
+        return model.to(device) if device is not None else model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write `config.json` + `model.safetensors` in the release layout."""
+        checkpoint.write_release(Path(path), self.config, self.state_dict())
+
+    def set_backends(self, *, attention: str | None = None, soft_vq: str | None = None) -> None:
+        """Switch the attention and/or soft-VQ backend of every layer."""
+        if attention is not None:
+            for module in self.modules():
+                if isinstance(module, Attention):
+                    module.backend = attention
+        if soft_vq is not None:
+            self.quantize.backend = soft_vq
+
+    # ------------------------------------------------------------------------------------ API
+    def encode(self, images: torch.Tensor, *, max_batch: int | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """images (B, 3, S, S) float in [-1, 1], S = config.image_size -> soft-quantised latents
+        (B, num_latent_tokens, codebook_embed_dim) float32.
+
+        `max_batch` runs at most that many images at a time (caps activation memory);
+        `autocast_dtype` (e.g. torch.bfloat16) runs the ViT under autocast."""
+        self._check_images(images)
+        return self._sliced(self._encode, images, max_batch, autocast_dtype)
+
+    def decode(self, latents: torch.Tensor, *, max_batch: int | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """latents (B, num_latent_tokens, codebook_embed_dim) -> images (B, 3, S, S) float32,
+        roughly in [-1, 1] (not clamped). Arguments as in `encode`."""
+        self._check_latents(latents)
+        return self._sliced(self._decode, latents, max_batch, autocast_dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction: decode(encode(images))."""
+        return self.decode(self.encode(images))
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(z - vq_mean) / vq_std: the scale generators are trained on."""
+        return (latents - self.config.vq_mean) / self.config.vq_std
+
+    def denormalize_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize_latents`: x * vq_std + vq_mean."""
+        return x * self.config.vq_std + self.config.vq_mean
+
+    # ------------------------------------------------------------------------------- internals
+    def _encode(self, images: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+        with _autocast(images.device, autocast_dtype):
+            z = self.quant_conv(self.encoder(images))
+        return self.quantize(z)
+
+    def _decode(self, latents: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+        with _autocast(latents.device, autocast_dtype):
+            images = self.decoder(self.post_quant_conv(latents))
+        return images.float()
+
+    @staticmethod
+    def _sliced(fn: Callable, x: torch.Tensor, max_batch: int | None, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch}")
+        if max_batch is None or x.shape[0] <= max_batch:
+            return fn(x, autocast_dtype)
+        return torch.cat([fn(chunk, autocast_dtype) for chunk in x.split(max_batch)])
+
+    def _check_device(self, name: str, x: torch.Tensor) -> None:
+        expected = self.quant_conv.weight.device
+        if x.device != expected:
+            raise ValueError(f"{name} is on {x.device} but the model is on {expected}: move one of them")
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        size, patch = self.config.image_size, self.config.enc_patch_size
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, 3, {size}, {size}) tensor with values in [-1, 1], got {shape}")
+        if images.shape[-2:] != (size, size):
+            raise ValueError(
+                f"images must be {size}x{size} (config.image_size; a multiple of the patch size {patch} and "
+                f"fixed by the absolute position table), got {tuple(images.shape[-2:])}: resize or crop first"
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a floating tensor in [-1, 1], got {images.dtype} (divide uint8 by 127.5, subtract 1)")
+        self._check_device("images", images)
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        expected = (self.config.num_latent_tokens, self.config.codebook_embed_dim)
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 3 or tuple(latents.shape[1:]) != expected:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a (B, {expected[0]}, {expected[1]}) tensor, got {shape}")
+        if not latents.is_floating_point():
+            raise ValueError(f"latents must be floating point, got {latents.dtype}")
+        self._check_device("latents", latents)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,203 @@
+"""The tokenizer's ViT encoder and decoder (DINOv2-style blocks on `softvq_fast.attention`).
+
+Module and parameter names follow the authors' checkpoints: `encoder.model.*` / `decoder.model.*`
+are timm VisionTransformer names (patch_embed.proj, cls_token, reg_token, pos_embed,
+blocks.N.{norm1,attn,ls1,norm2,mlp,ls2}, norm); latent tokens, mask token, RoPE frequencies and
+the pixel head sit beside `model`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from softvq_fast.models import rope
+from softvq_fast.models.config import ViTSpec
+from softvq_fast.nn.transformer import Attention, Mlp
+
+LAYER_NORM_EPS = 1e-6
+LAYER_SCALE_INIT = 1e-5
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale `gamma` (DINOv2)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), LAYER_SCALE_INIT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class SwiGLU(nn.Module):
+    """timm's packed SwiGLU (ViT-giant): fc1 gives [gate, value], out = fc2(silu(gate) * value)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim // 2, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(nn.functional.silu(gate) * value)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with LayerScale on both residual branches."""
+
+    def __init__(self, spec: ViTSpec, attention_backend: str) -> None:
+        super().__init__()
+        dim = spec.width
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, spec.heads, qkv_bias=True, backend=attention_backend)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = SwiGLU(dim, spec.mlp_hidden) if spec.swiglu else Mlp(dim, spec.mlp_hidden)
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x: torch.Tensor, rotate=None) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), rotate))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens (B, (H/p) * (W/p), dim) in row-major patch order."""
+
+    def __init__(self, patch_size: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Backbone(nn.Module):
+    """timm's VisionTransformer parts the tokenizer uses (the `model` submodule)."""
+
+    def __init__(self, spec: ViTSpec, depth: int, num_patches: int, patch_size: int, class_token: bool, attention_backend: str) -> None:
+        super().__init__()
+        dim = spec.width
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 1e-6) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, spec.reg_tokens, dim)) if spec.reg_tokens else None
+        self.num_prefix_tokens = int(class_token) + spec.reg_tokens
+        # With registers (timm no_embed_class) the table covers the patches only.
+        self.positions_cover_prefix = spec.reg_tokens == 0
+        table = num_patches + (self.num_prefix_tokens if self.positions_cover_prefix else 0)
+        self.pos_embed = nn.Parameter(torch.randn(1, table, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(spec, attention_backend) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def prefix_and_positions(self, patches: torch.Tensor, add_positions: bool) -> torch.Tensor:
+        """(B, N, dim) patch tokens -> (B, prefix + N, dim): class and register tokens first,
+        absolute positions added (to the prefix too unless the model has registers)."""
+        batch = patches.shape[0]
+        prefix = [t.expand(batch, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if add_positions and not self.positions_cover_prefix:
+            patches = patches + self.pos_embed
+        x = torch.cat(prefix + [patches], dim=1) if prefix else patches
+        if add_positions and self.positions_cover_prefix:
+            x = x + self.pos_embed
+        return x
+
+    def run_blocks(self, x: torch.Tensor, angles: torch.Tensor | None) -> torch.Tensor:
+        """Blocks on (B, S, dim); angles None (absolute positions), (N, 1, D/2) shared or
+        (depth, N, heads, D/2) per block rotate the image tokens (after the prefix)."""
+        for index, block in enumerate(self.blocks):
+            rotate = None
+            if angles is not None:
+                table = angles[index] if angles.dim() == 4 else angles
+                rotate = functools.partial(rope.rotate_image_tokens, angles=table, start=self.num_prefix_tokens)
+            x = block(x, rotate)
+        return x
+
+
+class _RoPEHolder(nn.Module):
+    """Owns the RoPE state that the authors keep on the encoder/decoder module itself."""
+
+    def _init_rope(self, spec: ViTSpec, depth: int, grid: int, base_grid: int, use_rope: bool, mixed: bool, theta: float) -> None:
+        self.rope_mode = None if not use_rope else ("mixed" if mixed else "axial")
+        self.rope_theta = theta
+        self.grid = grid
+        self.num_heads = spec.heads
+        self.head_dim = spec.width // spec.heads
+        if self.rope_mode == "mixed":
+            self.freqs = nn.Parameter(rope.init_mixed_frequencies(self.head_dim, spec.heads, depth, theta))
+            t_x, t_y = rope.grid_positions(base_grid, base_grid)
+            self.register_buffer("freqs_t_x", t_x)
+            self.register_buffer("freqs_t_y", t_y)
+
+    def rope_angles(self) -> torch.Tensor | None:
+        if self.rope_mode == "mixed":
+            return rope.mixed_angles(self.freqs, self.grid, self.grid, self.num_heads)
+        if self.rope_mode == "axial":
+            return rope.axial_angles(self.head_dim, self.grid, self.grid, self.rope_theta).to(self.model.pos_embed.device)
+        return None
+
+
+class LatentEncoder(_RoPEHolder):
+    """Images (B, 3, H, W) -> latent tokens (B, T, width): learnable latent tokens with their own
+    positions are appended after the class/register and image tokens; their final-norm outputs
+    are the result."""
+
+    def __init__(self, spec: ViTSpec, depth: int, image_size: int, patch_size: int, num_latent_tokens: int,
+                 base_image_size: int, use_rope: bool, rope_mixed: bool, rope_theta: float, attention_backend: str) -> None:
+        super().__init__()
+        grid = image_size // patch_size
+        self.num_latent_tokens = num_latent_tokens
+        self.model = Backbone(spec, depth, grid * grid, patch_size, True, attention_backend)
+        self.latent_tokens = nn.Parameter(torch.randn(1, num_latent_tokens, spec.width) * 0.02)
+        self.latent_pos_embed = nn.Parameter(torch.randn(1, num_latent_tokens, spec.width) * 0.02)
+        self._init_rope(spec, depth, grid, base_image_size // patch_size, use_rope, rope_mixed, rope_theta)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # The authors' encoder adds its absolute positions even when RoPE is on.
+        x = self.model.prefix_and_positions(self.model.patch_embed(images), add_positions=True)
+        latents = (self.latent_tokens + self.latent_pos_embed).expand(x.shape[0], -1, -1)
+        x = self.model.run_blocks(torch.cat([x, latents], dim=1), self.rope_angles())
+        # LayerNorm is per token: normalising only the latent tokens gives the same result.
+        return self.model.norm(x[:, -self.num_latent_tokens :])
+
+
+class ToPixel(nn.Module):
+    """Linear patch head and unpatchify: (B, N, dim) -> (B, 3, H, W), channels fastest in a patch."""
+
+    def __init__(self, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.model = nn.Linear(dim, 3 * patch_size * patch_size)
+
+    def forward(self, x: torch.Tensor, grid: int) -> torch.Tensor:
+        p = self.patch_size
+        x = self.model(x).reshape(x.shape[0], grid, grid, p, p, 3)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], 3, grid * p, grid * p)
+
+
+class LatentDecoder(_RoPEHolder):
+    """Latent tokens (B, T, width) -> images (B, 3, H, W): a mask token at every patch (after the
+    class/register tokens) with positions, the latent tokens with their positions appended; the
+    image-token outputs go through the pixel head. `model.patch_embed` is unused (kept so the
+    released checkpoints load unchanged)."""
+
+    def __init__(self, spec: ViTSpec, depth: int, image_size: int, patch_size: int, num_latent_tokens: int,
+                 base_image_size: int, class_token: bool, use_ape: bool, use_rope: bool, rope_mixed: bool,
+                 rope_theta: float, attention_backend: str) -> None:
+        super().__init__()
+        grid = image_size // patch_size
+        self.use_ape = use_ape and not use_rope
+        self.model = Backbone(spec, depth, grid * grid, patch_size, class_token, attention_backend)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, spec.width) * 0.02)
+        self.latent_pos_embed = nn.Parameter(torch.randn(1, num_latent_tokens, spec.width) * 0.02)
+        self.to_pixel = ToPixel(spec.width, patch_size)
+        self._init_rope(spec, depth, grid, base_image_size // patch_size, use_rope, rope_mixed, rope_theta)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        batch, patches = latents.shape[0], self.grid * self.grid
+        # Mask tokens and their positions are the same for every image: build them once.
+        queries = self.model.prefix_and_positions(self.mask_token.expand(1, patches, -1), self.use_ape)
+        x = torch.cat([queries.expand(batch, -1, -1), latents + self.latent_pos_embed], dim=1)
+        x = self.model.run_blocks(x, self.rope_angles())
+        start = self.model.num_prefix_tokens
+        return self.to_pixel(self.model.norm(x[:, start : start + patches]), self.grid)
