@@ -1,1 +1,2 @@
 """Drop-in modules built on softvq_fast ops."""
+from softvq_fast.nn.soft_vq import SoftVectorQuantizer  # noqa: F401
