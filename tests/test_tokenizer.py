@@ -1,0 +1,264 @@
+"""SoftVQVAE: conformance with the authors' code, checkpoint layout, loading errors, API checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import rel_err
+from safetensors.torch import load_file, save_file
+
+from softvq_fast.models import PRESETS, SoftVQConfig, SoftVQVAE
+from softvq_fast.models.checkpoint import CheckpointError
+
+TINY = "vectors/tokenizer_tiny"
+LAYOUT = "softvq-s-64_vits-vits_4codebooks"
+
+
+def tiny_config(**overrides) -> SoftVQConfig:
+    """ViT-S width, one block each, 32 px, 4 latent tokens, 2 codebooks of 16 x 8."""
+    values = dict(image_size=32, base_image_size=32, codebook_size=16, codebook_embed_dim=8, num_codebooks=2,
+                  tau=0.07, num_latent_tokens=4, encoder_depth=1, decoder_depth=1, codebook_show_usage=False)
+    return SoftVQConfig(**{**values, **overrides})
+
+
+def images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    model = SoftVQVAE.from_pretrained(reference_dir / TINY)
+    return model, load_file(str(reference_dir / TINY / "expected.safetensors"))
+
+
+@pytest.mark.parametrize("backends", [("auto", "auto"), ("math", "reference")])
+def test_conformance_vectors(reference, backends):
+    model, expected = reference
+    model.set_backends(attention=backends[0], soft_vq=backends[1])
+    with torch.no_grad():
+        latents = model.encode(expected["images"])
+        assert rel_err(latents, expected["latents"]) <= 1e-5
+        assert rel_err(model.decode(expected["latents"]), expected["reconstruction"]) <= 1e-5
+        assert rel_err(model(expected["images"]), expected["reconstruction"]) <= 1e-5
+    model.set_backends(attention="auto", soft_vq="auto")
+
+
+def test_depth_follows_checkpoint(reference):
+    model, _ = reference
+    assert model.config.encoder_model == "vit_small_patch14_dinov2.lvd142m"  # 12 blocks by name
+    assert len(model.encoder.model.blocks) == len(model.decoder.model.blocks) == 2
+    assert model.load_report.ignored == []
+
+
+def test_authors_layout_key_set_and_load(reference_dir, tmp_path):
+    layout = json.loads((reference_dir / "authors_checkpoint_layout.json").read_text())[LAYOUT]
+    config = SoftVQConfig.from_dict(layout["config"])
+    assert config.to_dict() == layout["config"]
+    with torch.device("meta"):
+        model = SoftVQVAE(config)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == layout["state_dict"]
+    # A checkpoint with exactly that layout loads, value for value.
+    state = {k: torch.full(shape, float(i % 7)) for i, (k, shape) in enumerate(layout["state_dict"].items())}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(layout["config"]))
+    loaded = SoftVQVAE.from_pretrained(tmp_path)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def _save_tiny(tmp_path, **overrides) -> tuple[SoftVQVAE, dict]:
+    torch.manual_seed(0)
+    model = SoftVQVAE(tiny_config(**overrides))
+    model.save_pretrained(tmp_path)
+    return model, load_file(str(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("variant", [{}, {"use_rope": True, "rope_mixed": True}, {"use_rope": True},
+                                     {"encoder_model": "vit_small_patch14_reg4_dinov2.lvd142m",
+                                      "decoder_model": "vit_small_patch14_reg4_dinov2.lvd142m", "dec_cls_token": False}])
+def test_save_load_round_trip(tmp_path, variant):
+    model, _ = _save_tiny(tmp_path, **variant)
+    loaded = SoftVQVAE.from_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == model.config.to_dict()
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    x = images(2, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), model.encode(x))
+        assert torch.equal(loaded.decode(model.encode(x)), model.decode(model.encode(x)))
+
+
+def test_register_model_layout():
+    config = tiny_config(encoder_model="vit_base_patch14_reg4_dinov2.lvd142m")
+    with torch.device("meta"):
+        model = SoftVQVAE(config)
+    state = model.state_dict()
+    assert state["encoder.model.reg_token"].shape == (1, 4, 768)
+    assert state["encoder.model.pos_embed"].shape == (1, 4, 768)  # patches only (no_embed_class)
+    assert state["decoder.model.pos_embed"].shape == (1, 5, 384)  # class token + patches
+
+
+def test_training_only_keys_ignored_and_reported(tmp_path):
+    _, state = _save_tiny(tmp_path)
+    extra = {"repa_model.blocks.0.weight": torch.zeros(2), "projection.0.weight": torch.zeros(2, 2),
+             "quantize.codebook_used": torch.zeros(2, 65536), "encoder.mask_token": torch.zeros(1, 1, 384)}
+    save_file({**state, **extra}, str(tmp_path / "model.safetensors"))
+    model = SoftVQVAE.from_pretrained(tmp_path)
+    assert model.load_report.ignored == sorted(extra)
+
+
+def test_pytorch_bin_checkpoint_loads(tmp_path):
+    model, state = _save_tiny(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    loaded = SoftVQVAE.from_pretrained(tmp_path)
+    assert loaded.load_report.weights_file.endswith("pytorch_model.bin")
+    assert torch.equal(loaded.quantize.embedding, model.quantize.embedding)
+
+
+def _broken(tmp_path, change) -> str:
+    _, state = _save_tiny(tmp_path)
+    state = change(dict(state))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        SoftVQVAE.from_pretrained(tmp_path)
+    return str(info.value)
+
+
+def test_missing_key_is_named(tmp_path):
+    message = _broken(tmp_path, lambda s: {k: v for k, v in s.items() if k != "decoder.mask_token"})
+    assert "missing keys: decoder.mask_token" in message
+
+
+def test_unexpected_key_is_named(tmp_path):
+    message = _broken(tmp_path, lambda s: {**s, "decoder.extra.weight": torch.zeros(3)})
+    assert "unexpected keys: decoder.extra.weight" in message
+
+
+def test_wrong_shape_is_named(tmp_path):
+    message = _broken(tmp_path, lambda s: {**s, "quant_conv.bias": torch.zeros(9)})
+    assert "quant_conv.bias has shape (9,), the model expects (8,)" in message
+
+
+def test_corrupted_file_is_named(tmp_path):
+    _save_tiny(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot be read as safetensors"):
+        SoftVQVAE.from_pretrained(tmp_path)
+
+
+def test_unknown_model_name_is_named(tmp_path):
+    _save_tiny(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "decoder_model": "vit_huge_patch14_clip"}))
+    with pytest.raises(CheckpointError, match="unknown ViT model name 'vit_huge_patch14_clip'"):
+        SoftVQVAE.from_pretrained(tmp_path)
+
+
+def test_missing_folder_contents(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json: not found"):
+        SoftVQVAE.from_pretrained(tmp_path)
+    _save_tiny(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor pytorch_model.bin"):
+        SoftVQVAE.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> SoftVQVAE:
+    torch.manual_seed(1)
+    return SoftVQVAE(tiny_config())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.zeros(2, 1, 32, 32), r"images must be a \(B, 3, 32, 32\) tensor"),
+    (torch.zeros(3, 32, 32), r"images must be a \(B, 3, 32, 32\) tensor"),
+    (torch.zeros(2, 3, 48, 48), "images must be 32x32"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "images must be a floating tensor"),
+])
+def test_encode_input_errors(tiny_model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.encode(bad)
+
+
+def test_decode_input_errors(tiny_model):
+    with pytest.raises(ValueError, match=r"latents must be a \(B, 4, 8\) tensor, got \(2, 4, 9\)"):
+        tiny_model.decode(torch.zeros(2, 4, 9))
+    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+        tiny_model.decode(torch.zeros(2, 4, 8), max_batch=0)
+
+
+def test_max_batch_slices_identically(tiny_model):
+    x = images(5, 32, seed=3)
+    with torch.no_grad():
+        full = tiny_model.encode(x)
+        assert rel_err(tiny_model.encode(x, max_batch=2), full) <= 1e-6
+        assert rel_err(tiny_model.decode(full, max_batch=2), tiny_model.decode(full)) <= 1e-6
+
+
+def test_bf16_autocast_close_to_fp32(reference):
+    model, expected = reference
+    with torch.no_grad():
+        latents = model.encode(expected["images"], autocast_dtype=torch.bfloat16)
+        recon = model.decode(expected["latents"], autocast_dtype=torch.bfloat16)
+    assert latents.dtype == recon.dtype == torch.float32
+    assert rel_err(latents, expected["latents"]) <= 1e-2
+    assert rel_err(recon, expected["reconstruction"]) <= 1e-2
+
+
+def test_normalize_round_trip(reference):
+    model, expected = reference
+    z = expected["latents"]
+    assert torch.allclose(model.normalize_latents(z), (z - 0.01) / 0.5)
+    assert torch.allclose(model.denormalize_latents(model.normalize_latents(z)), z, atol=1e-7)
+
+
+def test_gradients_match_math_backends(tiny_model):
+    x = images(2, 32, seed=5)
+
+    def grads(attention: str, soft_vq: str) -> list[torch.Tensor]:
+        tiny_model.set_backends(attention=attention, soft_vq=soft_vq)
+        tiny_model.zero_grad()
+        tiny_model(x).square().mean().backward()
+        return [p.grad.clone() for p in tiny_model.parameters() if p.grad is not None]
+
+    ours, reference = grads("auto", "auto"), grads("math", "reference")
+    tiny_model.set_backends(attention="auto", soft_vq="auto")
+    tiny_model.zero_grad()
+    assert len(ours) == len(reference) > 20
+    for a, b in zip(ours, reference):
+        assert rel_err(a, b) <= 1e-4
+
+
+def test_torch_compile_fullgraph(tiny_model):
+    x = images(2, 32, seed=7)
+
+    def round_trip(images_: torch.Tensor) -> torch.Tensor:
+        return tiny_model.decode(tiny_model.encode(images_))
+
+    compiled = torch.compile(round_trip, fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(x), round_trip(x)) <= 1e-5
+
+
+def test_presets_have_released_sizes():
+    widths = {}
+    for name, config in PRESETS.items():
+        with torch.device("meta"):
+            model = SoftVQVAE(config)
+        grid = config.image_size // 16
+        assert model.encoder.model.pos_embed.shape[1] == grid * grid + 1
+        assert model.config.num_latent_tokens == int(name.split("-")[2])
+        widths[name] = (model.encoder.model.pos_embed.shape[-1], model.decoder.model.pos_embed.shape[-1])
+    assert widths["softvq-s-32"] == (384, 384)
+    assert widths["softvq-b-64"] == (768, 768)
+    assert widths["softvq-bl-64-512"] == (768, 1024)
+    assert widths["softvq-l-32-512"] == (1024, 1024)
+    with pytest.raises(ValueError, match="unknown preset 'softvq-xl-32'"):
+        SoftVQVAE.from_preset("softvq-xl-32")
+
+
+def test_from_pretrained_dtype(reference_dir):
+    model = SoftVQVAE.from_pretrained(reference_dir / TINY, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
