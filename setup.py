@@ -103,6 +103,7 @@ setup(
         "softvq_fast.ops",
         "softvq_fast.nn",
         "softvq_fast.models",
+        "softvq_fast.sampling",
         "softvq_fast.commands",
         "softvq_fast.kernels",
     ],
