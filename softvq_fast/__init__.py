@@ -5,9 +5,20 @@ Public entry points:
   attention(q, k, v, ...)          multi-head attention with backend dispatch (softvq_fast.ops.attention)
   softvq_fast.nn                   drop-in modules for the authors' code
   softvq_fast.models               tokenizer and generators
+  generate(tokenizer, generator, class_labels, ...)   class labels -> images (softvq_fast.generation)
 """
 __version__ = "0.1.0"
 
 from softvq_fast import _extension  # noqa: F401  (loads the C++ ops before any op module)
 from softvq_fast.ops.attention import attention  # noqa: E402,F401
 from softvq_fast.ops.soft_vq import SoftVQStats, soft_vq  # noqa: E402,F401
+
+
+def __getattr__(name: str):
+    # `softvq_fast.generate` imports the models and samplers only when first used.
+    if name == "generate":
+        from softvq_fast.generation import generate
+
+        globals()["generate"] = generate
+        return generate
+    raise AttributeError(f"module 'softvq_fast' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from softvq_fast.models.checkpoint import CONFIG_NAME, CheckpointError, check_keys, read_state_dict
 from softvq_fast.models.positions import sincos_1d, sincos_2d
 from softvq_fast.nn.transformer import Attention, Mlp
 from softvq_fast.ops.layernorm_modulate import layernorm_modulate
@@ -268,42 +269,22 @@ class AdaLNTransformer(nn.Module):
         cls, directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> "AdaLNTransformer":
         """Load a release-format directory: config.json (the constructor's arguments plus
-        metadata) and model.safetensors. Raises naming any missing or unexpected keys."""
-        from safetensors.torch import load_file
-
+        metadata) and model.safetensors. Raises CheckpointError naming the file, or the missing,
+        unexpected and misshaped keys."""
         directory = Path(directory)
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{cls.__name__}.from_pretrained: {path} not found")
-        config = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in METADATA_FIELDS}
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: not found (a release folder holds config.json and model.safetensors)")
         try:
+            config = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in METADATA_FIELDS}
             with torch.device("meta"):
                 model = cls(**config)
-        except TypeError as exc:
-            raise ValueError(f"{config_path} does not describe a {cls.__name__}: {exc}") from exc
-        state = load_file(str(weights_path))
-        load_state_dict_strict(model, state, str(weights_path))
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{config_path} does not describe a {cls.__name__}: {exc}") from exc
+        state, source = read_state_dict(directory)
+        check_keys(model.state_dict(), state, source)
+        model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype).eval()
-
-
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Assign `state` to `model` (which may live on the meta device), raising with the missing,
-    unexpected and mis-shaped keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"checkpoint {source} does not match {type(model).__name__}: missing keys {missing}; "
-            f"unexpected keys {unexpected}; shape mismatches {shapes}"
-        )
-    model.load_state_dict(state, assign=True)
 
 
 def preset_kwargs(name: str, family: str) -> dict[str, Any]:

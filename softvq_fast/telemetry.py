@@ -1,0 +1,114 @@
+"""GPU telemetry during a run with nvidia-ml-py (NVML): energy from the board's cumulative
+energy counter (not the 1 s averaged power reading), and power, memory, SM clock and
+utilisation sampled by a background thread. On the CPU, or without NVML, `summary()` says why
+there is nothing."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Samples:
+    power_w: list[float] = field(default_factory=list)
+    memory_gib: list[float] = field(default_factory=list)
+    sm_clock_mhz: list[float] = field(default_factory=list)
+    utilization_pct: list[float] = field(default_factory=list)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+class GpuTelemetry:
+    """Context manager: `with GpuTelemetry(device) as telemetry: run()`, then `telemetry.summary()`."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.02) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.unavailable: str | None = None
+        self.samples = Samples()
+        self._handle = None
+        self._nvml = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._energy_start_mj: int | None = None
+        self.energy_j: float | None = None
+        self.seconds = 0.0
+        if device.type != "cuda":
+            self.unavailable = f"no GPU telemetry on {device.type}"
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = self._find_handle(pynvml)
+        except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver errors
+            self.unavailable = f"NVML unavailable: {exc}"
+
+    def _find_handle(self, pynvml):
+        uuid = getattr(torch.cuda.get_device_properties(self.device), "uuid", None)
+        if uuid is not None:
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            except pynvml.NVMLError:
+                pass
+        return pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
+
+    def _energy_mj(self) -> int | None:
+        try:
+            return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+        except self._nvml.NVMLError:
+            return None
+
+    def _sample(self) -> None:
+        nvml, handle = self._nvml, self._handle
+        while not self._stop.is_set():
+            try:
+                self.samples.power_w.append(nvml.nvmlDeviceGetPowerUsage(handle) / 1e3)
+                self.samples.memory_gib.append(nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30)
+                self.samples.sm_clock_mhz.append(float(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)))
+                self.samples.utilization_pct.append(float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+            except nvml.NVMLError:
+                pass
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "GpuTelemetry":
+        self._start = time.perf_counter()
+        if self.unavailable is None:
+            torch.cuda.synchronize(self.device)
+            self._energy_start_mj = self._energy_mj()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.unavailable is None:
+            torch.cuda.synchronize(self.device)
+            end = self._energy_mj()
+            self._stop.set()
+            self._thread.join()
+            if self._energy_start_mj is not None and end is not None:
+                self.energy_j = (end - self._energy_start_mj) / 1e3
+        self.seconds = time.perf_counter() - self._start
+
+    def summary(self) -> dict[str, float | str | None]:
+        """energy_j (counter; power x time if the counter is unsupported), mean_power_w,
+        peak_memory_gib (device-wide), mean_sm_clock_mhz, mean_utilization_pct."""
+        if self.unavailable is not None:
+            return {"telemetry": self.unavailable}
+        mean_power = _mean(self.samples.power_w)
+        energy, source = self.energy_j, "counter"
+        if energy is None and mean_power is not None:
+            energy, source = mean_power * self.seconds, "sampled power x time"
+        return {
+            "energy_j": energy,
+            "energy_source": source,
+            "mean_power_w": mean_power,
+            "peak_memory_gib": max(self.samples.memory_gib, default=None),
+            "mean_sm_clock_mhz": _mean(self.samples.sm_clock_mhz),
+            "mean_utilization_pct": _mean(self.samples.utilization_pct),
+        }
