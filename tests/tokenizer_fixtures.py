@@ -1,0 +1,36 @@
+"""Helpers shared by the tokenizer tool tests: a tiny saved tokenizer and scikit-image's sample photos."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from softvq_fast.models import SoftVQConfig, SoftVQVAE
+
+SAMPLES = {"cats/chelsea.png": "chelsea", "misc/astronaut.png": "astronaut", "misc/coffee.jpg": "coffee",
+           "misc/camera.png": "camera", "misc/rocket.png": "rocket"}
+
+
+def save_tiny_tokenizer(directory: Path, seed: int = 0) -> SoftVQVAE:
+    """A random tokenizer (ViT-S width, 1 block each, 32 px, 4 tokens, 2 codebooks of 16 x 8), saved."""
+    torch.manual_seed(seed)
+    config = SoftVQConfig(image_size=32, base_image_size=32, codebook_size=16, codebook_embed_dim=8, num_codebooks=2,
+                          tau=0.07, num_latent_tokens=4, encoder_depth=1, decoder_depth=1, codebook_show_usage=False)
+    model = SoftVQVAE(config)
+    model.save_pretrained(directory)
+    return model
+
+
+def write_sample_images(folder: Path) -> list[Path]:
+    """scikit-image's bundled photos (nothing downloads) in two class subfolders."""
+    from skimage import data
+
+    paths = []
+    for relative, name in SAMPLES.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(getattr(data, name)())).save(path)
+        paths.append(path)
+    return paths
