@@ -1,0 +1,250 @@
+"""Triton kernels of soft_vq (the `triton` backend of softvq_fast.ops.soft_vq).
+
+Layout: z (C, M, D) and codebook (C, K, D), contiguous; codebook c serves the M rows of z[c].
+No kernel materialises an M x K tensor:
+  _forward_kernel       one program per (row block, codebook) walks the K codes in blocks with an
+                        online softmax (running max logit m, sums at tau and at the entropy
+                        temperature, the entropy accumulator, argmax) and accumulates z_q.
+  _column_sum_kernel    one program per (code block, codebook) walks the rows and sums
+                        softmax(logits / T) per code from the saved row statistics.
+  _grad_z_kernel        one program per (row block, codebook) recomputes logits per code block
+                        (FlashAttention style) and accumulates dlogits @ codebook.
+  _grad_codebook_kernel one program per (code block, codebook) walks the rows: sum_r p_rk g_r.
+Every dot product has at least 16 rows and columns (code dims below 16 are padded by masks), as
+tl.dot needs on GPUs. Logit-domain statistics keep the max logit apart from the log-sums so that
+exp((s - m) / t) is exact even when logits / t is large.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64  # rows per program (row-major kernels), rows per step (code-major kernels)
+BLOCK_K = 64  # codes per step (row-major kernels), codes per program (code-major kernels)
+NUM_WARPS = 4
+
+
+@triton.jit
+def _forward_kernel(
+    Z, E, ZQ, STATS, IDX, M, K, D, inv_tau, inv_t,
+    WITH_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    dim_ok = dims < D
+    z = tl.load(Z + c * M * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    l_t = tl.zeros((BLOCK_M,), tl.float32)
+    ent = tl.zeros((BLOCK_M,), tl.float32)  # sum_j w_j (s_j - m) / T with w_j = exp((s_j - m) / T)
+    best = tl.zeros((BLOCK_M,), tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_ok = codes < K
+        e = tl.load(E + c * K * D + codes[:, None] * D + dims[None, :], mask=code_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(z, tl.trans(e), input_precision=PRECISION)
+        s = tl.where(code_ok[None, :], s, float("-inf"))
+        block_max = tl.max(s, axis=1)
+        m_new = tl.maximum(m_i, block_max)
+        if WITH_STATS:
+            block_arg = tl.argmax(s, axis=1).to(tl.int32) + k0
+            best = tl.where(block_max > m_i, block_arg, best)
+            alpha_t = tl.exp((m_i - m_new) * inv_t)
+            shift_t = tl.where(l_t > 0, (m_i - m_new) * inv_t, 0.0)
+            x = (s - m_new[:, None]) * inv_t
+            w = tl.exp(x)
+            ent = alpha_t * (ent + l_t * shift_t) + tl.sum(w * tl.where(code_ok[None, :], x, 0.0), axis=1)
+            l_t = l_t * alpha_t + tl.sum(w, axis=1)
+        alpha = tl.exp((m_i - m_new) * inv_tau)
+        p = tl.exp((s - m_new[:, None]) * inv_tau)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(e.dtype), e, input_precision=PRECISION)
+        m_i = m_new
+    z_q = acc / l_i[:, None]
+    tl.store(ZQ + c * M * D + rows[:, None] * D + dims[None, :], z_q.to(ZQ.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+    stat = STATS + c * M + rows
+    rows_total = tl.num_programs(1) * M
+    tl.store(stat, m_i, mask=row_ok)
+    tl.store(stat + rows_total, tl.log(l_i), mask=row_ok)
+    if WITH_STATS:
+        log_t = tl.log(l_t)
+        tl.store(stat + 2 * rows_total, log_t, mask=row_ok)
+        tl.store(stat + 3 * rows_total, log_t - ent / l_t, mask=row_ok)
+        tl.store(IDX + c * M + rows, best.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def _column_sum_kernel(
+    Z, E, STATS, COLSUM, M, K, D, inv_t,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    c = tl.program_id(1)
+    codes = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, BLOCK_D)
+    code_ok = codes < K
+    dim_ok = dims < D
+    e = tl.load(E + c * K * D + codes[:, None] * D + dims[None, :], mask=code_ok[:, None] & dim_ok[None, :], other=0.0)
+    rows_total = tl.num_programs(1) * M
+    total = tl.zeros((BLOCK_K,), tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        z = tl.load(Z + c * M * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        m = tl.load(STATS + c * M + rows, mask=row_ok, other=0.0)
+        log_t = tl.load(STATS + 2 * rows_total + c * M + rows, mask=row_ok, other=0.0)
+        s = tl.dot(e, tl.trans(z), input_precision=PRECISION)
+        q = tl.exp((s - m[None, :]) * inv_t - log_t[None, :])
+        total += tl.sum(tl.where(row_ok[None, :], q, 0.0), axis=1)
+    tl.store(COLSUM + c * K + codes, total, mask=code_ok)
+
+
+@triton.jit
+def _grad_z_kernel(
+    G, GH, GC, Z, E, ZQ, STATS, DZ, M, K, D, inv_tau, inv_t,
+    WITH_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    dim_ok = dims < D
+    tile = c * M * D + rows[:, None] * D + dims[None, :]
+    tile_ok = row_ok[:, None] & dim_ok[None, :]
+    z = tl.load(Z + tile, mask=tile_ok, other=0.0)
+    g = tl.load(G + tile, mask=tile_ok, other=0.0)
+    g_dot_zq = tl.sum(g.to(tl.float32) * tl.load(ZQ + tile, mask=tile_ok, other=0.0).to(tl.float32), axis=1)
+    rows_total = tl.num_programs(1) * M
+    stat = STATS + c * M + rows
+    m = tl.load(stat, mask=row_ok, other=0.0)
+    log_l = tl.load(stat + rows_total, mask=row_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    if WITH_ENTROPY:
+        log_t = tl.load(stat + 2 * rows_total, mask=row_ok, other=0.0)
+        h = tl.load(stat + 3 * rows_total, mask=row_ok, other=0.0)
+        g_h = tl.load(GH + c * M + rows, mask=row_ok, other=0.0)
+        q_acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # sum_j q_j E_j
+        q_dot_gc = tl.zeros((BLOCK_M,), tl.float32)  # sum_j q_j G_j
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_ok = codes < K
+        e = tl.load(E + c * K * D + codes[:, None] * D + dims[None, :], mask=code_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(z, tl.trans(e), input_precision=PRECISION) - m[:, None]
+        p = tl.exp(s * inv_tau - log_l[:, None])
+        g_e = tl.dot(g, tl.trans(e), input_precision=PRECISION)
+        d_s = p * (g_e - g_dot_zq[:, None]) * inv_tau
+        if WITH_ENTROPY:
+            gc = tl.load(GC + c * K + codes, mask=code_ok, other=0.0)
+            log_q = s * inv_t - log_t[:, None]
+            q = tl.exp(log_q)
+            d_s += q * (gc[None, :] - g_h[:, None] * (log_q + h[:, None])) * inv_t
+            q = tl.where(code_ok[None, :], q, 0.0)
+            q_dot_gc += tl.sum(q * gc[None, :], axis=1)
+            q_acc += tl.dot(q.to(e.dtype), e, input_precision=PRECISION)
+        d_s = tl.where(code_ok[None, :], d_s, 0.0)
+        acc += tl.dot(d_s.to(e.dtype), e, input_precision=PRECISION)
+    if WITH_ENTROPY:
+        acc -= (q_dot_gc * inv_t)[:, None] * q_acc
+    tl.store(DZ + tile, acc.to(DZ.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _grad_codebook_kernel(
+    G, Z, E, STATS, DE, M, K, D, inv_tau,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    c = tl.program_id(1)
+    codes = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, BLOCK_D)
+    code_ok = codes < K
+    dim_ok = dims < D
+    e_tile = c * K * D + codes[:, None] * D + dims[None, :]
+    e_ok = code_ok[:, None] & dim_ok[None, :]
+    e = tl.load(E + e_tile, mask=e_ok, other=0.0)
+    rows_total = tl.num_programs(1) * M
+    acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        tile = c * M * D + rows[:, None] * D + dims[None, :]
+        tile_ok = row_ok[:, None] & dim_ok[None, :]
+        z = tl.load(Z + tile, mask=tile_ok, other=0.0)
+        g = tl.load(G + tile, mask=tile_ok, other=0.0)
+        m = tl.load(STATS + c * M + rows, mask=row_ok, other=0.0)
+        log_l = tl.load(STATS + rows_total + c * M + rows, mask=row_ok, other=0.0)
+        s = tl.dot(e, tl.trans(z), input_precision=PRECISION)
+        p = tl.exp((s - m[None, :]) * inv_tau - log_l[None, :])
+        p = tl.where(row_ok[None, :], p, 0.0)
+        acc += tl.dot(p.to(g.dtype), g, input_precision=PRECISION)
+    tl.store(DE + e_tile, acc.to(DE.dtype.element_ty), mask=e_ok)
+
+
+def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
+    precision = "tf32" if allow_tf32 and z.dtype == torch.float32 else "ieee"
+    block_d = max(16, triton.next_power_of_2(z.shape[-1]))
+    return dict(BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_D=block_d, PRECISION=precision, num_warps=NUM_WARPS)
+
+
+def forward(
+    z: torch.Tensor, codebook: torch.Tensor, tau: float, entropy_temperature: float, with_stats: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z (C, M, D), codebook (C, K, D) contiguous -> z_q (C, M, D), row_stats (4, C, M) float32
+    (softvq_fast.ops.soft_vq.ROW_STATS), column_sum (C, K) float32, indices (C, M) int64.
+    Without stats only z_q, the max logit and the log-sum at tau are written (the rest are zeros)."""
+    C, M, D = z.shape
+    K = codebook.shape[1]
+    z_q = torch.empty_like(z)
+    row_stats = torch.zeros(4, C, M, device=z.device, dtype=torch.float32)
+    column_sum = torch.zeros(C, K, device=z.device, dtype=torch.float32)
+    indices = torch.zeros(C, M, device=z.device, dtype=torch.long)
+    config = _config(z, allow_tf32)
+    _forward_kernel[(triton.cdiv(M, BLOCK_M), C)](
+        z, codebook, z_q, row_stats, indices, M, K, D, 1.0 / tau, 1.0 / entropy_temperature,
+        WITH_STATS=with_stats, **config,
+    )
+    if with_stats:
+        _column_sum_kernel[(triton.cdiv(K, BLOCK_K), C)](
+            z, codebook, row_stats, column_sum, M, K, D, 1.0 / entropy_temperature, **config
+        )
+    return z_q, row_stats, column_sum, indices
+
+
+def backward(
+    grad_z_q: torch.Tensor,
+    grad_row_entropy: torch.Tensor,
+    grad_column_sum: torch.Tensor,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    z_q: torch.Tensor,
+    row_stats: torch.Tensor,
+    tau: float,
+    entropy_temperature: float,
+    with_entropy: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (z (C, M, D), codebook (C, K, D)); see softvq_fast.ops.soft_vq_blocked.backward."""
+    C, M, D = z.shape
+    K = codebook.shape[1]
+    grad_z_q = grad_z_q.to(z.dtype)
+    grad_z = torch.empty_like(z)
+    grad_codebook = torch.empty_like(codebook)
+    config = _config(z, allow_tf32)
+    _grad_z_kernel[(triton.cdiv(M, BLOCK_M), C)](
+        grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats, grad_z, M, K, D,
+        1.0 / tau, 1.0 / entropy_temperature, WITH_ENTROPY=with_entropy, **config,
+    )
+    _grad_codebook_kernel[(triton.cdiv(K, BLOCK_K), C)](
+        grad_z_q, z, codebook, row_stats, grad_codebook, M, K, D, 1.0 / tau, **config
+    )
+    return grad_z, grad_codebook
