@@ -20,4 +20,5 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(softvq_fast, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
 }
