@@ -103,19 +103,22 @@ def generate(
     path: str | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     cuda_graph: bool | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) float32 in [-1, 1] for B class labels.
 
     `tokenizer` is a SoftVQVAE, `generator` a SiT or DiT on its latent tokens
-    (input_size = num_latent_tokens, in_channels = codebook_embed_dim). Both are moved to
-    `device` (default: the generator's); the generator runs in `dtype` (bf16 is the fast
-    choice on GPUs) and the tokenizer decodes under autocast to it. Sampling arguments as in
-    `sample_latents`; the same seed gives the same images on the same device and dtype."""
+    (input_size = num_latent_tokens, in_channels = codebook_embed_dim). Both are moved (in
+    place) to `device` (default: the generator's) and the generator to `dtype` (default: its
+    own; bf16 is the fast choice on GPUs); the tokenizer decodes under autocast to that dtype.
+    Sampling arguments as in `sample_latents`; the same seed gives the same images on the same
+    device and dtype."""
     _check_pair(tokenizer, generator)
-    device = torch.device(device) if device is not None else next(generator.parameters()).device
+    parameter = next(generator.parameters())
+    device = torch.device(device) if device is not None else parameter.device
+    dtype = dtype or parameter.dtype
     generator.to(device=device, dtype=dtype).eval()
     tokenizer.to(device).eval()
     labels = _labels(class_labels, generator, device)
