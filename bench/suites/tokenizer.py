@@ -1,0 +1,86 @@
+"""SoftVQ-VAE tokenizer: encode and decode throughput and peak memory of random-weight presets,
+our backends ("auto": softvq attention and soft-VQ kernels where they run) against the same model
+on the `math` attention and `reference` soft-VQ backends, and the largest relative difference of
+their outputs."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from bench.measure import peak_memory_bytes, time_fn
+from softvq_fast.models import SoftVQVAE
+
+TITLE = "Tokenizer encode/decode (SoftVQ-VAE presets, random weights)"
+
+BACKENDS = {"ours": ("auto", "auto"), "math": ("math", "reference")}
+
+# (preset, batch); quick mode fits the 2-core CI CPU in well under two minutes.
+QUICK = [("softvq-b-32", 2), ("softvq-s-32-512", 1)]
+FULL = [("softvq-s-32", 32), ("softvq-b-32", 32), ("softvq-b-64", 32), ("softvq-bl-64", 32), ("softvq-l-64", 32),
+        ("softvq-bl-64-512", 8), ("softvq-l-32-512", 8)]
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.double(), ref.double()
+    return float(torch.linalg.vector_norm(out64 - ref64) / torch.linalg.vector_norm(ref64).clamp_min(1e-300))
+
+
+def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtype | None) -> list[dict]:
+    """Rows for both passes and both backend sets. The backends are timed in alternation, one
+    repeat each per round, so that load from other processes hits them alike."""
+    device = ctx.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    size = model.config.image_size
+    images = torch.rand(batch, 3, size, size, device=device, generator=generator) * 2 - 1
+    rounds = 3 if ctx.quick else 10
+    rows = []
+    with torch.inference_mode():
+        latents = model.encode(images)
+        passes = {
+            "encode": lambda: model.encode(images, autocast_dtype=precision),
+            "decode": lambda: model.decode(latents, autocast_dtype=precision),
+        }
+        for pass_name, fn in passes.items():
+            outputs, samples, peaks = {}, {label: [] for label in BACKENDS}, {}
+            for label, (attention, soft_vq) in BACKENDS.items():
+                model.set_backends(attention=attention, soft_vq=soft_vq)
+                outputs[label] = fn()  # also the warm-up
+                peaks[label] = peak_memory_bytes(fn, device)
+            for _ in range(rounds):
+                for label, (attention, soft_vq) in BACKENDS.items():
+                    model.set_backends(attention=attention, soft_vq=soft_vq)
+                    samples[label].append(time_fn(fn, device, warmup=0, repeats=1).median_ms)
+            medians = {label: statistics.median(values) for label, values in samples.items()}
+            for label in BACKENDS:
+                rows.append({
+                    "case": f"{name} {size}px b{batch}",
+                    "precision": "bf16 autocast" if precision is not None else "fp32",
+                    "pass": pass_name,
+                    "backend": label,
+                    "median_ms": medians[label],
+                    "images_per_s": batch / medians[label] * 1e3,
+                    "peak_mib": peaks[label] / 2**20,
+                    "speedup_vs_math": medians["math"] / medians[label],
+                    "rel_err_vs_math": _relative_error(outputs[label], outputs["math"]),
+                })
+    model.set_backends(attention="auto", soft_vq="auto")
+    return rows
+
+
+def run(ctx) -> list[dict]:
+    rows = []
+    precisions = [None] if ctx.device.type == "cpu" else [None, torch.bfloat16]
+    for name, batch in QUICK if ctx.quick else FULL:
+        torch.manual_seed(0)
+        with torch.device(ctx.device):
+            model = SoftVQVAE.from_preset(name)
+        for precision in precisions:
+            rows += _measure(ctx, model, name, batch, precision)
+        del model
+    for case in dict.fromkeys(r["case"] for r in rows if r["precision"] == "fp32"):
+        total = {label: sum(r["median_ms"] for r in rows if r["case"] == case and r["precision"] == "fp32"
+                            and r["backend"] == label) for label in BACKENDS}
+        ctx.note(f"{case}, fp32: encode+decode {total['ours']:.0f} ms ours vs {total['math']:.0f} ms math/reference "
+                 f"({total['math'] / total['ours']:.2f}x)")
+    return rows
