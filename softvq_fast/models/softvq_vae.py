@@ -20,29 +20,15 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from softvq_fast.models import checkpoint
 from softvq_fast.models.config import SoftVQConfig, preset_config, vit_spec
 from softvq_fast.models.vit import LatentDecoder, LatentEncoder
+from softvq_fast.nn.soft_vq import SoftVectorQuantizer
 from softvq_fast.nn.transformer import Attention
 from softvq_fast.ops.soft_vq import soft_vq
 
 logger = logging.getLogger("softvq_fast")
-
-
-class SoftQuantizer(nn.Module):
-    """The eval-mode soft VQ bottleneck: `embedding` (C, K, D), token segment c uses codebook c.
-    The softmax over K codes at temperature `tau` runs in float32 (outside any autocast)."""
-
-    def __init__(self, num_codebooks: int, codebook_size: int, dim: int, tau: float, l2_norm: bool, backend: str) -> None:
-        super().__init__()
-        self.tau, self.l2_norm, self.backend = tau, l2_norm, backend
-        embedding = torch.empty(num_codebooks, codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
-        self.embedding = nn.Parameter(F.normalize(embedding, dim=-1) if l2_norm else embedding)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return soft_vq(z.float(), self.embedding.float(), self.tau, l2_norm=self.l2_norm, backend=self.backend)
 
 
 class SoftVQVAE(nn.Module):
@@ -64,9 +50,10 @@ class SoftVQVAE(nn.Module):
             config.num_latent_tokens, config.base_image_size, attention_backend=attention_backend, **rope,
         )
         self.quant_conv = nn.Linear(enc.width, config.codebook_embed_dim)
-        self.quantize = SoftQuantizer(
-            config.num_codebooks, config.codebook_size, config.codebook_embed_dim, config.tau,
-            config.codebook_l2_norm, soft_vq_backend,
+        # The usage buffer is training-only (ignored when loading), hence show_usage=False.
+        self.quantize = SoftVectorQuantizer(
+            config.codebook_size, config.codebook_embed_dim, config.entropy_loss_ratio, config.tau,
+            config.num_codebooks, config.codebook_l2_norm, show_usage=False, backend=soft_vq_backend,
         )
         self.post_quant_conv = nn.Linear(config.codebook_embed_dim, dec.width)
         self.decoder = LatentDecoder(
@@ -159,7 +146,9 @@ class SoftVQVAE(nn.Module):
     def _encode(self, images: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
         with _autocast(images.device, autocast_dtype):
             z = self.quant_conv(self.encoder(images))
-        return self.quantize(z)
+        # Eval path: z_q only, the softmax over the codes at temperature tau in float32.
+        q = self.quantize
+        return soft_vq(z.float(), q.embedding.float(), q.tau, l2_norm=q.l2_norm, backend=q.backend)
 
     def _decode(self, latents: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
         with _autocast(latents.device, autocast_dtype):
