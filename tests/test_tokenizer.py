@@ -262,3 +262,18 @@ def test_presets_have_released_sizes():
 def test_from_pretrained_dtype(reference_dir):
     model = SoftVQVAE.from_pretrained(reference_dir / TINY, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.cuda
+def test_cuda_conformance_bf16_and_compile(reference_dir):
+    model = SoftVQVAE.from_pretrained(reference_dir / TINY, device="cuda")
+    expected = {k: v.cuda() for k, v in load_file(str(reference_dir / TINY / "expected.safetensors")).items()}
+    with torch.no_grad():
+        assert rel_err(model.encode(expected["images"]), expected["latents"]) <= 1e-5
+        assert rel_err(model.decode(expected["latents"]), expected["reconstruction"]) <= 1e-5
+        bf16 = model.encode(expected["images"], autocast_dtype=torch.bfloat16)
+        assert rel_err(bf16, expected["latents"]) <= 1e-2
+        assert rel_err(model.decode(expected["latents"], autocast_dtype=torch.bfloat16), expected["reconstruction"]) <= 1e-2
+        compiled = torch.compile(lambda x: model.decode(model.encode(x, autocast_dtype=torch.bfloat16),
+                                                        autocast_dtype=torch.bfloat16), fullgraph=True)
+        assert rel_err(compiled(expected["images"]), expected["reconstruction"]) <= 2e-2

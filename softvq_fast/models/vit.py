@@ -11,6 +11,7 @@ import functools
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from softvq_fast.models import rope
 from softvq_fast.models.config import ViTSpec
@@ -41,7 +42,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(nn.functional.silu(gate) * value)
+        return self.fc2(F.silu(gate) * value)
 
 
 class Block(nn.Module):
@@ -63,14 +64,22 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens (B, (H/p) * (W/p), dim) in row-major patch order."""
+    """Non-overlapping patches -> tokens (B, (H/p) * (W/p), dim) in row-major patch order.
+
+    `proj` is the checkpoint's Conv2d; it is applied as one matmul over the flattened patches
+    (the same sums), which follows torch's matmul precision settings rather than cuDNN's TF32
+    default for convolutions."""
 
     def __init__(self, patch_size: int, dim: int) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(images).flatten(2).transpose(1, 2)
+        b, c, h, w = images.shape
+        p = self.patch_size
+        patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Backbone(nn.Module):
