@@ -1,0 +1,317 @@
+// CUDA implementation of softvq_fast::attention_fwd for bf16 / fp16 (fp32 accumulation).
+//
+// One kernel template, two configurations (see launch()):
+//   short: kv length <= 128, head dims 64/72/128. A thread block holds the whole key/value sequence
+//          in shared memory and one warp per 16 query rows, so a whole (short) sequence runs in one
+//          block with a single softmax pass; n-tiles past the real length are skipped.
+//   tiled: any length, head dim 64. 64 query rows (4 warps) per block walk 64-key tiles with an
+//          online softmax (running max and sum, rescaled output).
+// Tensor cores through mma.sync m16n8k16 (m16n8k8 for the last 8 of head dim 72, so 72 is not
+// padded to 80/96/128). Scores stay in registers and are reused as the A operand of P·V.
+//
+// Fragment layouts of mma.m16n8k16 (row.col), lane = 4 * group + quad:
+//   A (16x16): a0 = (group, 2quad..+1), a1 = (group+8, 2quad..), a2 = (group, 8+2quad..), a3 = (group+8, 8+2quad..)
+//   B (16x8):  b0 = (k = 2quad..+1, n = group), b1 = (k = 8+2quad.., n = group)
+//   C (16x8):  c0,c1 = (group, 2quad..+1), c2,c3 = (group+8, 2quad..+1)
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "attention_op.h"
+
+namespace softvq_fast::cuda {
+namespace {
+
+constexpr int kShortMaxKeys = 128;  // keep in sync with softvq_fast/ops/attention.py
+constexpr int kShortMaxWarps = 8;   // 128 query rows per block
+constexpr int kTiledKeys = 64;
+constexpr int kTiledWarps = 4;
+// Elements added to each shared-memory row so that the 8 rows read by one fragment load fall in
+// different banks: the row length in 32-bit words must be 4 mod 8.
+template <int N>
+constexpr int kRow = N + (N % 16 == 0 ? 8 : 16);
+
+template <typename T> struct Pack;
+template <> struct Pack<__nv_bfloat16> {
+  static __device__ uint32_t two(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <> struct Pack<__half> {
+  static __device__ uint32_t two(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+// c += a (16x16) * b (16x8), and the k = 8 variant for the tail of head dim 72.
+template <typename T>
+__device__ __forceinline__ void mma16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void mma8(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
+}
+
+__device__ __forceinline__ uint32_t ld32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Q rows [row0, row0 + 16) of one head as A fragments (zero past q_len): 2 elements per load.
+template <typename T, int D>
+__device__ void load_q_fragments(uint32_t (&qa)[(D + 15) / 16][4], const T* q, int64_t stride, int row0, int q_len,
+                                 int group, int quad) {
+  const int r_lo = row0 + group, r_hi = row0 + group + 8;
+  const T* lo = q + static_cast<int64_t>(r_lo) * stride;
+  const T* hi = q + static_cast<int64_t>(r_hi) * stride;
+#pragma unroll
+  for (int ks = 0; ks < (D + 15) / 16; ++ks) {
+    const int c = ks * 16 + 2 * quad;
+    qa[ks][0] = r_lo < q_len ? ld32(lo + c) : 0u;
+    qa[ks][1] = r_hi < q_len ? ld32(hi + c) : 0u;
+    const bool full = ks * 16 + 16 <= D;  // the k = 8 tail uses only a0, a1
+    qa[ks][2] = full && r_lo < q_len ? ld32(lo + c + 8) : 0u;
+    qa[ks][3] = full && r_hi < q_len ? ld32(hi + c + 8) : 0u;
+  }
+}
+
+// Copies keys [key0, key0 + rows) into ks (row-major, row stride D + kPad) and values transposed
+// into vts (row stride KEYS + kPad); rows up to the next multiple of 16 are zero-filled so the
+// masked columns of P meet zeros in V. Rows are read as 16-byte chunks (launch() guarantees
+// 16-byte aligned rows).
+template <typename T, int D, int KEYS>
+__device__ void load_kv_tile(T* ks, T* vts, const T* k, const T* v, int64_t k_stride, int64_t v_stride, int key0,
+                             int rows) {
+  constexpr int kChunks = D / 8;
+  const int padded_rows = (rows + 15) / 16 * 16;
+  for (int idx = threadIdx.x; idx < padded_rows * kChunks; idx += blockDim.x) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    uint4 kc = make_uint4(0, 0, 0, 0), vc = make_uint4(0, 0, 0, 0);
+    if (r < rows) {
+      kc = *reinterpret_cast<const uint4*>(k + static_cast<int64_t>(key0 + r) * k_stride + c);
+      vc = *reinterpret_cast<const uint4*>(v + static_cast<int64_t>(key0 + r) * v_stride + c);
+    }
+    *reinterpret_cast<uint4*>(ks + r * kRow<D> + c) = kc;
+    const T* ve = reinterpret_cast<const T*>(&vc);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) vts[(c + i) * kRow<KEYS> + r] = ve[i];
+  }
+}
+
+// One block: query rows [blockIdx.x * 16 * warps, ...) of head blockIdx.y, batch blockIdx.z.
+template <typename T, int D, int KEYS>
+__global__ void __launch_bounds__(32 * kShortMaxWarps) attention_forward_kernel(AttentionParams p) {
+  constexpr int kSteps = (D + 15) / 16;  // k-steps of Q·Kᵀ (the last one is k = 8 when D % 16 == 8)
+  constexpr int kKeyTiles = KEYS / 8;    // n-tiles of scores
+  constexpr int kDimTiles = D / 8;       // n-tiles of the output
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* ks = reinterpret_cast<T*>(smem_raw);
+  T* vts = ks + KEYS * kRow<D>;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int row0 = (blockIdx.x * (blockDim.x / 32) + warp) * 16;
+  const int q_len = static_cast<int>(p.q_len), kv_len = static_cast<int>(p.kv_len);
+  const bool active = row0 < q_len;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[2];
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+
+  uint32_t qa[kSteps][4];
+  if (active) load_q_fragments<T, D>(qa, q, p.q_stride[1], row0, q_len, group, quad);
+  float o[kDimTiles][4];
+#pragma unroll
+  for (int n = 0; n < kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;  // rows group, group + 8
+
+  for (int key0 = 0; key0 < kv_len; key0 += KEYS) {
+    const int keys = min(KEYS, kv_len - key0);
+    __syncthreads();  // the previous tile is consumed
+    load_kv_tile<T, D, KEYS>(ks, vts, k, v, p.k_stride[1], p.v_stride[1], key0, keys);
+    __syncthreads();
+    if (!active) continue;
+    const int key_tiles = (keys + 7) / 8;
+
+    float s[kKeyTiles][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      if (n < key_tiles) {
+        const T* krow = ks + (n * 8 + group) * kRow<D> + 2 * quad;
+#pragma unroll
+        for (int st = 0; st < kSteps; ++st) {
+          if (st * 16 + 16 <= D) {
+            mma16<T>(s[n], qa[st], ld32(krow + st * 16), ld32(krow + st * 16 + 8));
+          } else {
+            mma8<T>(s[n], qa[st][0], qa[st][1], ld32(krow + st * 16));
+          }
+        }
+      }
+    }
+
+    // Scale to log2 units, mask keys past the end, online softmax per row (4 lanes share a row).
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = n * 8 + 2 * quad + (e & 1);
+        s[n][e] = key < keys ? s[n][e] * scale_log2 : -INFINITY;
+      }
+      mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+    }
+#pragma unroll
+    for (int offset = 1; offset < 4; offset *= 2) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, offset));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, offset));
+    }
+    const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+    const float corr_lo = exp2f(m_lo - new_lo), corr_hi = exp2f(m_hi - new_hi);  // 0 on the first tile
+    m_lo = new_lo;
+    m_hi = new_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+      s[n][0] = exp2f(s[n][0] - m_lo);
+      s[n][1] = exp2f(s[n][1] - m_lo);
+      s[n][2] = exp2f(s[n][2] - m_hi);
+      s[n][3] = exp2f(s[n][3] - m_hi);
+      sum_lo += s[n][0] + s[n][1];
+      sum_hi += s[n][2] + s[n][3];
+    }
+    l_lo = l_lo * corr_lo + sum_lo;  // per-lane partial sums, combined after the last tile
+    l_hi = l_hi * corr_hi + sum_hi;
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+      o[n][0] *= corr_lo;
+      o[n][1] *= corr_lo;
+      o[n][2] *= corr_hi;
+      o[n][3] *= corr_hi;
+    }
+
+    // O += P·V: the score C fragments of key tiles 2j, 2j+1 are the A fragment of k-step j.
+#pragma unroll
+    for (int j = 0; j < kKeyTiles / 2; ++j) {
+      if (2 * j < key_tiles) {
+        const uint32_t pa[4] = {Pack<T>::two(s[2 * j][0], s[2 * j][1]), Pack<T>::two(s[2 * j][2], s[2 * j][3]),
+                                Pack<T>::two(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                Pack<T>::two(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+        for (int n = 0; n < kDimTiles; ++n) {
+          const T* vrow = vts + (n * 8 + group) * kRow<KEYS> + j * 16 + 2 * quad;
+          mma16<T>(o[n], pa, ld32(vrow), ld32(vrow + 8));
+        }
+      }
+    }
+  }
+  if (!active) return;
+
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, offset);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, offset);
+  }
+  const int r_lo = row0 + group, r_hi = row0 + group + 8;
+  const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
+  T* out = static_cast<T*>(p.out);
+  const int64_t row_stride = p.heads * D;
+  T* out_lo = out + (static_cast<int64_t>(b) * q_len + r_lo) * row_stride + h * D + 2 * quad;
+  T* out_hi = out + (static_cast<int64_t>(b) * q_len + r_hi) * row_stride + h * D + 2 * quad;
+#pragma unroll
+  for (int n = 0; n < kDimTiles; ++n) {
+    if (r_lo < q_len) *reinterpret_cast<uint32_t*>(out_lo + n * 8) = Pack<T>::two(o[n][0] * inv_lo, o[n][1] * inv_lo);
+    if (r_hi < q_len) *reinterpret_cast<uint32_t*>(out_hi + n * 8) = Pack<T>::two(o[n][2] * inv_hi, o[n][3] * inv_hi);
+  }
+  if (quad == 0) {
+    constexpr float kLn2 = 0.6931471805599453f;
+    float* lse = p.lse + (static_cast<int64_t>(b) * p.heads + h) * q_len;
+    if (r_lo < q_len) lse[r_lo] = (m_lo + log2f(l_lo)) * kLn2;
+    if (r_hi < q_len) lse[r_hi] = (m_hi + log2f(l_hi)) * kLn2;
+  }
+}
+
+template <typename T, int D, int KEYS>
+void launch(const AttentionParams& p, int warps, cudaStream_t stream) {
+  const int smem = (KEYS * kRow<D> + D * kRow<KEYS>) * static_cast<int>(sizeof(T));
+  auto kernel = attention_forward_kernel<T, D, KEYS>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int rows_per_block = 16 * warps;
+  const dim3 grid((p.q_len + rows_per_block - 1) / rows_per_block, p.heads, p.batch);
+  kernel<<<grid, 32 * warps, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch(const AttentionParams& p, cudaStream_t stream) {
+  const int64_t d = p.head_dim;
+  if (p.kv_len <= kShortMaxKeys && (d == 64 || d == 72 || d == 128)) {
+    const int warps = static_cast<int>(std::min<int64_t>(kShortMaxWarps, (p.q_len + 15) / 16));
+    if (d == 64) launch<T, 64, kShortMaxKeys>(p, warps, stream);
+    if (d == 72) launch<T, 72, kShortMaxKeys>(p, warps, stream);
+    if (d == 128) launch<T, 128, kShortMaxKeys>(p, warps, stream);
+  } else {
+    TORCH_CHECK(d == 64, "attention_fwd (cuda): head_dim must be 64, 72 or 128 for kv length <= ", kShortMaxKeys,
+                " and 64 for longer sequences; got head_dim ", d, " with kv length ", p.kv_len);
+    launch<T, 64, kTiledKeys>(p, kTiledWarps, stream);
+  }
+}
+
+bool rows_aligned(const at::Tensor& t) {
+  const auto address = reinterpret_cast<std::uintptr_t>(t.data_ptr());
+  return address % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in, double scale) {
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "attention_fwd (cuda): dtype must be bfloat16 or float16, got ", q.scalar_type());
+  for (at::Tensor* t : {&q, &k, &v}) {
+    if (t->dim() == 4 && !rows_aligned(*t)) *t = t->contiguous();  // 16-byte row chunks (head dims are multiples of 8)
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto [out, lse, params] = prepare_attention(q, k, v, scale);
+  if (out.numel() == 0) return {out, lse};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (q.scalar_type() == at::kBFloat16) {
+    dispatch<__nv_bfloat16>(params, stream);
+  } else {
+    dispatch<__half>(params, stream);
+  }
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace softvq_fast::cuda
+
+TORCH_LIBRARY_IMPL(softvq_fast, CUDA, m) {
+  m.impl("attention_fwd", &softvq_fast::cuda::attention_fwd_cuda);
+}

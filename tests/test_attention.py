@@ -1,0 +1,195 @@
+"""softvq_fast.attention: kernels against float64, gradients through every backend, dispatch."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import rel_err
+from softvq_fast._extension import extension_available, extension_has_cuda
+from softvq_fast.dispatch import NoBackendError
+from softvq_fast.ops.attention import OPS, _describe, attention
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+needs_kernel = pytest.mark.skipif(
+    not extension_available() or not hasattr(torch.ops.softvq_fast, "attention_fwd"),
+    reason="softvq_fast._C with attention_fwd is not built",
+)
+
+
+def _generator(device: str = "cpu") -> tuple[torch.Generator, int]:
+    """A freshly seeded generator; the seed goes into failure messages."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator(device).manual_seed(seed), seed
+
+
+def _qkv(batch, q_len, kv_len, heads, head_dim, dtype, device="cpu"):
+    """q as a strided view of one (B, S, 3, H, D) qkv tensor (as the models produce); k, v likewise
+    when q_len == kv_len, else separate tensors."""
+    gen, seed = _generator(device)
+    qkv = torch.randn(batch, q_len, 3, heads, head_dim, generator=gen, device=device, dtype=torch.float64)
+    q, k, v = qkv.to(dtype).unbind(2)
+    if kv_len != q_len:
+        kv = torch.randn(batch, kv_len, 2, heads, head_dim, generator=gen, device=device, dtype=torch.float64)
+        k, v = kv.to(dtype).unbind(2)
+    return q, k, v, seed
+
+
+def _reference(q, k, v, scale=None):
+    """float64 attention of the (already rounded) inputs, and the log-sum-exp (B, H, Sq)."""
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v64)
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+def _poison(shape, dtype, device):
+    """Leave NaNs in memory the allocator may hand to the kernel's output (unwritten elements show)."""
+    poison = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    del poison
+
+
+# (batch, q_len, kv_len, heads, head_dim): lengths 1 .. 1089, not powers of two, cross lengths too.
+CPU_SHAPES = [
+    (2, 1, 1, 3, 32),
+    (2, 37, 37, 3, 72),
+    (3, 33, 17, 2, 72),
+    (1, 130, 259, 2, 80),
+    (1, 5, 300, 1, 128),
+    (2, 129, 129, 2, 64),
+    (1, 321, 321, 2, 64),
+    (1, 1089, 1089, 1, 64),
+    (1, 1100, 61, 1, 32),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_kernel_matches_float64(shape, dtype):
+    q, k, v, seed = _qkv(*shape, dtype)
+    _poison(q.shape, dtype, "cpu")
+    out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, 0.7 / shape[-1] ** 0.5)
+    ref, ref_lse = _reference(q, k, v, 0.7 / shape[-1] ** 0.5)
+    assert out.shape == q.shape and out.is_contiguous() and out.dtype == dtype
+    assert rel_err(out, ref) <= TOL[dtype], f"seed {seed}: out rel err {rel_err(out, ref):.3g}"
+    assert rel_err(lse, ref_lse) <= 1e-6, f"seed {seed}: lse rel err {rel_err(lse, ref_lse):.3g}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_every_cpu_build_matches_float64(isa, monkeypatch):
+    """The kernel is compiled per instruction set; each build the CPU runs must be exact."""
+    monkeypatch.setenv("SOFTVQ_FAST_CPU_ISA", isa)
+    q, k, v, seed = _qkv(2, 45, 45, 2, 72, torch.float32)
+    try:
+        out, _ = torch.ops.softvq_fast.attention_fwd(q, k, v, 72**-0.5)
+    except RuntimeError as exc:
+        if "does not support" in str(exc):
+            pytest.skip(f"this CPU has no {isa}")
+        raise
+    ref, _ = _reference(q, k, v)
+    assert rel_err(out, ref) <= 1e-5, f"seed {seed}"
+
+
+@needs_kernel
+def test_cpu_build_switch_rejects_unknown_name(monkeypatch):
+    monkeypatch.setenv("SOFTVQ_FAST_CPU_ISA", "sse9")
+    q, k, v, _ = _qkv(1, 4, 4, 1, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="SOFTVQ_FAST_CPU_ISA must be portable, avx2 or avx512"):
+        torch.ops.softvq_fast.attention_fwd(q, k, v, 1.0)
+
+
+def _cpu_backends() -> list[str]:
+    inputs = _describe(*_qkv(1, 3, 3, 1, 8, torch.float32)[:3])
+    return [b.name for b in OPS.backends if not b.not_supported_reasons(inputs)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["softvq", "sdpa", "math"])
+def test_gradients_through_every_backend(backend, dtype):
+    if backend not in _cpu_backends():
+        pytest.skip(f"{backend} cannot run here")
+    gen, seed = _generator()
+    qkv64 = torch.randn(2, 41, 3, 3, 72, generator=gen, dtype=torch.float64)
+    grad = torch.randn(2, 41, 3, 72, generator=gen, dtype=torch.float64)
+    qkv = qkv64.to(dtype).requires_grad_()
+    out = attention(*qkv.unbind(2), backend=backend)
+    (got,) = torch.autograd.grad(out, qkv, grad.to(dtype))
+    ref_in = qkv.detach().double().requires_grad_()
+    ref_out, _ = _reference(*ref_in.unbind(2))
+    (want,) = torch.autograd.grad(ref_out, ref_in, grad)
+    assert rel_err(out, ref_out) <= TOL[dtype], f"seed {seed}"
+    assert rel_err(got, want) <= TOL[dtype], f"seed {seed}: grad rel err {rel_err(got, want):.3g}"
+
+
+@needs_kernel
+def test_opcheck():
+    q, k, v, _ = _qkv(2, 9, 9, 2, 16, torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.softvq_fast.attention_fwd.default, (q, k, v, 0.25))
+
+
+def test_compiles_without_graph_breaks():
+    q, k, v, _ = _qkv(2, 11, 11, 2, 16, torch.float32)
+    qkv = torch.stack([q, k, v], 2).requires_grad_()
+
+    def block(x):
+        return attention(*x.unbind(2)).flatten(2).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got = compiled(qkv)
+    (grad_got,) = torch.autograd.grad(got, qkv)
+    want = block(qkv)
+    (grad_want,) = torch.autograd.grad(want, qkv)
+    assert rel_err(got, want) <= 1e-6 and rel_err(grad_got, grad_want) <= 1e-6
+
+
+def test_auto_order_and_environment_override(monkeypatch):
+    inputs = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
+    monkeypatch.delenv("SOFTVQ_FAST_ATTENTION", raising=False)
+    assert OPS.select(inputs).name == ("softvq" if "softvq" in _cpu_backends() else "sdpa")
+    monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", "math")
+    assert OPS.select(inputs).name == "math"
+    assert OPS.select(inputs, "sdpa").name == "sdpa"  # the argument wins over the variable
+
+
+def test_explicit_backend_that_cannot_run_lists_reasons():
+    q, k, v, _ = _qkv(1, 5, 5, 2, 16, torch.float64)
+    with pytest.raises(NoBackendError, match=r"'flash_attn'.*device cpu not supported"):
+        attention(q, k, v, backend="flash_attn")
+    with pytest.raises(NoBackendError, match=r"'softvq'.*float64"):
+        attention(q, k, v, backend="softvq")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        attention(q, k, v, backend="nope")
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v, _ = _qkv(1, 5, 5, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"q must be 4-D \(batch, seq, heads, head_dim\)"):
+        attention(q.flatten(2), k, v)
+    with pytest.raises(ValueError, match=r"k and v must be \(B, Sk, H, D\)"):
+        attention(q, k[..., :8], v)
+    with pytest.raises(ValueError, match="share a dtype"):
+        attention(q, k.double(), v)
+
+
+@needs_kernel
+def test_kernel_op_checks_shapes():
+    q, k, v, _ = _qkv(1, 5, 5, 2, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="does not match q shape"):
+        torch.ops.softvq_fast.attention_fwd(q, k[:, :, :1], v[:, :, :1], 1.0)
+    with pytest.raises(RuntimeError, match="dtype must be float32 or bfloat16"):
+        torch.ops.softvq_fast.attention_fwd(q.double(), k.double(), v.double(), 1.0)
+
+
+def test_extension_loads_and_registers_kernels():
+    """Imports without a GPU; when built with CUDA the CUDA kernel is registered too."""
+    if not extension_available():
+        pytest.skip("built without the extension (SOFTVQ_FAST_NO_EXTENSION=1)")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("softvq_fast::attention_fwd", "CPU")
+    if extension_has_cuda():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("softvq_fast::attention_fwd", "CUDA")
