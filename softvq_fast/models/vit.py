@@ -8,6 +8,7 @@ the pixel head sit beside `model`.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 from torch import nn
@@ -58,8 +59,12 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, spec.mlp_hidden) if spec.swiglu else Mlp(dim, spec.mlp_hidden)
         self.ls2 = LayerScale(dim)
 
-    def forward(self, x: torch.Tensor, rotate=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotate: Callable | None = None, rows: slice | None = None) -> torch.Tensor:
+        """x (B, S, dim) -> (B, S, dim), or only the token rows `rows` of the output (every token
+        still attends to all; the MLP then runs on those rows alone)."""
         x = x + self.ls1(self.attn(self.norm1(x), rotate))
+        if rows is not None:
+            x = x[:, rows]
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -111,15 +116,17 @@ class Backbone(nn.Module):
             x = x + self.pos_embed
         return x
 
-    def run_blocks(self, x: torch.Tensor, angles: torch.Tensor | None) -> torch.Tensor:
-        """Blocks on (B, S, dim); angles None (absolute positions), (N, 1, D/2) shared or
+    def run_blocks(self, x: torch.Tensor, angles: torch.Tensor | None, output_rows: slice) -> torch.Tensor:
+        """Blocks on (B, S, dim) -> the token rows `output_rows` of the last block's output (the
+        last MLP runs on those alone). angles None (absolute positions), (N, 1, D/2) shared or
         (depth, N, heads, D/2) per block rotate the image tokens (after the prefix)."""
+        last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             rotate = None
             if angles is not None:
                 table = angles[index] if angles.dim() == 4 else angles
                 rotate = functools.partial(rope.rotate_image_tokens, angles=table, start=self.num_prefix_tokens)
-            x = block(x, rotate)
+            x = block(x, rotate, output_rows if index == last else None)
         return x
 
 
@@ -165,9 +172,9 @@ class LatentEncoder(_RoPEHolder):
         # The authors' encoder adds its absolute positions even when RoPE is on.
         x = self.model.prefix_and_positions(self.model.patch_embed(images), add_positions=True)
         latents = (self.latent_tokens + self.latent_pos_embed).expand(x.shape[0], -1, -1)
-        x = self.model.run_blocks(torch.cat([x, latents], dim=1), self.rope_angles())
-        # LayerNorm is per token: normalising only the latent tokens gives the same result.
-        return self.model.norm(x[:, -self.num_latent_tokens :])
+        # Only the latent tokens' outputs are used: the last MLP and the norm run on them alone.
+        x = self.model.run_blocks(torch.cat([x, latents], dim=1), self.rope_angles(), slice(-self.num_latent_tokens, None))
+        return self.model.norm(x)
 
 
 class ToPixel(nn.Module):
@@ -207,6 +214,6 @@ class LatentDecoder(_RoPEHolder):
         # Mask tokens and their positions are the same for every image: build them once.
         queries = self.model.prefix_and_positions(self.mask_token.expand(1, patches, -1), self.use_ape)
         x = torch.cat([queries.expand(batch, -1, -1), latents + self.latent_pos_embed], dim=1)
-        x = self.model.run_blocks(x, self.rope_angles())
         start = self.model.num_prefix_tokens
-        return self.to_pixel(self.model.norm(x[:, start : start + patches]), self.grid)
+        x = self.model.run_blocks(x, self.rope_angles(), slice(start, start + patches))
+        return self.to_pixel(self.model.norm(x), self.grid)
