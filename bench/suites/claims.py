@@ -1,0 +1,393 @@
+"""The paper's throughput claims, measured side by side: SiT on SoftVQ's 32/64 tokens against
+SiT on SD-VAE latents ("up to 18x faster at 256 px and 55x at 512 px").
+
+Systems at each resolution R (the same generator implementation, sampler, steps, batch,
+precision and guidance on every side):
+  (a)  SD-VAE f8 (diffusers AutoencoderKL, SD config, 4 channels, random weights) + SiT/2 on its
+       latents: (R/16)^2 tokens, the common setup
+  (b)  the same SD-VAE + SiT/1: (R/8)^2 tokens, the counts the paper's tables list for SD-VAE
+  ours SoftVQ tokenizer preset + SiT/1 on its 32 or 64 1-D tokens
+Per system: the median time of one sampling step (one generator evaluation; with CFG a batch of
+2B) and of one decode, both measured; images/s for `steps` steps are composed from them:
+generator-only = B / (steps x step), end-to-end = B / (steps x step + decode). Next to every
+measured ratio stands the ideal one from counted FLOPs (generator: linear layers and attention,
+counted analytically; decoder: torch's FLOP counter on one decode, convolutions included), and
+measured/ideal. On a GPU, NVML telemetry (energy counter, power, memory, SM clock,
+utilisation) is sampled during the timed repeats: images per joule.
+
+Full mode (GPU): SiT-XL, bf16, SoftVQ-L tokenizers, 256 and 512 px. Quick mode (CPU): SiT-S,
+float32, SoftVQ-S tokenizers, the full SD-VAE, 256 px only, batch 1: CPU ratios of smaller
+generators, not the paper's setting.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from bench.measure import Timing, time_fn
+
+TITLE = "Paper claims: SiT throughput on SoftVQ 1-D tokens vs SD-VAE latents"
+PAPER_CLAIMS = {(256, 32): 18.0, (512, 64): 55.0}
+SD_VAE_SCALE = 0.18215
+CFG_SCALE = 1.5
+
+
+@dataclass
+class Setup:
+    """Everything that differs between full, quick and test sizes."""
+
+    label: str
+    dtype: torch.dtype
+    generator: tuple[int, int, int]  # depth, hidden, heads
+    generator_name: str
+    resolutions: tuple[int, ...]
+    batch: dict[int, int]
+    sd_vae_channels: tuple[int, ...]
+    sd_vae_groups: int
+    # resolution -> [(name, factory() -> tokenizer)]
+    tokenizers: dict[int, list[tuple[str, Callable[[], Any]]]]
+    steps: int = 250
+    warmup: int = 2
+    repeats: int = 5
+    max_seconds: float = 5.0
+    stack_batch: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def _preset_factory(name: str) -> Callable[[], Any]:
+    def build():
+        from softvq_fast.models import SoftVQVAE
+
+        return SoftVQVAE.from_preset(name)
+
+    return build
+
+
+def full_setup() -> Setup:
+    return Setup(
+        label="GPU full",
+        dtype=torch.bfloat16,
+        generator=(28, 1152, 16),
+        generator_name="SiT-XL",
+        resolutions=(256, 512),
+        batch={256: 256, 512: 64},
+        sd_vae_channels=(128, 256, 512, 512),
+        sd_vae_groups=32,
+        tokenizers={
+            256: [("SoftVQ-L-32", _preset_factory("softvq-l-32")), ("SoftVQ-L-64", _preset_factory("softvq-l-64"))],
+            512: [("SoftVQ-L-32", _preset_factory("softvq-l-32-512")), ("SoftVQ-L-64", _preset_factory("softvq-l-64-512"))],
+        },
+        stack_batch=256,
+    )
+
+
+def quick_setup() -> Setup:
+    return Setup(
+        label="CPU quick (reduced models)",
+        dtype=torch.float32,
+        generator=(12, 384, 6),
+        generator_name="SiT-S",
+        resolutions=(256,),
+        batch={256: 1},
+        sd_vae_channels=(128, 256, 512, 512),
+        sd_vae_groups=32,
+        tokenizers={256: [("SoftVQ-S-32", _preset_factory("softvq-s-32")), ("SoftVQ-S-64", _preset_factory("softvq-s-64"))]},
+        warmup=1,
+        repeats=3,
+        max_seconds=3.0,
+        notes=[
+            "CPU quick mode: SiT-S instead of SiT-XL (XL at 1024 tokens does not fit a few CPU minutes), "
+            "SoftVQ-S tokenizers, the full SD-VAE, float32, batch 1, 256 px only. These are CPU ratios of "
+            "smaller generators, not the paper's SiT-XL setting; run on a GPU (full mode) for that."
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------------- FLOPs
+def generator_flops(depth: int, hidden: int, tokens: int, in_channels: int, patch: int, mlp_ratio: float = 4.0) -> float:
+    """FLOPs (2 per multiply-add) of one SiT forward on one sample: linear layers and attention."""
+    per_block = 2 * tokens * (4 + 2 * mlp_ratio) * hidden**2 + 4 * tokens**2 * hidden + 2 * hidden * 6 * hidden
+    embed = 2 * tokens * in_channels * patch**2 * hidden + 2 * (256 * hidden + hidden**2)
+    final = 2 * hidden * 2 * hidden + 2 * tokens * hidden * patch**2 * in_channels
+    return depth * per_block + embed + final
+
+
+def _register_attention_flops() -> None:
+    """Let torch's FLOP counter see softvq_fast's attention op (4 B H Sq Sk D)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    if not hasattr(torch.ops.softvq_fast, "attention_fwd"):
+        return
+    op = torch.ops.softvq_fast.attention_fwd
+
+    def flops(q_shape, k_shape, *args, **kwargs) -> int:
+        batch, q_len, heads, head_dim = q_shape
+        return 4 * batch * heads * q_len * k_shape[1] * head_dim
+
+    try:
+        register_flop_formula(op)(flops)
+    except ValueError:  # already registered (a second run in one process)
+        pass
+
+
+def counted_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return out, float(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------------------- measuring
+@dataclass
+class Measured:
+    timing: Timing
+    telemetry: dict[str, Any]
+    energy_per_call_j: float | None
+
+
+def _measure(fn: Callable[[], Any], device: torch.device, setup: Setup) -> Measured:
+    from softvq_fast.telemetry import GpuTelemetry
+
+    for _ in range(setup.warmup):
+        fn()
+    with GpuTelemetry(device) as telemetry:
+        timing = time_fn(fn, device, warmup=0, repeats=setup.repeats, max_seconds=setup.max_seconds)
+    summary = telemetry.summary()
+    energy = summary.get("energy_j")
+    return Measured(timing, summary, energy / timing.repeats if energy is not None else None)
+
+
+def _sd_vae(setup: Setup, resolution: int, device: torch.device):
+    from diffusers import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its advice on casting applies to pretrained weights
+    with torch.device(device):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(setup.sd_vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(setup.sd_vae_channels),
+            block_out_channels=setup.sd_vae_channels,
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=setup.sd_vae_groups,
+            sample_size=resolution,
+        )
+    return vae.to(setup.dtype).eval()
+
+
+def _generator(setup: Setup, device: torch.device, **shape):
+    from softvq_fast.models import SiT
+
+    depth, hidden, heads = setup.generator
+    with torch.device(device):
+        model = SiT(depth=depth, hidden_size=hidden, num_heads=heads, num_classes=1000, **shape)
+    return model.to(setup.dtype).eval()
+
+
+@dataclass
+class System:
+    key: str  # "a", "b" or the tokenizer name
+    name: str
+    tokens: int
+    generator_flops: float  # per sample and forward
+    decode_flops: float  # per image
+    step: dict[bool, Measured]  # keyed by CFG on/off
+    decode: Measured
+    batch: int
+
+
+def _time_steps(model, batch: int, device: torch.device, setup: Setup) -> dict[bool, Measured]:
+    from softvq_fast.sampling import ConditionalModel
+
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    x = torch.randn(batch, *model.latent_shape, device=device)
+    out = {}
+    for cfg in (False, True):
+        step = ConditionalModel(model, labels, cfg_scale=CFG_SCALE if cfg else 1.0, cuda_graph=device.type == "cuda")
+        out[cfg] = _measure(lambda: step(x, 0.5), device, setup)
+    return out
+
+
+def _measure_systems(setup: Setup, resolution: int, device: torch.device) -> list[System]:
+    depth, hidden, _ = setup.generator
+    batch = setup.batch[resolution]
+    systems = []
+    with torch.inference_mode():
+        vae = _sd_vae(setup, resolution, device)
+        latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device, dtype=setup.dtype)
+        _, sd_flops = counted_flops(lambda: vae.decode(latents[:1] / SD_VAE_SCALE).sample)
+        sd_decode = _measure(lambda: vae.decode(latents / SD_VAE_SCALE).sample, device, setup)
+        del vae
+        for key, patch in (("a", 2), ("b", 1)):
+            model = _generator(setup, device, input_size=resolution // 8, patch_size=patch, in_channels=4)
+            tokens = model.num_tokens
+            systems.append(
+                System(key, f"SD-VAE + {setup.generator_name}/{patch} ({key})", tokens,
+                       generator_flops(depth, hidden, tokens, 4, patch), sd_flops,
+                       _time_steps(model, batch, device, setup), sd_decode, batch)
+            )
+            del model
+        for name, factory in setup.tokenizers[resolution]:
+            tokenizer = factory().to(device).eval()
+            config = tokenizer.config
+            tokens, channels = config.num_latent_tokens, config.codebook_embed_dim
+            autocast = None if setup.dtype == torch.float32 else setup.dtype
+            z = torch.randn(batch, tokens, channels, device=device)
+            _, flops = counted_flops(lambda: tokenizer.decode(z[:1], autocast_dtype=autocast))
+            decode = _measure(lambda: tokenizer.decode(z, autocast_dtype=autocast), device, setup)
+            model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
+            systems.append(
+                System(name, f"{name} + {setup.generator_name}/1", tokens, generator_flops(depth, hidden, tokens, channels, 1),
+                       flops, _time_steps(model, batch, device, setup), decode, batch)
+            )
+            del model, tokenizer
+    return systems
+
+
+# ---------------------------------------------------------------------------------- rows
+def _seconds(system: System, cfg: bool, steps: int) -> tuple[float, float]:
+    """(generator seconds, end-to-end seconds) for one batch."""
+    generator = steps * system.step[cfg].timing.median_ms / 1e3
+    return generator, generator + system.decode.timing.median_ms / 1e3
+
+
+def _ideal_flops(system: System, cfg: bool, steps: int) -> tuple[float, float]:
+    generator = steps * (2 if cfg else 1) * system.generator_flops
+    return generator, generator + system.decode_flops
+
+
+def _energy_per_image(system: System, cfg: bool, steps: int) -> float | None:
+    step, decode = system.step[cfg].energy_per_call_j, system.decode.energy_per_call_j
+    if step is None or decode is None:
+        return None
+    return (steps * step + decode) / system.batch
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def rows_for(systems: list[System], resolution: int, setup: Setup) -> list[dict[str, Any]]:
+    baselines = {s.key: s for s in systems if s.key in ("a", "b")}
+    rows = []
+    for system in systems:
+        for cfg in (False, True):
+            gen_s, e2e_s = _seconds(system, cfg, setup.steps)
+            gen_f, e2e_f = _ideal_flops(system, cfg, setup.steps)
+            row: dict[str, Any] = {
+                "px": resolution,
+                "system": system.name,
+                "tokens": system.tokens,
+                "cfg": CFG_SCALE if cfg else "-",
+                "batch": system.batch,
+                "step_ms": system.step[cfg].timing.median_ms,
+                "decode_ms": system.decode.timing.median_ms,
+                "gen_img_s": system.batch / gen_s,
+                "e2e_img_s": system.batch / e2e_s,
+            }
+            for key in ("a", "b"):
+                base = baselines[key]
+                base_gen_s, base_e2e_s = _seconds(base, cfg, setup.steps)
+                base_gen_f, base_e2e_f = _ideal_flops(base, cfg, setup.steps)
+                gen_x, e2e_x = _ratio(base_gen_s, gen_s), _ratio(base_e2e_s, e2e_s)
+                gen_ideal, e2e_ideal = _ratio(base_gen_f, gen_f), _ratio(base_e2e_f, e2e_f)
+                row[f"gen_x_{key}"] = gen_x
+                row[f"gen_ideal_{key}"] = gen_ideal
+                row[f"e2e_x_{key}"] = e2e_x
+                row[f"e2e_ideal_{key}"] = e2e_ideal
+                row[f"e2e_eff_{key}"] = _ratio(e2e_x, e2e_ideal)
+            row["paper_x"] = PAPER_CLAIMS.get((resolution, system.tokens), "-") if system.key not in ("a", "b") else "-"
+            energy = _energy_per_image(system, cfg, setup.steps)
+            row["img_per_j"] = 1 / energy if energy else "-"
+            telemetry = system.step[cfg].telemetry
+            row["step_w"] = telemetry.get("mean_power_w") or "-"
+            row["step_sm_mhz"] = telemetry.get("mean_sm_clock_mhz") or "-"
+            row["step_util_pct"] = telemetry.get("mean_utilization_pct") or "-"
+            row["peak_mem_gib"] = telemetry.get("peak_memory_gib") or "-"
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------ stack comparison
+def stack_comparison(setup: Setup, device: torch.device, tokens: int = 64, channels: int = 32) -> str:
+    """One sampling step of SiT/1 on `tokens` tokens: our stack (fused LayerNorm-modulate,
+    softvq_fast attention auto, CUDA graph on GPUs) against plain eager PyTorch (reference
+    LayerNorm, SDPA, no graph), same weights, dtype and batch, CFG on."""
+    from softvq_fast.sampling import ConditionalModel
+
+    batch = setup.stack_batch
+    with torch.inference_mode():
+        model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
+        labels = torch.randint(0, 1000, (batch,), device=device)
+        x = torch.randn(batch, tokens, channels, device=device)
+        timings = {}
+        for name, attention, norm, graph in (
+            ("plain eager (SDPA, torch LayerNorm)", "sdpa", "reference", False),
+            ("softvq-fast", "auto", "auto", device.type == "cuda"),
+        ):
+            model.set_backends(attention=attention, layernorm_modulate=norm)
+            step = ConditionalModel(model, labels, cfg_scale=CFG_SCALE, cuda_graph=graph)
+            timings[name] = _measure(lambda: step(x, 0.5), device, setup).timing.median_ms
+    plain, ours = timings.values()
+    return (
+        f"Sampling step of {setup.generator_name}/1 on {tokens} tokens, batch {batch} with CFG, "
+        f"{str(setup.dtype).replace('torch.', '')}: plain eager {plain:.2f} ms, softvq-fast {ours:.2f} ms "
+        f"({plain / ours:.2f}x)."
+    )
+
+
+def run_setup(ctx, setup: Setup) -> list[dict[str, Any]]:
+    _register_attention_flops()
+    torch.manual_seed(0)
+    rows = []
+    for resolution in setup.resolutions:
+        rows += rows_for(_measure_systems(setup, resolution, ctx.device), resolution, setup)
+    for note in setup.notes:
+        ctx.note(note)
+    ctx.note(
+        f"{setup.label}: images/s composed from measured medians for {setup.steps} sampling steps "
+        "(one generator evaluation each, e.g. Euler or Euler-Maruyama): gen = B / (steps x step_ms), "
+        "e2e = B / (steps x step_ms + decode_ms). x_a, x_b: measured speed-up over baseline (a), (b); "
+        "ideal_*: the FLOP ratio; e2e_eff_* = measured / ideal. paper_x: the paper's claim (18x at 256 px "
+        "with 32 tokens, 55x at 512 px with 64 tokens)."
+    )
+    if ctx.device.type != "cuda":
+        ctx.note("No GPU: NVML telemetry (energy, power, clock, utilisation, images per joule) is not recorded.")
+    ctx.note(stack_comparison(setup, ctx.device))
+    return rows
+
+
+def run(ctx) -> list[dict[str, Any]]:
+    return run_setup(ctx, quick_setup() if ctx.quick else full_setup())
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """End-to-end and generator-only images/s against transformer tokens (CFG on), per resolution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for resolution in sorted({r["px"] for r in rows}):
+        chosen = sorted((r for r in rows if r["px"] == resolution and r["cfg"] != "-"), key=lambda r: r["tokens"])
+        tokens = [r["tokens"] for r in chosen]
+        for key, style in (("e2e_img_s", "o-"), ("gen_img_s", "s--")):
+            ax.plot(tokens, [r[key] for r in chosen], style, label=f"{resolution} px, {key.split('_')[0]}")
+        for r in chosen:
+            ax.annotate(r["system"], (r["tokens"], r["e2e_img_s"]), fontsize=6, rotation=20)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("generator tokens per image")
+    ax.set_ylabel("images / s (with CFG)")
+    ax.set_title("Throughput against token count")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

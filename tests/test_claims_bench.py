@@ -1,0 +1,61 @@
+"""The claims benchmark at a tiny size: its rows, ratios and plot, and its FLOP model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.harness import Context
+from bench.suites import claims
+from softvq_fast.models import SiT, SoftVQVAE
+
+
+@pytest.mark.parametrize("tokens, patch, vae_1d", [(7, 1, True), (8, 2, False)])
+def test_generator_flop_model_matches_torch_flop_counter(tokens, patch, vae_1d):
+    shape = dict(input_size=tokens, in_channels=4, vae_1d=vae_1d, patch_size=patch)
+    model = SiT(depth=2, hidden_size=48, num_heads=3, num_classes=5, **shape).set_backends(attention="math")
+    x = torch.randn(1, *model.latent_shape)
+    with torch.no_grad():
+        _, counted = claims.counted_flops(lambda: model(x, torch.rand(1), torch.tensor([1])))
+    expected = claims.generator_flops(2, 48, model.num_tokens, 4, patch)
+    assert counted == expected
+
+
+def test_quick_mode_rows_at_a_tiny_size(reference_dir, tmp_path):
+    tiny_tokenizer = ("tiny-8", lambda: SoftVQVAE.from_pretrained(reference_dir / "vectors" / "tokenizer_tiny"))
+    setup = claims.Setup(
+        label="test",
+        dtype=torch.float32,
+        generator=(1, 32, 2),
+        generator_name="SiT-tiny",
+        resolutions=(64,),
+        batch={64: 2},
+        sd_vae_channels=(8, 8, 8, 8),
+        sd_vae_groups=4,
+        tokenizers={64: [tiny_tokenizer]},
+        steps=10,
+        warmup=0,
+        repeats=1,
+        stack_batch=1,
+    )
+    ctx = Context(device=torch.device("cpu"), quick=True, out_dir=str(tmp_path))
+    rows = claims.run_setup(ctx, setup)
+    assert [(r["system"], r["cfg"]) for r in rows] == [
+        (name, cfg)
+        for name in ("SD-VAE + SiT-tiny/2 (a)", "SD-VAE + SiT-tiny/1 (b)", "tiny-8 + SiT-tiny/1")
+        for cfg in ("-", claims.CFG_SCALE)
+    ]
+    assert [r["tokens"] for r in rows[::2]] == [16, 64, 8]
+    assert len({tuple(r) for r in rows}) == 1  # same keys in every row
+    for row in rows:
+        assert row["step_ms"] > 0 and row["decode_ms"] > 0
+        assert row["e2e_img_s"] < row["gen_img_s"]
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("gen_x_a", "e2e_ideal_b", "e2e_eff_a"))
+    baseline_a = rows[0]
+    assert baseline_a["gen_x_a"] == 1 and baseline_a["e2e_ideal_a"] == 1
+    # fewer tokens, fewer FLOPs: the ideal speed-up over baseline (b) of 8 tokens exceeds 1
+    assert rows[-1]["gen_ideal_b"] > 1
+    assert any("plain eager" in note for note in ctx.notes)
+    claims.plot(rows, str(tmp_path / "claims.png"))
+    assert (tmp_path / "claims.png").stat().st_size > 0
