@@ -277,3 +277,20 @@ def test_cuda_conformance_bf16_and_compile(reference_dir):
         compiled = torch.compile(lambda x: model.decode(model.encode(x, autocast_dtype=torch.bfloat16),
                                                         autocast_dtype=torch.bfloat16), fullgraph=True)
         assert rel_err(compiled(expected["images"]), expected["reconstruction"]) <= 2e-2
+
+
+def test_giant_uses_packed_swiglu():
+    from softvq_fast.models.config import vit_spec
+    from softvq_fast.models.vit import SwiGLU
+
+    spec = vit_spec("vit_giant_patch14_reg4_dinov2.lvd142m")
+    assert (spec.width, spec.depth, spec.heads, spec.reg_tokens) == (1536, 40, 24, 4)
+    with torch.device("meta"):
+        state = SoftVQVAE(tiny_config(encoder_model="vit_giant_patch14_dinov2.lvd142m")).state_dict()
+    assert state["encoder.model.blocks.0.mlp.fc1.weight"].shape == (8192, 1536)
+    assert state["encoder.model.blocks.0.mlp.fc2.weight"].shape == (1536, 4096)
+    torch.manual_seed(0)
+    mlp, x = SwiGLU(6, 8).double(), torch.randn(3, 6, dtype=torch.float64)
+    hidden = x @ mlp.fc1.weight.T + mlp.fc1.bias
+    expected = (torch.nn.functional.silu(hidden[:, :4]) * hidden[:, 4:]) @ mlp.fc2.weight.T + mlp.fc2.bias
+    assert rel_err(mlp(x), expected) <= 1e-12
