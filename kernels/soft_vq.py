@@ -233,7 +233,7 @@ def backward(
     with_entropy: bool,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (z (C, M, D), codebook (C, K, D)); see softvq_fast.ops.soft_vq_blocked.backward."""
+    """Gradients (z (C, M, D), codebook (C, K, D)); see softvq_fast.ops.soft_vq.soft_vq_backward."""
     C, M, D = z.shape
     K = codebook.shape[1]
     grad_z_q = grad_z_q.to(z.dtype)

@@ -6,7 +6,7 @@ The codebook gets gradient only through the value path p · Ê (the authors deta
 
 Backends (argument `backend`, else $SOFTVQ_FAST_BACKEND, else by device):
   reference  plain PyTorch, the math as written (materialises tokens x codebook tensors)
-  cpu        fused row-blocked CPU path (softvq_fast.ops.soft_vq_blocked), bounded workspace
+  cpu        fused C++ kernels (csrc/cpu/soft_vq*.cpp: OpenMP tasks, AVX-512/AVX2), bounded workspace
   triton     fused Triton kernels for CUDA (softvq_fast.kernels.soft_vq); on the CPU only under
              TRITON_INTERPRET=1 (tests)
 The fused backends are the torch.library custom ops softvq_fast::soft_vq_forward/backward.
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from softvq_fast._extension import EXTENSION_ERROR, extension_available
 from softvq_fast.dispatch import Backend, OpBackends, register_op
-from softvq_fast.ops import soft_vq_blocked
 from softvq_fast.ops.soft_vq_reference import SoftVQParts, reference_parts
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -51,6 +51,9 @@ class CpuBackend(Backend):
     name = "cpu"
     devices = frozenset({"cpu"})
     dtypes = DTYPES
+
+    def unavailable_reason(self) -> str | None:
+        return None if extension_available() else f"needs the C++ extension ({EXTENSION_ERROR})"
 
 
 def triton_interpreted() -> bool:
@@ -91,12 +94,29 @@ SOFT_VQ_BACKENDS = register_op(
 
 
 # ----------------------------------------------------------------------------- fused custom ops
+def _cpu_forward(z, codebook, tau, entropy_temperature, with_stats, allow_tf32):
+    """csrc/cpu/soft_vq.cpp computes in float32."""
+    z_q, row_stats, column_sum, indices = torch.ops.softvq_fast.soft_vq_cpu_forward(
+        z, codebook, tau, entropy_temperature, with_stats
+    )
+    return z_q.to(z.dtype), row_stats, column_sum, indices
+
+
+def _cpu_backward(grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats, tau,
+                  entropy_temperature, with_entropy, allow_tf32):
+    grad_z, grad_codebook = torch.ops.softvq_fast.soft_vq_cpu_backward(
+        grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats, tau, entropy_temperature, with_entropy
+    )
+    return grad_z.to(z.dtype), grad_codebook.to(codebook.dtype)
+
+
 def _fused_impl(backend: str):
+    """(forward, backward) launchers of a fused backend."""
     if backend == "cpu":
-        return soft_vq_blocked
+        return _cpu_forward, _cpu_backward
     from softvq_fast.kernels import soft_vq as triton_soft_vq
 
-    return triton_soft_vq
+    return triton_soft_vq.forward, triton_soft_vq.backward
 
 
 @torch.library.custom_op("softvq_fast::soft_vq_forward", mutates_args=())
@@ -112,10 +132,8 @@ def soft_vq_forward(
     """z (C, M, D), codebook (C, K, D) -> z_q (C, M, D), row_stats (4, C, M) float32 (ROW_STATS),
     column_sum (C, K) float32 (sum over rows of softmax(logits / entropy_temperature)), indices (C, M).
     Per row, log softmax(logits / t)_k = (logit_k - max_logit) / t - log_sum_t."""
-    impl = _fused_impl(backend)
-    if backend == "cpu":
-        return impl.forward(z, codebook, tau, entropy_temperature, with_stats)
-    return impl.forward(z, codebook, tau, entropy_temperature, with_stats, allow_tf32)
+    forward, _ = _fused_impl(backend)
+    return forward(z, codebook, tau, entropy_temperature, with_stats, allow_tf32)
 
 
 @soft_vq_forward.register_fake
@@ -145,11 +163,12 @@ def soft_vq_backward(
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (z (C, M, D), codebook (C, K, D)) of soft_vq_forward's z_q and, with `with_entropy`,
-    of its row entropy (C, M) and column sum (C, K)."""
-    impl = _fused_impl(backend)
-    args = (grad_z_q.contiguous(), grad_row_entropy.contiguous(), grad_column_sum.contiguous(), z, codebook,
-            z_q, row_stats, tau, entropy_temperature, with_entropy)
-    return impl.backward(*args) if backend == "cpu" else impl.backward(*args, allow_tf32)
+    of its row entropy (C, M) and column sum (C, K). With p = softmax(s / tau), q = softmax(s / T),
+    h the row entropy of q and G = grad_column_sum, the logits s = z . E get
+      ds_j = p_j (g . E_j - g . z_q) / tau + q_j (G_j - sum_k q_k G_k - grad_h (log q_j + h)) / T."""
+    _, backward = _fused_impl(backend)
+    return backward(grad_z_q.contiguous(), grad_row_entropy.contiguous(), grad_column_sum.contiguous(), z, codebook,
+                    z_q, row_stats, tau, entropy_temperature, with_entropy, allow_tf32)
 
 
 @soft_vq_backward.register_fake

@@ -1,0 +1,91 @@
+"""soft_vq's Triton kernels: under the interpreter on the CPU (tiny shapes, small blocks so that
+every loop and mask runs), compiled on CUDA at real shapes (the GPU check)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Before the Triton kernels are first imported: run them in the interpreter when there is no GPU.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from conftest import rel_err  # noqa: E402
+from soft_vq_cases import SHAPES, TAU, assert_matches_float64, make_problem  # noqa: E402
+
+from softvq_fast import soft_vq  # noqa: E402
+from softvq_fast.kernels import soft_vq as kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """16 x 16 blocks: the tiny test shapes span several row and code blocks with ragged ends."""
+    monkeypatch.setattr(kernels, "BLOCK_M", 16)
+    monkeypatch.setattr(kernels, "BLOCK_K", 16)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}S{}C{}K{}D{}{}".format(*s[:5], "-l2" if s[5] else ""))
+def test_triton_float32_matches_float64(small_blocks, shape):
+    assert_matches_float64(make_problem(*shape, device=DEVICE), "triton", torch.float32)
+
+
+def test_triton_entropy_gradient_where_the_regulariser_is_soft(small_blocks):
+    problem = make_problem(2, 12, 2, 29, 16, True, device=DEVICE, scale=0.02)
+    assert_matches_float64(problem, "triton", torch.float32, entropy_weight=50.0)
+
+
+INTERPRETER_BF16_DOT = pytest.mark.skipif(
+    DEVICE == "cpu", reason="the Triton interpreter's tl.dot reads bfloat16 operands wrongly (bf16 runs in the CUDA tests)"
+)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=INTERPRETER_BF16_DOT), torch.float16])
+def test_triton_half_precision(small_blocks, dtype):
+    assert_matches_float64(make_problem(2, 8, 2, 50, 16, False, device=DEVICE), "triton", dtype)
+
+
+def test_triton_without_stats_and_nan_rows(small_blocks):
+    z, codebook = torch.randn(2, 6, 8, device=DEVICE), torch.randn(2, 20, 8, device=DEVICE)
+    z[1, 4, 3] = float("nan")
+    z_q = soft_vq(z, codebook, TAU, backend="triton")
+    want = soft_vq(z.double(), codebook.double(), TAU, backend="reference")
+    assert torch.equal(torch.isnan(z_q), torch.isnan(want))
+    assert rel_err(z_q[0], want[0]) <= 1e-5
+
+
+def _poison_cuda_allocator() -> None:
+    """Fill the caching allocator's free blocks with NaN so that unwritten outputs show up."""
+    torch.full((1 << 27,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_triton_cuda_at_training_shape(dtype, l2_norm):
+    """The authors' shape family (C=4, K=8192, D=32) at batch 16, against float64 on the GPU."""
+    _poison_cuda_allocator()
+    assert_matches_float64(make_problem(16, 64, 4, 8192, 32, l2_norm, device="cuda"), "triton", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [8, 16, 64, 256])
+def test_triton_cuda_code_dims(D):
+    _poison_cuda_allocator()
+    assert_matches_float64(make_problem(3, 40, 2, 1000, D, False, device="cuda"), "triton", torch.float32)
+
+
+@pytest.mark.cuda
+def test_triton_cuda_tf32_and_compile():
+    problem = make_problem(8, 64, 4, 8192, 32, True, device="cuda")
+    z, codebook = problem.z.float(), problem.codebook.float()
+    want = soft_vq(problem.z, problem.codebook, TAU, l2_norm=True, backend="reference")
+    z_q = soft_vq(z, codebook, TAU, l2_norm=True, backend="triton", allow_tf32=True)
+    assert rel_err(z_q, want) <= 1e-2  # tf32: ~3e-4 on the logits, amplified by 1 / tau
+    compiled = torch.compile(lambda z, c: soft_vq(z, c, TAU, l2_norm=True, backend="triton"), fullgraph=True)
+    assert rel_err(compiled(z, codebook), want) <= 1e-5
