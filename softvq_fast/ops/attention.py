@@ -7,8 +7,8 @@ them in place. The output is (B, Sq, H, D) contiguous, so `.flatten(2)` is free.
 
 Backends (`softvq-fast env` lists them with the reasons each cannot run here):
   softvq      ours, from csrc/: CPU fp32/bf16 (any length, head dim <= 256); CUDA bf16/fp16
-              (S <= 128 with head dims 64/72/128, any S with head dim 64). Backward: the
-              recompute path below (exact formula from the saved log-sum-exp).
+              (S <= 128 with head dims 64/72/128, any S with head dim 64). Backward: recomputes
+              the forward through torch SDPA and differentiates that (no kernel of ours yet).
   flash_attn  flash_attn.flash_attn_func, when the package is importable (CUDA, bf16/fp16).
   xformers    xformers.ops.memory_efficient_attention, when importable (CUDA).
   sdpa        torch.nn.functional.scaled_dot_product_attention.
@@ -105,41 +105,27 @@ def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     return out, lse
 
 
-def _backward_from_lse(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
+def _backward_by_recompute(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact gradients from the saved log-sum-exp (B, H, Sq), computed in fp32 (or fp64).
-
-    P = exp(q·kᵀ·scale − lse); dV = Pᵀ·dO; dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O)); dQ = dS·K·scale;
-    dK = dSᵀ·Q·scale. Materialises (B, H, Sq, Sk) like the math backend.
-    """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, kf, vf, of, gf = (t.to(acc) for t in (q, k, v, out, grad_out))
-    p = torch.exp(torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale - lse.to(acc).unsqueeze(-1))
-    dv = torch.einsum("bhqk,bqhd->bkhd", p, gf)
-    delta = (gf * of).sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, H, Sq, 1)
-    ds = p * (torch.einsum("bqhd,bkhd->bhqk", gf, vf) - delta)
-    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
-    dk = torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    """Gradients of the `softvq` forward: recompute it through torch's SDPA (whose backward is
+    the best available one on each device) and differentiate that; the two forwards agree to
+    rounding."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = _sdpa(*leaves, scale)
+        return torch.autograd.grad(out, leaves, grad_out)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v)
     ctx.scale = scale
 
 
 def _fwd_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_from_lse(grad_out, q, k, v, out, lse, ctx.scale)
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = _backward_by_recompute(grad_out, q, k, v, ctx.scale)
     return dq, dk, dv, None
 
 
