@@ -234,7 +234,9 @@ def _measure_systems(setup: Setup, resolution: int, device: torch.device) -> lis
             )
             del model
         for name, factory in setup.tokenizers[resolution]:
-            tokenizer = factory().to(device).eval()
+            with torch.device(device):  # initialise the random weights on the device
+                tokenizer = factory()
+            tokenizer = tokenizer.to(device).eval()
             config = tokenizer.config
             tokens, channels = config.num_latent_tokens, config.codebook_embed_dim
             autocast = None if setup.dtype == torch.float32 else setup.dtype

@@ -127,26 +127,28 @@ def parse_preset(name: str) -> tuple[str, int, int, int, int]:
 
 class AdaLNTransformer(nn.Module):
     """Class-conditional adaLN-Zero transformer: forward(x, t, y) -> prediction shaped like x with
-    `out_channels` channels. 1-D: x (B, input_size, in_channels). 2-D: x (B, in_channels,
-    input_size, input_size), split into patch_size x patch_size patches."""
+    `out_channels` (default: in_channels) channels. 1-D (`vae_1d`): x (B, input_size,
+    in_channels). 2-D: x (B, in_channels, input_size, input_size), split into
+    patch_size x patch_size patches. The defaults are SiT-XL/2 on 32 x 32 x 4 latents."""
 
     def __init__(
         self,
         *,
-        input_size: int,
-        patch_size: int,
-        in_channels: int,
-        out_channels: int,
-        hidden_size: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float,
-        class_dropout_prob: float,
-        num_classes: int,
-        vae_1d: bool,
-        qk_norm: bool,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        vae_1d: bool = False,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
+        out_channels = out_channels or in_channels
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = out_channels

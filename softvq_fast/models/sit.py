@@ -6,57 +6,43 @@ the released models have no REPA projectors (training-only), so neither does thi
 """
 from __future__ import annotations
 
+from typing import Any
+
 from softvq_fast.models.adaln_transformer import AdaLNTransformer, preset_kwargs
 
 
 class SiT(AdaLNTransformer):
     """SiT on 1-D tokens (`vae_1d=True`: x (B, input_size, in_channels)) or 2-D latents
     (x (B, in_channels, input_size, input_size), patch_size x patch_size patches). Predicts a
-    velocity with the input's shape."""
+    velocity with the input's shape.
+
+    Network arguments as in `AdaLNTransformer` (input_size, patch_size, in_channels,
+    hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob, num_classes, vae_1d, qk_norm).
+    `path_type` (the training path, a default for sampling), `use_cfg` and `encoder_depth` are
+    kept as attributes; `decoder_hidden_size` must equal hidden_size."""
 
     def __init__(
         self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        decoder_hidden_size: int | None = None,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        vae_1d: bool = False,
-        qk_norm: bool = False,
+        *,
         path_type: str = "linear",
         use_cfg: bool = False,
+        decoder_hidden_size: int | None = None,
         encoder_depth: int | None = None,
+        **network: Any,
     ) -> None:
+        hidden_size = network.get("hidden_size", 1152)
         if decoder_hidden_size not in (None, hidden_size):
             raise ValueError(
                 f"decoder_hidden_size={decoder_hidden_size} must equal hidden_size={hidden_size}: "
                 "the final layer reads the last block's output"
             )
-        super().__init__(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            out_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes,
-            vae_1d=vae_1d,
-            qk_norm=qk_norm,
-        )
+        super().__init__(**network)
         self.path_type = path_type
         self.use_cfg = use_cfg
         self.encoder_depth = encoder_depth
 
     @classmethod
-    def from_preset(cls, name: str, **kwargs) -> "SiT":
+    def from_preset(cls, name: str, **kwargs: Any) -> "SiT":
         """`SiT.from_preset("SiT-XL/1", input_size=64, in_channels=32, vae_1d=True)`: sizes S/B/L/XL
         (depth 12/12/24/28, hidden 384/768/1024/1152), random weights."""
         return cls(**preset_kwargs(name, "SiT"), **kwargs)
