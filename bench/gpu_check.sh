@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The one GPU check: on a machine with an NVIDIA GPU (written for a lent H200: 16 cores, no
+# internet), from the repository root:
+#
+#   OUT=/some/folder bash bench/gpu_check.sh
+#
+# 1. builds softvq_fast._C in place with its CUDA kernels (MAX_JOBS=16; CUDA_HOME from the
+#    environment, else from nvcc on PATH, else /usr/local/cuda; architectures
+#    SOFTVQ_FAST_CUDA_ARCHS, default 9.0 here to halve the compile),
+# 2. runs the CUDA tests (`-m cuda`: attention kernels, Triton soft-VQ kernels, ...), then every
+#    other test,
+# 3. runs every benchmark suite in full mode (attention first), one folder per suite,
+# 4. prints the stage statuses and a short attention table last.
+# Everything goes to $OUT (log.txt, junit XML, bench/<suite>/results.{json,md}, summary.md). A
+# failing or slow stage does not stop the others; each has a time limit and the whole script
+# stays within CHECK_SECONDS (default 470 s, under the 8 minutes a session allows).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+START=$(date +%s)
+BUDGET=${CHECK_SECONDS:-470}
+PYTHON=${PYTHON:-python}
+STAGES=()
+
+# run_stage NAME LIMIT_SECONDS COMMAND...: runs with min(LIMIT, time left - 5 s), records the status.
+run_stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START) - 5))
+  if ((left < limit)); then limit=$left; fi
+  if ((limit < 10)); then
+    STAGES+=("$name: skipped (out of time)")
+    echo "=== $name: skipped, out of time ==="
+    return
+  fi
+  echo "=== $name (limit ${limit}s) ==="
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@"
+  rc=$?
+  local verdict="ok"
+  if ((rc == 124 || rc == 137)); then verdict="TIMED OUT"; elif ((rc != 0)); then verdict="FAILED (rc=$rc)"; fi
+  STAGES+=("$name: $verdict in $(($(date +%s) - t0)) s")
+  echo "=== $name: $verdict ==="
+}
+
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  if command -v nvcc > /dev/null; then CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); else CUDA_HOME=/usr/local/cuda; fi
+fi
+export CUDA_HOME
+export MAX_JOBS=${MAX_JOBS:-16}
+export SOFTVQ_FAST_CUDA=1
+export SOFTVQ_FAST_CUDA_ARCHS=${SOFTVQ_FAST_CUDA_ARCHS:-9.0}
+
+run_stage environment 30 bash -c "nvidia-smi; '$CUDA_HOME/bin/nvcc' --version | tail -2; nproc; \
+  $PYTHON -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name())'; \
+  $PYTHON -c 'import triton; print(\"triton\", triton.__version__)'"
+run_stage build 200 $PYTHON setup.py build_ext --inplace
+run_stage extension 30 $PYTHON -c "import softvq_fast, softvq_fast._extension as e; print(e.extension_status()); assert e.extension_has_cuda()"
+run_stage tests-cuda 120 $PYTHON -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/junit-cuda.xml" --durations=10 tests
+run_stage bench-attention 90 $PYTHON -m bench --full --suite attention --out "$OUT/bench/attention"
+run_stage tests-rest 120 $PYTHON -m pytest -q -m "not cuda" -p no:cacheprovider --junitxml="$OUT/junit-rest.xml" --durations=10 tests
+for suite in $($PYTHON -c "from bench.harness import SUITES; print(' '.join(s for s in SUITES if s != 'attention'))"); do
+  run_stage "bench-$suite" 90 $PYTHON -m bench --full --suite "$suite" --out "$OUT/bench/$suite"
+done
+
+{
+  echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - START)) s"
+  echo
+  for line in "${STAGES[@]}"; do echo "- $line"; done
+  echo
+  $PYTHON - "$OUT/bench/attention/results.json" << 'EOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["suites"]["attention"]["rows"]
+except (OSError, KeyError, ValueError) as exc:
+    print(f"(no attention results: {exc})")
+    sys.exit(0)
+cases = {}
+for r in rows:
+    cases.setdefault((r["case"], r["B"], r["S"], r["D"], r["pass"]), {})[r["backend"]] = r["median_ms"]
+print("| case | B | S | D | pass | softvq ms | best other | other ms | speed-up |")
+print("|---|---|---|---|---|---|---|---|---|")
+for key, times in cases.items():
+    ours = times.get("softvq")
+    others = {k: v for k, v in times.items() if k in ("sdpa", "flash_attn", "xformers")}
+    best = min(others, key=others.get) if others else None
+    speed = f"{others[best] / ours:.2f}x" if ours and best else "-"
+    print("| " + " | ".join(map(str, key)) + f" | {ours if ours is None else round(ours, 3)} | {best} | "
+          f"{round(others[best], 3) if best else '-'} | {speed} |")
+EOF
+} | tee "$OUT/summary.md"
