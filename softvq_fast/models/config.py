@@ -133,6 +133,9 @@ class SoftVQConfig:
             raise ValueError(
                 f"num_latent_tokens={self.num_latent_tokens} must be divisible by num_codebooks={self.num_codebooks}"
             )
+        for name in ("encoder_depth", "decoder_depth"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: a ViT needs at least one block")
         vit_spec(self.encoder_model)
         decoder = vit_spec(self.decoder_model)
         if not self.dec_cls_token and decoder.reg_tokens == 0:
