@@ -57,5 +57,6 @@ def test_quick_mode_rows_at_a_tiny_size(reference_dir, tmp_path):
     # fewer tokens, fewer FLOPs: the ideal speed-up over baseline (b) of 8 tokens exceeds 1
     assert rows[-1]["gen_ideal_b"] > 1
     assert any("plain eager" in note for note in ctx.notes)
+    assert any("Composition check, tiny-8" in note for note in ctx.notes)
     claims.plot(rows, str(tmp_path / "claims.png"))
     assert (tmp_path / "claims.png").stat().st_size > 0

@@ -33,6 +33,7 @@ TITLE = "Paper claims: SiT throughput on SoftVQ 1-D tokens vs SD-VAE latents"
 PAPER_CLAIMS = {(256, 32): 18.0, (512, 64): 55.0}
 SD_VAE_SCALE = 0.18215
 CFG_SCALE = 1.5
+CHECK_STEPS = 4
 
 
 @dataclass
@@ -200,10 +201,22 @@ class System:
     step: dict[bool, Measured]  # keyed by CFG on/off
     decode: Measured
     batch: int
+    check_ms: float | None = None  # a real CHECK_STEPS-step run with CFG + decode
+
+    def check_note(self) -> str:
+        composed = CHECK_STEPS * self.step[True].timing.median_ms + self.decode.timing.median_ms
+        return (
+            f"Composition check, {self.name} at batch {self.batch}: a real {CHECK_STEPS}-step Euler run with CFG "
+            f"+ decode took {self.check_ms:.1f} ms; composed from the medians: {composed:.1f} ms."
+        )
 
 
-def _time_steps(model, batch: int, device: torch.device, setup: Setup) -> dict[bool, Measured]:
-    from softvq_fast.sampling import ConditionalModel
+def _time_steps(
+    model, batch: int, device: torch.device, setup: Setup, decode: Callable[[torch.Tensor], Any] | None = None
+) -> tuple[dict[bool, Measured], float | None]:
+    """Step timings without and with CFG; with `decode`, also the measured time of a real
+    CHECK_STEPS-step Euler run with CFG plus decode (to check the composed figures)."""
+    from softvq_fast.sampling import ConditionalModel, sample_flow
 
     labels = torch.randint(0, 1000, (batch,), device=device)
     x = torch.randn(batch, *model.latent_shape, device=device)
@@ -211,7 +224,10 @@ def _time_steps(model, batch: int, device: torch.device, setup: Setup) -> dict[b
     for cfg in (False, True):
         step = ConditionalModel(model, labels, cfg_scale=CFG_SCALE if cfg else 1.0, cuda_graph=device.type == "cuda")
         out[cfg] = _measure(lambda: step(x, 0.5), device, setup)
-    return out
+    if decode is None:
+        return out, None
+    run = _measure(lambda: decode(sample_flow(step, x, steps=CHECK_STEPS)), device, setup)
+    return out, run.timing.median_ms
 
 
 def _measure_systems(setup: Setup, resolution: int, device: torch.device) -> list[System]:
@@ -227,10 +243,10 @@ def _measure_systems(setup: Setup, resolution: int, device: torch.device) -> lis
         for key, patch in (("a", 2), ("b", 1)):
             model = _generator(setup, device, input_size=resolution // 8, patch_size=patch, in_channels=4)
             tokens = model.num_tokens
+            steps, _ = _time_steps(model, batch, device, setup)
             systems.append(
                 System(key, f"SD-VAE + {setup.generator_name}/{patch} ({key})", tokens,
-                       generator_flops(depth, hidden, tokens, 4, patch), sd_flops,
-                       _time_steps(model, batch, device, setup), sd_decode, batch)
+                       generator_flops(depth, hidden, tokens, 4, patch), sd_flops, steps, sd_decode, batch)
             )
             del model
         for name, factory in setup.tokenizers[resolution]:
@@ -244,9 +260,12 @@ def _measure_systems(setup: Setup, resolution: int, device: torch.device) -> lis
             _, flops = counted_flops(lambda: tokenizer.decode(z[:1], autocast_dtype=autocast))
             decode = _measure(lambda: tokenizer.decode(z, autocast_dtype=autocast), device, setup)
             model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
+            steps, check_ms = _time_steps(
+                model, batch, device, setup, lambda x: tokenizer.decode(x, autocast_dtype=autocast)
+            )
             systems.append(
                 System(name, f"{name} + {setup.generator_name}/1", tokens, generator_flops(depth, hidden, tokens, channels, 1),
-                       flops, _time_steps(model, batch, device, setup), decode, batch)
+                       flops, steps, decode, batch, check_ms)
             )
             del model, tokenizer
     return systems
@@ -349,7 +368,11 @@ def run_setup(ctx, setup: Setup) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     rows = []
     for resolution in setup.resolutions:
-        rows += rows_for(_measure_systems(setup, resolution, ctx.device), resolution, setup)
+        systems = _measure_systems(setup, resolution, ctx.device)
+        rows += rows_for(systems, resolution, setup)
+        for system in systems:
+            if system.check_ms is not None:
+                ctx.note(f"{resolution} px: " + system.check_note())
     for note in setup.notes:
         ctx.note(note)
     ctx.note(

@@ -96,9 +96,9 @@ class AdaLNBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         h = layernorm_modulate(x, shift_msa, scale_msa, eps=LAYERNORM_EPS, backend=self.norm_backend)
-        x = x + gate_msa.unsqueeze(1) * self.attn(h)
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(h))  # one kernel for x + gate * branch
         h = layernorm_modulate(x, shift_mlp, scale_mlp, eps=LAYERNORM_EPS, backend=self.norm_backend)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(h)
+        return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(h))
 
 
 class FinalLayer(nn.Module):
