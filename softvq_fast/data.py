@@ -171,6 +171,7 @@ def write_manifest_start(out: Path, settings: dict, files: list[str]) -> None:
             raise ValueError(
                 f"out: {out} holds a run with different settings ({', '.join(changed)}); use a new output folder"
             )
+        manifest_path.write_text(json.dumps({**previous, "complete": False}, indent=1) + "\n")
         return
     (out / FILES_NAME).write_text("\n".join(files) + "\n")
     manifest_path.write_text(json.dumps({**settings, "complete": False}, indent=1) + "\n")

@@ -73,7 +73,13 @@ def test_resume_skips_finished_shards(setup, tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*")}
     (tmp_path / "shard-00001.safetensors").unlink()
     (tmp_path / "shard-00002.safetensors").write_bytes(b"damaged")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    settings = {k: v for k, v in manifest.items()
+                if k not in ("files", "files_sha256", "complete", "shards", "latent_mean", "latent_std")}
+    data.write_manifest_start(tmp_path, settings, (tmp_path / "files.txt").read_text().split())  # a resumed run's start
+    assert not json.loads((tmp_path / "manifest.json").read_text())["complete"]
     _run(root, tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["complete"]
     assert (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns == stamps["shard-00000.safetensors"]
     again = _shards(tmp_path)
     for name, tensors in first.items():
