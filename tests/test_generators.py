@@ -71,6 +71,14 @@ def test_bf16_forward_is_close_to_float32(reference_dir):
     assert rel_err(out, expected["output"]) <= 1e-2
 
 
+def test_autocast_bf16_forward_is_close_to_float32(reference_dir):
+    directory, expected = _vectors(reference_dir, "sit_tiny")
+    model = SiT.from_pretrained(directory)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(expected["x"], expected["t"], expected["y"])
+    assert rel_err(out, expected["output"]) <= 1e-2
+
+
 def test_forward_compiles_with_fullgraph(reference_dir):
     directory, expected = _vectors(reference_dir, "dit_tiny")
     model = DiT.from_pretrained(directory)

@@ -116,8 +116,20 @@ def test_bad_inputs_name_the_argument():
         layernorm_modulate(x[0], torch.zeros(2, 8), torch.zeros(2, 8))
     with pytest.raises(ValueError, match=r"scale must be \(B, D\) = \(2, 8\)"):
         layernorm_modulate(x, torch.zeros(2, 8), torch.zeros(2, 7))
-    with pytest.raises(ValueError, match="shift is torch.float64"):
-        layernorm_modulate(x, torch.zeros(2, 8, dtype=torch.float64), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="shift is on meta, expected x's device cpu"):
+        layernorm_modulate(x, torch.zeros(2, 8, device="meta"), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="scale must be floating point"):
+        layernorm_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_mixed_dtypes_compute_in_the_promoted_dtype():
+    x = torch.randn(2, 3, 8)
+    shift, scale = torch.randn(2, 8).bfloat16(), torch.randn(2, 8).bfloat16()
+    y = layernorm_modulate(x, shift, scale)
+    assert y.dtype == torch.float32
+    shift64, scale64 = shift.double(), scale.double()
+    expected = torch.nn.functional.layer_norm(x.double(), (8,), eps=1e-6) * (1 + scale64[:, None]) + shift64[:, None]
+    assert rel_err(y, expected) <= 1e-6
 
 
 def test_auto_backend_per_device(monkeypatch):

@@ -122,10 +122,10 @@ def _check(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
                 f"layernorm_modulate: {name} must be (B, D) = {expected} for x of shape {tuple(x.shape)}, "
                 f"got {tuple(t.shape)}"
             )
-        if t.device != x.device or t.dtype != x.dtype:
-            raise ValueError(
-                f"layernorm_modulate: {name} is {t.dtype} on {t.device}, expected x's {x.dtype} on {x.device}"
-            )
+        if t.device != x.device:
+            raise ValueError(f"layernorm_modulate: {name} is on {t.device}, expected x's device {x.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"layernorm_modulate: {name} must be floating point, got {t.dtype}")
 
 
 def _modulation_rows(scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +144,12 @@ def layernorm_modulate(
     backend: str = AUTO,
 ) -> torch.Tensor:
     """LayerNorm over the last dimension of x (B, S, D) without affine parameters, then
-    `* (1 + scale[:, None]) + shift[:, None]` with shift, scale of shape (B, D). Returns (B, S, D)."""
+    `* (1 + scale[:, None]) + shift[:, None]` with shift, scale of shape (B, D). Returns (B, S, D),
+    computed in the promoted dtype of the three inputs (under autocast the modulation arrives in
+    bf16 and the residual stream in float32: the result is float32)."""
     _check(x, shift, scale)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, shift.dtype), scale.dtype)
+    x, shift, scale = x.to(dtype), shift.to(dtype), scale.to(dtype)
     chosen = BACKENDS.select(LayerNormModulateInputs(x.device, x.dtype, x.shape[-1]), backend)
     if chosen.name == "triton":
         scale, shift = _modulation_rows(scale, shift)
