@@ -23,7 +23,7 @@ def _forward_kernel(
     S, D, mod_stride, eps,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * D overflows int32 beyond 2**31 elements
     batch = row // S
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -45,7 +45,7 @@ def _backward_kernel(
     S, D, mod_stride, ROWS_PER_PROGRAM,
     BLOCK_D: tl.constexpr,
 ):
-    batch = tl.program_id(0)
+    batch = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
     cols = tl.arange(0, BLOCK_D)
