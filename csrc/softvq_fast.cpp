@@ -2,9 +2,12 @@
 //
 // Importing the module runs the static registrations below and in csrc/cpu, csrc/cuda
 // (TORCH_LIBRARY_IMPL blocks). The fake (meta) kernels live in Python, next to each op.
+#ifndef SOFTVQ_FAST_LIBTORCH_ONLY  // defined by CMakeLists.txt, which builds a plain libtorch library
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
+#ifndef SOFTVQ_FAST_LIBTORCH_ONLY
 extern "C" {
 PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "softvq-fast C++/CUDA kernels", -1, nullptr};
@@ -18,6 +21,7 @@ PyObject* PyInit__C(void) {
   return module;
 }
 }
+#endif
 
 TORCH_LIBRARY(softvq_fast, m) {
   m.def("soft_vq_cpu_forward(Tensor z, Tensor codebook, float tau, float entropy_temperature, bool with_stats) -> (Tensor, Tensor, Tensor, Tensor)");
