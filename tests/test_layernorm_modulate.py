@@ -138,6 +138,8 @@ def test_auto_backend_per_device(monkeypatch):
     assert BACKENDS.select(inputs).name == "reference"
     with pytest.raises(NoBackendError, match="device cpu not supported"):
         BACKENDS.select(inputs, "triton")
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in BACKENDS.get("triton").unavailable_reason()
 
 
 @pytest.mark.cuda

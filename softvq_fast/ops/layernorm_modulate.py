@@ -42,6 +42,8 @@ class TritonBackend(Backend):
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return "no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly)"
         return None
 
     def input_reasons(self, inputs: LayerNormModulateInputs) -> list[str]:
