@@ -257,7 +257,8 @@ class AdaLNTransformer(nn.Module):
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """Classifier-free guidance in one batch of 2B: conditional on y and unconditional on the
         null class. Returns uncond + cfg_scale * (cond - uncond) on the first `in_channels`
-        output channels; further channels (a learned variance) come from the conditional half."""
+        output channels; further channels (a learned variance) come from the conditional half.
+        (The authors' method of this name takes the doubled batch instead and guides its first half.)"""
         both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_class)]))
         cond, uncond = both.chunk(2)
         dim, n = self.channel_dim, self.in_channels
