@@ -1,11 +1,13 @@
 // CUDA implementation of softvq_fast::attention_fwd for bf16 / fp16 (fp32 accumulation).
 //
 // One kernel template, two configurations (see launch()):
-//   short: kv length <= 128, head dims 64/72/128. A thread block holds the whole key/value sequence
-//          in shared memory and one warp per 16 query rows, so a whole (short) sequence runs in one
-//          block with a single softmax pass; n-tiles past the real length are skipped.
-//   tiled: any length, head dim 64. 64 query rows (4 warps) per block walk 64-key tiles with an
-//          online softmax (running max and sum, rescaled output).
+//   short: kv length <= 128, head dims 64/72/128. A thread block loads the whole key/value sequence
+//          into shared memory once and has one warp per 16 query rows, so a whole (short) sequence
+//          runs in one block; n-tiles past the real length are skipped.
+//   tiled: any length, head dim 64. 64 query rows (4 warps) per block walk 64-key tiles.
+// Either way a warp holds the scores of 64 keys in registers at a time and keeps an online softmax
+// (running max and sum, rescaled output) across those chunks; with head dim <= 72 two blocks fit
+// an SM's registers.
 // Tensor cores through mma.sync m16n8k16 (m16n8k8 for the last 8 of head dim 72, so 72 is not
 // padded to 80/96/128). Scores stay in registers and are reused as the A operand of P·V.
 //
@@ -34,6 +36,7 @@ namespace {
 constexpr int kShortMaxKeys = 128;  // keep in sync with softvq_fast/ops/attention.py
 constexpr int kShortMaxWarps = 8;   // 128 query rows per block
 constexpr int kTiledKeys = 64;
+constexpr int kChunk = 64;  // keys whose scores a warp holds in registers at a time
 constexpr int kTiledWarps = 4;
 // Elements added to each shared-memory row so that the 8 rows read by one fragment load fall in
 // different banks: the row length in 32-bit words must be 4 mod 8.
@@ -101,8 +104,8 @@ __device__ void load_q_fragments(uint32_t (&qa)[(D + 15) / 16][4], const T* q, i
   }
 }
 
-// Copies keys [key0, key0 + rows) into ks (row-major, row stride D + kPad) and values transposed
-// into vts (row stride KEYS + kPad); rows up to the next multiple of 16 are zero-filled so the
+// Copies keys [key0, key0 + rows) into ks (row-major, row stride kRow<D>) and values transposed
+// into vts (row stride kRow<KEYS>); rows up to the next multiple of 16 are zero-filled so the
 // masked columns of P meet zeros in V. Rows are read as 16-byte chunks (launch() guarantees
 // 16-byte aligned rows).
 template <typename T, int D, int KEYS>
@@ -125,10 +128,11 @@ __device__ void load_kv_tile(T* ks, T* vts, const T* k, const T* v, int64_t k_st
 }
 
 // One block: query rows [blockIdx.x * 16 * warps, ...) of head blockIdx.y, batch blockIdx.z.
+// KEYS keys per shared-memory tile, processed in register chunks of kChunk keys.
 template <typename T, int D, int KEYS>
-__global__ void __launch_bounds__(32 * kShortMaxWarps) attention_forward_kernel(AttentionParams p) {
+__global__ void __launch_bounds__(32 * kShortMaxWarps, D <= 72 ? 2 : 1) attention_forward_kernel(AttentionParams p) {
   constexpr int kSteps = (D + 15) / 16;  // k-steps of Q·Kᵀ (the last one is k = 8 when D % 16 == 8)
-  constexpr int kKeyTiles = KEYS / 8;    // n-tiles of scores
+  constexpr int kKeyTiles = kChunk / 8;  // n-tiles of the scores held in registers
   constexpr int kDimTiles = D / 8;       // n-tiles of the output
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* ks = reinterpret_cast<T*>(smem_raw);
@@ -152,82 +156,85 @@ __global__ void __launch_bounds__(32 * kShortMaxWarps) attention_forward_kernel(
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;  // rows group, group + 8
 
   for (int key0 = 0; key0 < kv_len; key0 += KEYS) {
-    const int keys = min(KEYS, kv_len - key0);
+    const int tile_keys = min(KEYS, kv_len - key0);
     __syncthreads();  // the previous tile is consumed
-    load_kv_tile<T, D, KEYS>(ks, vts, k, v, p.k_stride[1], p.v_stride[1], key0, keys);
+    load_kv_tile<T, D, KEYS>(ks, vts, k, v, p.k_stride[1], p.v_stride[1], key0, tile_keys);
     __syncthreads();
     if (!active) continue;
-    const int key_tiles = (keys + 7) / 8;
+    for (int c0 = 0; c0 < tile_keys; c0 += kChunk) {
+      const int keys = min(kChunk, tile_keys - c0);
+      const int key_tiles = (keys + 7) / 8;
 
-    float s[kKeyTiles][4];
+      float s[kKeyTiles][4];
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-      if (n < key_tiles) {
-        const T* krow = ks + (n * 8 + group) * kRow<D> + 2 * quad;
+      for (int n = 0; n < kKeyTiles; ++n) {
+        s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        if (n < key_tiles) {
+          const T* krow = ks + (c0 + n * 8 + group) * kRow<D> + 2 * quad;
 #pragma unroll
-        for (int st = 0; st < kSteps; ++st) {
-          if (st * 16 + 16 <= D) {
-            mma16<T>(s[n], qa[st], ld32(krow + st * 16), ld32(krow + st * 16 + 8));
-          } else {
-            mma8<T>(s[n], qa[st][0], qa[st][1], ld32(krow + st * 16));
+          for (int st = 0; st < kSteps; ++st) {
+            if (st * 16 + 16 <= D) {
+              mma16<T>(s[n], qa[st], ld32(krow + st * 16), ld32(krow + st * 16 + 8));
+            } else {
+              mma8<T>(s[n], qa[st][0], qa[st][1], ld32(krow + st * 16));
+            }
           }
         }
       }
-    }
 
-    // Scale to log2 units, mask keys past the end, online softmax per row (4 lanes share a row).
-    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+      // Scale to log2 units, mask keys past the end, online softmax per row (4 lanes share a row).
+      float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
+      for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = n * 8 + 2 * quad + (e & 1);
-        s[n][e] = key < keys ? s[n][e] * scale_log2 : -INFINITY;
+        for (int e = 0; e < 4; ++e) {
+          const int key = n * 8 + 2 * quad + (e & 1);
+          s[n][e] = key < keys ? s[n][e] * scale_log2 : -INFINITY;
+        }
+        mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+        mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
       }
-      mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
-    }
 #pragma unroll
-    for (int offset = 1; offset < 4; offset *= 2) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, offset));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, offset));
-    }
-    const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
-    const float corr_lo = exp2f(m_lo - new_lo), corr_hi = exp2f(m_hi - new_hi);  // 0 on the first tile
-    m_lo = new_lo;
-    m_hi = new_hi;
-    float sum_lo = 0.f, sum_hi = 0.f;
+      for (int offset = 1; offset < 4; offset *= 2) {
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, offset));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, offset));
+      }
+      const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+      const float corr_lo = exp2f(m_lo - new_lo), corr_hi = exp2f(m_hi - new_hi);  // 0 on the first chunk
+      m_lo = new_lo;
+      m_hi = new_hi;
+      float sum_lo = 0.f, sum_hi = 0.f;
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
-      s[n][0] = exp2f(s[n][0] - m_lo);
-      s[n][1] = exp2f(s[n][1] - m_lo);
-      s[n][2] = exp2f(s[n][2] - m_hi);
-      s[n][3] = exp2f(s[n][3] - m_hi);
-      sum_lo += s[n][0] + s[n][1];
-      sum_hi += s[n][2] + s[n][3];
-    }
-    l_lo = l_lo * corr_lo + sum_lo;  // per-lane partial sums, combined after the last tile
-    l_hi = l_hi * corr_hi + sum_hi;
+      for (int n = 0; n < kKeyTiles; ++n) {
+        s[n][0] = exp2f(s[n][0] - m_lo);
+        s[n][1] = exp2f(s[n][1] - m_lo);
+        s[n][2] = exp2f(s[n][2] - m_hi);
+        s[n][3] = exp2f(s[n][3] - m_hi);
+        sum_lo += s[n][0] + s[n][1];
+        sum_hi += s[n][2] + s[n][3];
+      }
+      l_lo = l_lo * corr_lo + sum_lo;  // per-lane partial sums, combined after the last chunk
+      l_hi = l_hi * corr_hi + sum_hi;
 #pragma unroll
-    for (int n = 0; n < kDimTiles; ++n) {
-      o[n][0] *= corr_lo;
-      o[n][1] *= corr_lo;
-      o[n][2] *= corr_hi;
-      o[n][3] *= corr_hi;
-    }
+      for (int n = 0; n < kDimTiles; ++n) {
+        o[n][0] *= corr_lo;
+        o[n][1] *= corr_lo;
+        o[n][2] *= corr_hi;
+        o[n][3] *= corr_hi;
+      }
 
-    // O += P·V: the score C fragments of key tiles 2j, 2j+1 are the A fragment of k-step j.
+      // O += P·V: the score C fragments of key tiles 2j, 2j+1 are the A fragment of k-step j.
 #pragma unroll
-    for (int j = 0; j < kKeyTiles / 2; ++j) {
-      if (2 * j < key_tiles) {
-        const uint32_t pa[4] = {Pack<T>::two(s[2 * j][0], s[2 * j][1]), Pack<T>::two(s[2 * j][2], s[2 * j][3]),
-                                Pack<T>::two(s[2 * j + 1][0], s[2 * j + 1][1]),
-                                Pack<T>::two(s[2 * j + 1][2], s[2 * j + 1][3])};
+      for (int j = 0; j < kKeyTiles / 2; ++j) {
+        if (2 * j < key_tiles) {
+          const uint32_t pa[4] = {Pack<T>::two(s[2 * j][0], s[2 * j][1]), Pack<T>::two(s[2 * j][2], s[2 * j][3]),
+                                  Pack<T>::two(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                  Pack<T>::two(s[2 * j + 1][2], s[2 * j + 1][3])};
 #pragma unroll
-        for (int n = 0; n < kDimTiles; ++n) {
-          const T* vrow = vts + (n * 8 + group) * kRow<KEYS> + j * 16 + 2 * quad;
-          mma16<T>(o[n], pa, ld32(vrow), ld32(vrow + 8));
+          for (int n = 0; n < kDimTiles; ++n) {
+            const T* vrow = vts + (n * 8 + group) * kRow<KEYS> + c0 + j * 16 + 2 * quad;
+            mma16<T>(o[n], pa, ld32(vrow), ld32(vrow + 8));
+          }
         }
       }
     }
