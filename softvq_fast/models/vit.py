@@ -23,14 +23,12 @@ LAYER_SCALE_INIT = 1e-5
 
 
 class LayerScale(nn.Module):
-    """Per-channel scale `gamma` (DINOv2)."""
+    """Per-channel scale `gamma` of a residual branch (DINOv2); `Block` applies it fused with the
+    residual add."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), LAYER_SCALE_INIT))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
 
 
 class SwiGLU(nn.Module):
@@ -62,10 +60,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rotate: Callable | None = None, rows: slice | None = None) -> torch.Tensor:
         """x (B, S, dim) -> (B, S, dim), or only the token rows `rows` of the output (every token
         still attends to all; the MLP then runs on those rows alone)."""
-        x = x + self.ls1(self.attn(self.norm1(x), rotate))
+        x = torch.addcmul(x, self.attn(self.norm1(x), rotate), self.ls1.gamma)
         if rows is not None:
             x = x[:, rows]
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        return torch.addcmul(x, self.mlp(self.norm2(x)), self.ls2.gamma)
 
 
 class PatchEmbed(nn.Module):
