@@ -37,7 +37,7 @@ def test_quick_mode_rows_at_a_tiny_size(reference_dir, tmp_path):
         steps=10,
         warmup=0,
         repeats=1,
-        stack_batch=1,
+        stack_batches=(1,),
     )
     ctx = Context(device=torch.device("cpu"), quick=True, out_dir=str(tmp_path))
     rows = claims.run_setup(ctx, setup)

@@ -54,7 +54,7 @@ class Setup:
     warmup: int = 2
     repeats: int = 5
     max_seconds: float = 5.0
-    stack_batch: int = 1
+    stack_batches: tuple[int, ...] = (1,)
     notes: list[str] = field(default_factory=list)
 
 
@@ -81,7 +81,7 @@ def full_setup() -> Setup:
             256: [("SoftVQ-L-32", _preset_factory("softvq-l-32")), ("SoftVQ-L-64", _preset_factory("softvq-l-64"))],
             512: [("SoftVQ-L-32", _preset_factory("softvq-l-32-512")), ("SoftVQ-L-64", _preset_factory("softvq-l-64-512"))],
         },
-        stack_batch=256,
+        stack_batches=(8, 256),
         # bench/gpu_check.sh gives a suite 90 s: CUDA-graph capture already runs each step 3 times.
         warmup=1,
         repeats=3,
@@ -340,13 +340,12 @@ def rows_for(systems: list[System], resolution: int, setup: Setup) -> list[dict[
 
 
 # ------------------------------------------------------------------------ stack comparison
-def stack_comparison(setup: Setup, device: torch.device, tokens: int = 64, channels: int = 32) -> str:
+def stack_comparison(setup: Setup, device: torch.device, batch: int, tokens: int = 64, channels: int = 32) -> str:
     """One sampling step of SiT/1 on `tokens` tokens: our stack (fused LayerNorm-modulate,
     softvq_fast attention auto, CUDA graph on GPUs) against plain eager PyTorch (reference
     LayerNorm, SDPA, no graph), same weights, dtype and batch, CFG on."""
     from softvq_fast.sampling import ConditionalModel
 
-    batch = setup.stack_batch
     with torch.inference_mode():
         model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
         labels = torch.randint(0, 1000, (batch,), device=device)
@@ -388,7 +387,8 @@ def run_setup(ctx, setup: Setup) -> list[dict[str, Any]]:
     )
     if ctx.device.type != "cuda":
         ctx.note("No GPU: NVML telemetry (energy, power, clock, utilisation, images per joule) is not recorded.")
-    ctx.note(stack_comparison(setup, ctx.device))
+    for batch in setup.stack_batches:
+        ctx.note(stack_comparison(setup, ctx.device, batch))
     return rows
 
 
