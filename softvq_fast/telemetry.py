@@ -54,7 +54,7 @@ class GpuTelemetry:
         if uuid is not None:
             try:
                 return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-            except pynvml.NVMLError:
+            except Exception:  # NVMLError, or a bindings version that wants bytes: use the index
                 pass
         return pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
 

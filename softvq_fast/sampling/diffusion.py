@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from softvq_fast.sampling.flow import _progress
+from softvq_fast.sampling.flow import progress_iter
 
 NoiseModel = Callable[[torch.Tensor, float], torch.Tensor]
 DIFFUSION_SAMPLERS = ("ddpm", "ddim")
@@ -97,7 +97,7 @@ def sample_diffusion(
     schedule = GaussianDiffusion(steps, learn_sigma=learn_sigma)
     x = noise.double() if noise.dtype == torch.float64 else noise.float()
     channels = x.shape[channel_dim]
-    for i in _progress(reversed(range(schedule.num_steps)), progress, sampler.upper()):
+    for i in progress_iter(reversed(range(schedule.num_steps)), progress, sampler.upper()):
         output = model(x, float(schedule.timestep_map[i])).to(x.dtype)
         eps, logits = schedule.split_output(output, channel_dim, channels)
         x0 = schedule.predict_x0(x, eps, i)

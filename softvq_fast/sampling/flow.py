@@ -48,7 +48,7 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float, path: str) -
     return (ratio * v - x) / variance
 
 
-def _progress(iterable, enabled: bool, description: str):
+def progress_iter(iterable, enabled: bool, description: str):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
@@ -77,7 +77,7 @@ def sample_flow(
     if sampler == "sde":
         return _euler_maruyama(velocity, x, steps, path, generator, progress)
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    for i in _progress(range(steps), progress, f"{sampler} ODE"):
+    for i in progress_iter(range(steps), progress, f"{sampler} ODE"):
         t_cur, t_next = grid[i], grid[i + 1]
         d_cur = velocity(x, t_cur).to(x.dtype)
         x_next = x + (t_next - t_cur) * d_cur
@@ -97,7 +97,7 @@ def _euler_maruyama(
     progress: bool,
 ) -> torch.Tensor:
     grid = torch.linspace(1.0, SDE_LAST_T, steps, dtype=torch.float64).tolist() + [0.0]
-    for i in _progress(range(steps), progress, "Euler-Maruyama SDE"):
+    for i in progress_iter(range(steps), progress, "Euler-Maruyama SDE"):
         t_cur, t_next = grid[i], grid[i + 1]
         v = velocity(x, t_cur).to(x.dtype)
         diffusion = 2.0 * t_cur
