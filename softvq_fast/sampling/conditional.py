@@ -41,7 +41,8 @@ class ConditionalModel:
     cfg_scale != 1, evaluations whose t / time_scale lies in `guidance_interval` (inclusive) run
     conditional and unconditional halves in one batch and mix them (model.forward_with_cfg);
     others are conditional only. `time_scale` is 1 for SiT (t in [0, 1]) and 1000 for DiT
-    (t a timestep index). `cuda_graph=True` replays CUDA graphs, one per batch shape.
+    (t a timestep index). `cuda_graph=True` replays CUDA graphs (one for guided, one for plain
+    evaluations; the batch is fixed by `labels`).
     """
 
     def __init__(
