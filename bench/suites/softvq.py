@@ -1,0 +1,147 @@
+"""Soft VQ (softvq_fast.soft_vq): forward and forward+backward with the entropy regulariser, median
+time and peak extra memory of every backend that runs against `reference` and
+torch.compile(reference), at the authors' training shape family (C=4 codebooks of 8192 x 32,
+64 tokens) and over K. Backends are timed in alternation, one repeat each per round, so that load
+from other processes hits them alike."""
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import torch
+
+from bench.measure import peak_memory_bytes, time_fn
+from softvq_fast import soft_vq
+from softvq_fast.dispatch import NoBackendError
+
+TITLE = "Soft VQ forward / forward+backward (entropy regulariser on)"
+
+TAU = 0.07
+TOKENS, CODEBOOKS, DIM = 64, 4, 32
+# (batch, K): the main case, then the sweep over K (the CPU sizes fit its 2 cores in ~2 minutes).
+QUICK = {"main": (64, 8192), "sweep": [(16, 2048), (16, 32768)]}
+FULL = {"main": (256, 8192), "sweep": [(256, 1024), (256, 4096), (256, 16384), (256, 32768)]}
+# H100/H200 SFU throughput: 16 exponentials per clock per SM (ex2.approx, quarter rate).
+EXP_PER_CLOCK_PER_SM = 16
+
+
+def _backends(device: torch.device, with_compile: bool) -> dict[str, Callable]:
+    """label -> f(z, codebook) returning (z_q, stats)."""
+    def make(backend: str, **kwargs):
+        return lambda z, c: soft_vq(z, c, TAU, return_stats=True, backend=backend, **kwargs)
+
+    fused = {"cpu": make("cpu")} if device.type == "cpu" else {"triton": make("triton"),
+                                                                "triton-tf32": make("triton", allow_tf32=True)}
+    labels = {"reference": make("reference"), **fused}
+    if with_compile:
+        labels["compile(reference)"] = torch.compile(make("reference"), fullgraph=True)
+    return labels
+
+
+def _passes(fn: Callable, z: torch.Tensor, codebook: torch.Tensor) -> dict[str, Callable]:
+    def forward():
+        with torch.no_grad():
+            return fn(z, codebook)
+
+    def forward_backward():
+        z_q, stats = fn(z, codebook)
+        (z_q.float().square().mean() + stats.entropy_loss).backward()
+        z.grad = codebook.grad = None
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def _exp_limit_ms(device: torch.device, logits: int, exps_per_logit: int) -> float | None:
+    """Time the GPU's SFUs need for the kernels' exponentials alone (SMs x 16 per clock x max SM
+    clock from NVML), or None where that is unknown."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        clock_hz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM) * 1e6
+    except Exception:  # no NVML: leave the column empty
+        return None
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return logits * exps_per_logit / (sms * EXP_PER_CLOCK_PER_SM * clock_hz) * 1e3
+
+
+def _measure(ctx, batch: int, K: int, with_compile: bool) -> list[dict]:
+    device = ctx.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(batch, TOKENS, DIM, device=device, generator=generator).requires_grad_()
+    codebook = torch.randn(CODEBOOKS, K, DIM, device=device, generator=generator).div_(DIM**0.5).requires_grad_()
+    rounds = 3 if ctx.quick else 7
+    case = f"B{batch}x{TOKENS} C{CODEBOOKS} K{K} D{DIM} fp32"
+    rows = []
+    for pass_name in ("fwd", "fwd+bwd"):
+        fns, peaks = {}, {}
+        for label, backend_fn in _backends(device, with_compile).items():
+            fn = _passes(backend_fn, z, codebook)[pass_name]
+            try:
+                fn()  # warm-up (and compilation)
+            except NoBackendError as exc:
+                ctx.note(f"{case} {pass_name}: {label} left out ({str(exc).splitlines()[0]})")
+                continue
+            fns[label] = fn
+            peaks[label] = peak_memory_bytes(fn, device)
+        samples = {label: [] for label in fns}
+        for _ in range(rounds):
+            for label, fn in fns.items():
+                samples[label].append(time_fn(fn, device, warmup=0, repeats=1).median_ms)
+        medians = {label: statistics.median(values) for label, values in samples.items()}
+        # forward: one exp per logit at tau, two for the regulariser's statistics (fused backends)
+        limit = _exp_limit_ms(device, batch * TOKENS * K, 3)
+        for label in fns:
+            rows.append({
+                "case": case,
+                "pass": pass_name,
+                "backend": label,
+                "median_ms": medians[label],
+                "peak_mib": peaks[label] / 2**20,
+                "speedup_vs_reference": medians["reference"] / medians[label],
+                "memory_vs_reference": peaks[label] / max(peaks["reference"], 1),
+                "x_exp_limit": medians[label] / limit if limit and pass_name == "fwd" else "",
+            })
+    return rows
+
+
+def run(ctx) -> list[dict]:
+    sizes = QUICK if ctx.quick else FULL
+    rows = _measure(ctx, *sizes["main"], with_compile=True)
+    for batch, K in sizes["sweep"]:
+        rows += _measure(ctx, batch, K, with_compile=not ctx.quick)
+    ctx.note(
+        "peak_mib: peak memory allocated during the call above what was allocated before it. "
+        "x_exp_limit: forward time / (3 exponentials per logit at 16 per clock per SM at the max SM clock)."
+        + (" Quick mode: CPU sizes; the sweep leaves out torch.compile(reference)." if ctx.quick else "")
+    )
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Speed-up over reference per case and pass, one bar per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["case"], r["pass"]) for r in rows))
+    labels = [b for b in dict.fromkeys(r["backend"] for r in rows) if b != "reference"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        values = [next((r["speedup_vs_reference"] for r in rows if (r["case"], r["pass"]) == g and r["backend"] == label), 0)
+                  for g in groups]
+        ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(groups))],
+                  [f"{c.split(' fp32')[0]}\n{p}" for c, p in groups], fontsize=7)
+    ax.set_ylabel("speed-up over reference")
+    ax.set_title(TITLE, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
