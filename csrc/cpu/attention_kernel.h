@@ -5,12 +5,13 @@
 // file, so that at::vec::Vectorized<float> is 8 or 16 lanes wide here without touching the
 // code generated for torch's own inline functions.
 //
-// Work split: one task per (batch, head, block of up to kQueryBlock query rows), run with
-// at::parallel_for. A task walks the keys in blocks of kKeyBlock with an online softmax, so memory
-// per task is O(kQueryBlock x kKeyBlock) whatever the sequence length. Per key block it packs
-// k transposed (D x keys) and v (keys x D, padded to whole vectors) in fp32, then for 4 query rows
-// at a time computes scores as broadcast-q x k-vector FMAs (vectorised along keys) and the output
-// update as broadcast-p x v-vector FMAs (vectorised along the head dim), in registers.
+// Work split: at::parallel_for over (batch, head) and, when there are fewer heads than threads,
+// ranges of query blocks. A task packs its head's k transposed (D x keys) and v (keys x D, padded
+// to whole vectors) in fp32 once, then walks blocks of kQueryBlock query rows and, for each, the
+// keys in blocks of kKeyBlock with an online softmax: no S x S buffer, O(S x D) per thread. For 4
+// query rows at a time it computes scores as broadcast-q x k-vector FMAs (vectorised along keys)
+// and the output update as broadcast-p x v-vector FMAs (vectorised along the head dim), in
+// registers.
 #ifndef SOFTVQ_CPU_ISA
 #error "define SOFTVQ_CPU_ISA before including attention_kernel.h"
 #endif
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace softvq_fast::cpu::SOFTVQ_CPU_ISA {
@@ -31,7 +33,13 @@ constexpr int64_t kRows = 4;          // query rows per register block
 // Vectors per register block (along keys or head dim): kRows x kVecs accumulators plus kVecs
 // operands fit the 32 registers of AVX-512 and the 16 of AVX2.
 constexpr int64_t kVecs = kLanes >= 16 ? 4 : 2;
-constexpr int64_t kKeyBlock = 128;    // keys per block: a multiple of kLanes on every ISA
+constexpr int64_t kKeyBlock = 128;    // most keys per block: a multiple of kLanes on every ISA
+// Keys per block: all of a short sequence (one softmax pass); for longer ones few enough that
+// the packed k and v of a block (2 x keys x dpad floats) stay within 32 KiB, read from L1 by
+// every group of kRows query rows.
+inline int64_t key_block(int64_t keys, int64_t dpad) {
+  return keys <= kKeyBlock ? keys : std::clamp<int64_t>(4096 / dpad / 16 * 16, 16, kKeyBlock);
+}
 constexpr int64_t kQueryBlock = 128;  // query rows per task
 constexpr int64_t kPrefetchRows = 4;  // k/v rows fetched ahead while packing
 
@@ -47,8 +55,8 @@ inline void prefetch_row(const scalar_t* row, int64_t n) {
 }
 
 template <typename scalar_t>
-inline void to_float(const scalar_t* src, float* dst, int64_t n, float mul) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
+inline void to_float(const scalar_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 // s[r][j0 : j0 + NV*kLanes] = sum_x q[r][x] * kt[x][j0 : ...] for the kRows rows of q.
@@ -90,23 +98,32 @@ inline void value_block(const float* p, int64_t ldp, const float* v, int64_t ldv
     for (int64_t c = 0; c < NV; ++c) acc[r][c].store(o + r * ldo + d0 + c * kLanes);
 }
 
-// Runs `block.template operator()<NV>(offset)` over [0, padded) in steps of kVecs vectors, then
-// one narrower step for the remaining whole vectors (padded is a multiple of kLanes).
+// Runs `block.template operator()<NV>(offset)` over [0, padded) (a multiple of kLanes) in steps of
+// at most kVecs vectors; one vector left over after a full step is merged into a split
+// (5 = 3 + 2), because a single-vector block keeps too few independent accumulators in flight.
 template <typename Block>
 inline void for_vector_blocks(int64_t padded, const Block& block) {
-  int64_t x0 = 0;
-  for (; x0 + kVecs * kLanes <= padded; x0 += kVecs * kLanes) block.template operator()<kVecs>(x0);
-  switch ((padded - x0) / kLanes) {
-    case 3: block.template operator()<3>(x0); break;
-    case 2: block.template operator()<2>(x0); break;
-    case 1: block.template operator()<1>(x0); break;
-    default: break;
+  for (int64_t x0 = 0, left = padded / kLanes; left > 0;) {
+    const int64_t step = left == kVecs + 1 ? (left + 1) / 2 : std::min(left, kVecs);
+    switch (step) {
+      case 4: block.template operator()<4>(x0); break;
+      case 3: block.template operator()<3>(x0); break;
+      case 2: block.template operator()<2>(x0); break;
+      default: block.template operator()<1>(x0); break;
+    }
+    x0 += step * kLanes;
+    left -= step;
   }
 }
 
-// Online softmax of one row of scores s[0 : padded) (entries past the real keys are -inf):
-// turns s into exp(s - m_new), rescales the row's output accumulator, updates max and sum.
-inline void softmax_row(float* s, int64_t padded, float* o, int64_t dpad, float& m, float& l) {
+// Online softmax of one row of raw scores s[0 : padded): scales them, masks those at or past
+// `keys`, turns them into exp(s * scale - m_new), rescales the row's output accumulator, and
+// updates the running max m and sum l.
+inline void softmax_row(float* s, int64_t keys, int64_t padded, float scale, float* o, int64_t dpad, float& m,
+                        float& l) {
+  const Vec vscale(scale);
+  for (int64_t j = 0; j < padded; j += kLanes) (Vec::loadu(s + j) * vscale).store(s + j);
+  std::fill(s + keys, s + padded, -std::numeric_limits<float>::infinity());
   Vec vmax(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < padded; j += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
   const float block_max = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
@@ -129,73 +146,95 @@ inline void softmax_row(float* s, int64_t padded, float* o, int64_t dpad, float&
   m = m_new;
 }
 
+// Packs keys and values of one head: kt[x][j] = k[j][x] (row stride ldk) and v[j][x] (row stride
+// dpad, zero past the head dim).
+template <typename scalar_t>
+void pack_keys_values(const scalar_t* kh, int64_t k_row, const scalar_t* vh, int64_t v_row, int64_t keys,
+                      int64_t head_dim, float* kt, int64_t ldk, float* vbuf, int64_t dpad) {
+  for (int64_t j = 0; j < keys; ++j) {
+    if (j + kPrefetchRows < keys) {
+      prefetch_row(kh + (j + kPrefetchRows) * k_row, head_dim);
+      prefetch_row(vh + (j + kPrefetchRows) * v_row, head_dim);
+    }
+    const scalar_t* krow = kh + j * k_row;
+    for (int64_t x = 0; x < head_dim; ++x) kt[x * ldk + j] = static_cast<float>(krow[x]);
+    to_float(vh + j * v_row, vbuf + j * dpad, head_dim);
+  }
+  for (int64_t x = 0; x < head_dim; ++x) std::fill(kt + x * ldk + keys, kt + (x + 1) * ldk, 0.f);
+}
+
 template <typename scalar_t>
 void forward(const AttentionParams& p) {
   const int64_t D = p.head_dim, Sq = p.q_len, Sk = p.kv_len;
-  const int64_t dpad = round_up(D, kLanes);
+  const int64_t dpad = round_up(D, kLanes), ldk = round_up(Sk, kLanes), block_keys = key_block(Sk, dpad);
   const int64_t q_blocks = (Sq + kQueryBlock - 1) / kQueryBlock;
-  const int64_t tasks = p.batch * p.heads * q_blocks;
+  // Split a head's query blocks over tasks only as far as needed to keep every thread busy: each
+  // task packs the head's keys and values once.
+  const int64_t heads = p.batch * p.heads;
+  const int64_t splits = std::clamp<int64_t>((2 * at::get_num_threads() + heads - 1) / heads, 1, q_blocks);
+  const int64_t blocks_per_task = (q_blocks + splits - 1) / splits;
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
   auto* out = static_cast<scalar_t*>(p.out);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // float32 q rows are read in place (in groups of kRows whole rows), bfloat16 ones converted
+  // into a buffer first. k and v are packed (k transposed) once per task: their rows lie a page or
+  // more apart in the qkv layout and are read once per group of kRows query rows.
+  constexpr bool kInPlace = std::is_same_v<scalar_t, float>;
 
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows_cap = round_up(std::min(Sq, kQueryBlock), kRows);
-    std::vector<float> qbuf(rows_cap * dpad, 0.f), obuf(rows_cap * dpad), kt(D * kKeyBlock),
-        vbuf(kKeyBlock * dpad, 0.f), sbuf(kRows * kKeyBlock), mrow(rows_cap), lrow(rows_cap);
+    std::vector<float> qbuf(rows_cap * dpad, 0.f), obuf(rows_cap * dpad), kt(D * ldk), vbuf(Sk * dpad, 0.f),
+        sbuf(kRows * kKeyBlock), mrow(rows_cap), lrow(rows_cap);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % q_blocks, bh = task / q_blocks, h = bh % p.heads, b = bh / p.heads;
-      const int64_t i0 = qb * kQueryBlock, rows = std::min(kQueryBlock, Sq - i0);
-      const int64_t rows_pad = round_up(rows, kRows);
+      const int64_t bh = task / splits, h = bh % p.heads, b = bh / p.heads;
+      const int64_t block_end = std::min(q_blocks, (task % splits + 1) * blocks_per_task);
       const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[2];
-      const scalar_t* kh = k + b * p.k_stride[0] + h * p.k_stride[2];
-      const scalar_t* vh = v + b * p.v_stride[0] + h * p.v_stride[2];
-      for (int64_t i = 0; i < rows; ++i) {
-        if (i + kPrefetchRows < rows) prefetch_row(qh + (i0 + i + kPrefetchRows) * p.q_stride[1], D);
-        to_float(qh + (i0 + i) * p.q_stride[1], &qbuf[i * dpad], D, p.scale);
-      }
-      std::fill(qbuf.begin() + rows * dpad, qbuf.begin() + rows_pad * dpad, 0.f);
-      std::fill(obuf.begin(), obuf.begin() + rows_pad * dpad, 0.f);
-      std::fill(mrow.begin(), mrow.end(), neg_inf);
-      std::fill(lrow.begin(), lrow.end(), 0.f);
+      pack_keys_values(k + b * p.k_stride[0] + h * p.k_stride[2], p.k_stride[1], v + b * p.v_stride[0] + h * p.v_stride[2],
+                       p.v_stride[1], Sk, D, kt.data(), ldk, vbuf.data(), dpad);
 
-      for (int64_t j0 = 0; j0 < Sk; j0 += kKeyBlock) {
-        const int64_t keys = std::min(kKeyBlock, Sk - j0);
-        const int64_t keys_pad = round_up(keys, kLanes);
-        // Pack this key block: kt[x][j] = k[j0 + j][x], vbuf[j][x] = v[j0 + j][x].
-        for (int64_t j = 0; j < keys; ++j) {
-          if (j + kPrefetchRows < keys) {
-            prefetch_row(kh + (j0 + j + kPrefetchRows) * p.k_stride[1], D);
-            prefetch_row(vh + (j0 + j + kPrefetchRows) * p.v_stride[1], D);
+      for (int64_t qb = task % splits * blocks_per_task; qb < block_end; ++qb) {
+        const int64_t i0 = qb * kQueryBlock, rows = std::min(kQueryBlock, Sq - i0);
+        const int64_t rows_pad = round_up(rows, kRows);
+        const int64_t packed_from = kInPlace ? rows / kRows * kRows : 0;
+        for (int64_t i = packed_from; i < rows; ++i) to_float(qh + (i0 + i) * p.q_stride[1], &qbuf[i * dpad], D);
+        std::fill(qbuf.begin() + rows * dpad, qbuf.begin() + rows_pad * dpad, 0.f);
+        std::fill(obuf.begin(), obuf.begin() + rows_pad * dpad, 0.f);
+        std::fill(mrow.begin(), mrow.end(), -std::numeric_limits<float>::infinity());
+        std::fill(lrow.begin(), lrow.end(), 0.f);
+
+        for (int64_t j0 = 0; j0 < Sk; j0 += block_keys) {
+          const int64_t keys = std::min(block_keys, Sk - j0);
+          const int64_t keys_pad = round_up(keys, kLanes);
+          for (int64_t r0 = 0; r0 < rows_pad; r0 += kRows) {
+            const float* qblock = &qbuf[r0 * dpad];
+            int64_t ldq = dpad;
+            if constexpr (kInPlace) {
+              for (int64_t i = r0 + kRows; i < std::min(r0 + 2 * kRows, packed_from); ++i)
+                prefetch_row(qh + (i0 + i) * p.q_stride[1], D);
+              if (r0 < packed_from) {
+                qblock = qh + (i0 + r0) * p.q_stride[1];
+                ldq = p.q_stride[1];
+              }
+            }
+            for_vector_blocks(keys_pad, [&]<int64_t NV>(int64_t jc) {
+              score_block<NV>(qblock, ldq, kt.data() + j0, ldk, D, sbuf.data(), kKeyBlock, jc);
+            });
+            for (int64_t r = 0; r < kRows; ++r)
+              softmax_row(&sbuf[r * kKeyBlock], keys, keys_pad, p.scale, &obuf[(r0 + r) * dpad], dpad, mrow[r0 + r],
+                          lrow[r0 + r]);
+            for_vector_blocks(dpad, [&]<int64_t NV>(int64_t d0) {
+              value_block<NV>(sbuf.data(), kKeyBlock, vbuf.data() + j0 * dpad, dpad, keys, &obuf[r0 * dpad], dpad, d0);
+            });
           }
-          const scalar_t* krow = kh + (j0 + j) * p.k_stride[1];
-          for (int64_t x = 0; x < D; ++x) kt[x * kKeyBlock + j] = static_cast<float>(krow[x]);
-          to_float(vh + (j0 + j) * p.v_stride[1], &vbuf[j * dpad], D, 1.f);
         }
-        for (int64_t x = 0; x < D; ++x) std::fill(&kt[x * kKeyBlock + keys], &kt[x * kKeyBlock + keys_pad], 0.f);
 
-        for (int64_t r0 = 0; r0 < rows_pad; r0 += kRows) {
-          for_vector_blocks(keys_pad, [&]<int64_t NV>(int64_t jc) {
-            score_block<NV>(&qbuf[r0 * dpad], dpad, kt.data(), kKeyBlock, D, sbuf.data(), kKeyBlock, jc);
-          });
-          for (int64_t r = 0; r < kRows; ++r) {
-            float* srow = &sbuf[r * kKeyBlock];
-            std::fill(srow + keys, srow + keys_pad, neg_inf);
-            softmax_row(srow, keys_pad, &obuf[(r0 + r) * dpad], dpad, mrow[r0 + r], lrow[r0 + r]);
-          }
-          for_vector_blocks(dpad, [&]<int64_t NV>(int64_t d0) {
-            value_block<NV>(sbuf.data(), kKeyBlock, vbuf.data(), dpad, keys, &obuf[r0 * dpad], dpad, d0);
-          });
+        for (int64_t i = 0; i < rows; ++i) {
+          const float inv = 1.f / lrow[i];
+          scalar_t* orow = out + ((b * Sq + i0 + i) * p.heads + h) * D;
+          for (int64_t x = 0; x < D; ++x) orow[x] = static_cast<scalar_t>(obuf[i * dpad + x] * inv);
+          p.lse[(b * p.heads + h) * Sq + i0 + i] = mrow[i] + std::log(lrow[i]);
         }
-      }
-
-      for (int64_t i = 0; i < rows; ++i) {
-        const float inv = 1.f / lrow[i];
-        scalar_t* orow = out + ((b * Sq + i0 + i) * p.heads + h) * D;
-        for (int64_t x = 0; x < D; ++x) orow[x] = static_cast<scalar_t>(obuf[i * dpad + x] * inv);
-        p.lse[(b * p.heads + h) * Sq + i0 + i] = mrow[i] + std::log(lrow[i]);
       }
     }
   });
