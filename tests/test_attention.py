@@ -133,14 +133,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.softvq_fast.attention_fwd.default, (q, k, v, 0.25))
 
 
+@needs_kernel
 def test_compiles_without_graph_breaks():
     q, k, v, _ = _qkv(2, 11, 11, 2, 16, torch.float32)
     qkv = torch.stack([q, k, v], 2).requires_grad_()
 
     def block(x):
-        return attention(*x.unbind(2)).flatten(2).sum()
+        return attention(*x.unbind(2), backend="softvq").flatten(2).sum()
 
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")  # graph capture, fake kernel, autograd
     got = compiled(qkv)
     (grad_got,) = torch.autograd.grad(got, qkv)
     want = block(qkv)
@@ -151,7 +152,7 @@ def test_compiles_without_graph_breaks():
 def test_auto_order_and_environment_override(monkeypatch):
     inputs = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
     monkeypatch.delenv("SOFTVQ_FAST_ATTENTION", raising=False)
-    assert OPS.select(inputs).name == ("softvq" if "softvq" in _cpu_backends() else "sdpa")
+    assert OPS.select(inputs).name == "sdpa"  # measured fastest on the CPU (module docstring)
     monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", "math")
     assert OPS.select(inputs).name == "math"
     assert OPS.select(inputs, "sdpa").name == "sdpa"  # the argument wins over the variable

@@ -15,10 +15,11 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
   math        plain PyTorch (softmax in fp32 or better); the reference.
 
 `backend="auto"` takes the first backend of the device's order that supports the inputs:
-  cpu:  softvq, sdpa, math        (bench/suites/attention.py, this repo's CI CPU: ours is faster
-                                   than SDPA at S <= 128 and at the tokenizer lengths)
-  cuda: softvq, flash_attn, sdpa, xformers, math   (not yet measured on a GPU: ours first
-                                   because it targets these shapes; revisit with bench/gpu_check.sh)
+  cpu:  sdpa, softvq, math        measured with bench/suites/attention.py on the CI CPU (Xeon,
+                                  AVX-512, 2 cores): ours is at 0.8-1.0x of SDPA in float32 and
+                                  below it in bfloat16 (SDPA uses AMX there), so SDPA stays first.
+  cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
+                                  it targets these shapes; bench/gpu_check.sh measures it.
 `SOFTVQ_FAST_ATTENTION=<name>` overrides "auto"; an explicit backend that cannot run raises
 `NoBackendError` listing the reasons.
 """
@@ -236,7 +237,7 @@ ATTENTION_BACKENDS: tuple[Backend, ...] = (
 )
 
 _AUTO_ORDER = {
-    "cpu": ("softvq", "sdpa", "math"),
+    "cpu": ("sdpa", "softvq", "math"),
     "cuda": ("softvq", "flash_attn", "sdpa", "xformers", "math"),
 }
 
