@@ -22,6 +22,7 @@ generators, not the paper's setting.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -387,6 +388,8 @@ def run_setup(ctx, setup: Setup) -> list[dict[str, Any]]:
     )
     if ctx.device.type != "cuda":
         ctx.note("No GPU: NVML telemetry (energy, power, clock, utilisation, images per joule) is not recorded.")
+        load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+        ctx.note(f"CPU load average (1, 5, 15 min) at the end: {load} on {os.cpu_count()} cores; other processes skew CPU timings.")
     for batch in setup.stack_batches:
         ctx.note(stack_comparison(setup, ctx.device, batch))
     return rows
