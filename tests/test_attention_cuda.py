@@ -36,12 +36,16 @@ def test_cuda_kernel_matches_float64(shape, dtype):
 
 
 def test_cuda_kernel_unaligned_views():
-    """Rows that are not 16-byte aligned are copied first, not read wrongly."""
+    """Rows that are not 16-byte aligned (strided, or contiguous at an odd offset) are copied
+    first, not read wrongly."""
     base = torch.randn(2, 40, 3 * 4 * 64 + 1, device="cuda", dtype=torch.bfloat16)
     q, k, v = base[..., 1:].unflatten(-1, (3, 4, 64)).unbind(2)
-    out, _ = torch.ops.softvq_fast.attention_fwd(q, k, v, 0.125)
-    ref, _ = _reference(q, k, v, 0.125)
-    assert rel_err(out, ref) <= 1e-2
+    flat = torch.randn(2 * 40 * 4 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    shifted = flat[1:].view(2, 40, 4, 64)
+    for args in ((q, k, v), (shifted, k, v)):
+        out, _ = torch.ops.softvq_fast.attention_fwd(*args, 0.125)
+        ref, _ = _reference(*args, 0.125)
+        assert rel_err(out, ref) <= 1e-2
 
 
 def test_cuda_unsupported_head_dim_is_refused():

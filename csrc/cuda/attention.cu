@@ -302,7 +302,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "attention_fwd (cuda): dtype must be bfloat16 or float16, got ", q.scalar_type());
   for (at::Tensor* t : {&q, &k, &v}) {
-    if (t->dim() == 4 && !rows_aligned(*t)) *t = t->contiguous();  // 16-byte row chunks (head dims are multiples of 8)
+    // 16-byte row chunks (head dims are multiples of 8); a fresh copy is aligned even where the
+    // input was a contiguous view at an odd offset.
+    if (t->dim() == 4 && !rows_aligned(*t)) *t = t->clone(at::MemoryFormat::Contiguous);
   }
   const c10::cuda::CUDAGuard guard(q.device());
   auto [out, lse, params] = prepare_attention(q, k, v, scale);
