@@ -97,7 +97,7 @@ def sample_diffusion(
     schedule = GaussianDiffusion(steps, learn_sigma=learn_sigma)
     x = noise.double() if noise.dtype == torch.float64 else noise.float()
     channels = x.shape[channel_dim]
-    for i in progress_iter(reversed(range(schedule.num_steps)), progress, sampler.upper()):
+    for i in progress_iter(range(schedule.num_steps - 1, -1, -1), progress, sampler.upper()):
         output = model(x, float(schedule.timestep_map[i])).to(x.dtype)
         eps, logits = schedule.split_output(output, channel_dim, channels)
         x0 = schedule.predict_x0(x, eps, i)
