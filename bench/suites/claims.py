@@ -15,6 +15,9 @@ counted analytically; decoder: torch's FLOP counter on one decode, convolutions 
 measured/ideal. On a GPU, NVML telemetry (energy counter, power, memory, SM clock,
 utilisation) is sampled during the timed repeats: images per joule.
 
+$SOFTVQ_FAST_SD_VAE may name a local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema) to use
+instead of random weights; nothing is downloaded.
+
 Full mode (GPU): SiT-XL, bf16, SoftVQ-L tokenizers, 256 and 512 px. Quick mode (CPU): SiT-S,
 float32, SoftVQ-S tokenizers, the full SD-VAE, 256 px only, batch 1: CPU ratios of smaller
 generators, not the paper's setting.
@@ -33,6 +36,7 @@ from bench.measure import Timing, time_fn
 TITLE = "Paper claims: SiT throughput on SoftVQ 1-D tokens vs SD-VAE latents"
 PAPER_CLAIMS = {(256, 32): 18.0, (512, 64): 55.0}
 SD_VAE_SCALE = 0.18215
+SD_VAE_ENV = "SOFTVQ_FAST_SD_VAE"
 CFG_SCALE = 1.5
 CHECK_STEPS = 4
 
@@ -168,9 +172,14 @@ def _measure(fn: Callable[[], Any], device: torch.device, setup: Setup) -> Measu
 
 
 def _sd_vae(setup: Setup, resolution: int, device: torch.device):
+    """The SD f8 VAE: from the local diffusers folder in $SOFTVQ_FAST_SD_VAE if set (never
+    downloaded), else built from the SD config (channels from the setup) with random weights."""
     from diffusers import AutoencoderKL
     from diffusers.utils import logging as diffusers_logging
 
+    local = os.environ.get(SD_VAE_ENV)
+    if local:
+        return AutoencoderKL.from_pretrained(local, local_files_only=True, torch_dtype=setup.dtype).to(device).eval()
     diffusers_logging.set_verbosity_error()  # its advice on casting applies to pretrained weights
     with torch.device(device):
         vae = AutoencoderKL(
