@@ -60,3 +60,16 @@ def test_quick_mode_rows_at_a_tiny_size(reference_dir, tmp_path):
     assert any("Composition check, tiny-8" in note for note in ctx.notes)
     claims.plot(rows, str(tmp_path / "claims.png"))
     assert (tmp_path / "claims.png").stat().st_size > 0
+
+
+def test_a_local_sd_vae_checkpoint_replaces_random_weights(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    saved = AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4, **blocks)
+    saved.save_pretrained(tmp_path)
+    monkeypatch.setenv(claims.SD_VAE_ENV, str(tmp_path))
+    setup = claims.quick_setup()
+    loaded = claims._sd_vae(setup, 64, torch.device("cpu"))
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
