@@ -1,14 +1,10 @@
-// CPU implementation of softvq_fast::attention_fwd: checks, then the widest kernel build the CPU
-// runs (attention_avx512.cpp, attention_avx2.cpp, or the portable one compiled here).
-//
-// SOFTVQ_FAST_CPU_ISA=portable|avx2|avx512 forces a build (tests use it to cover every path).
+// CPU implementation of softvq_fast::attention_fwd: checks, then the kernel build chosen by
+// cpu/isa.h (attention_avx512.cpp, attention_avx2.cpp, or the portable one compiled here).
 #include <torch/library.h>
-
-#include <cstdlib>
-#include <string>
 
 #include "attention_op.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -19,31 +15,6 @@
 
 namespace softvq_fast::cpu {
 namespace {
-
-enum class Isa { kPortable, kAvx2, kAvx512 };
-
-Isa best_isa() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kPortable;
-}
-
-Isa chosen_isa() {
-  static const Isa best = best_isa();
-  const char* forced = std::getenv("SOFTVQ_FAST_CPU_ISA");
-  if (forced == nullptr || *forced == '\0') return best;
-  const std::string name(forced);
-  const Isa want = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kPortable;
-  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "portable",
-              "SOFTVQ_FAST_CPU_ISA must be portable, avx2 or avx512, got ", name);
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "SOFTVQ_FAST_CPU_ISA=", name,
-              " but this CPU (or build) does not support it");
-  return want;
-}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, double scale) {

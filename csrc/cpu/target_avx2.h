@@ -1,0 +1,15 @@
+// Opens the AVX2 + FMA target region of a kernel translation unit: include it after
+// every torch header with inline or template code (those keep the default target), then the
+// kernel, then close the region with `#pragma GCC pop_options`. at::vec is compiled in its own
+// namespace (CPU_CAPABILITY) here, so nothing is shared with the default-target code. g++ does
+// not define the ISA macros for a target pragma in C++, and at::vec and sleef.h test them, so
+// they are defined here. GCC on x86-64 only.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#define CPU_CAPABILITY softvq_avx2
+#define CPU_CAPABILITY_AVX2
+#include <ATen/cpu/vec/vec.h>
