@@ -18,6 +18,8 @@
 
 #include <ATen/cpu/vec/functional_base.h>
 
+#include "cpu/register_block.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -57,45 +59,6 @@ inline void prefetch_row(const scalar_t* row, int64_t n) {
 template <typename scalar_t>
 inline void to_float(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// s[r][j0 : j0 + NV*kLanes] = sum_x q[r][x] * kt[x][j0 : ...] for the kRows rows of q.
-template <int64_t NV>
-inline void score_block(const float* q, int64_t ldq, const float* kt, int64_t ldk, int64_t head_dim,
-                        float* s, int64_t lds, int64_t j0) {
-  Vec acc[kRows][NV];
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t c = 0; c < NV; ++c) acc[r][c] = Vec(0.f);
-  for (int64_t x = 0; x < head_dim; ++x) {
-    const float* krow = kt + x * ldk + j0;
-    Vec kv[NV];
-    for (int64_t c = 0; c < NV; ++c) kv[c] = Vec::loadu(krow + c * kLanes);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const Vec qb(q[r * ldq + x]);
-      for (int64_t c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(qb, kv[c], acc[r][c]);
-    }
-  }
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t c = 0; c < NV; ++c) acc[r][c].store(s + r * lds + j0 + c * kLanes);
-}
-
-// o[r][d0 : d0 + NV*kLanes] += sum_{j < keys} p[r][j] * v[j][d0 : ...] for the kRows rows.
-template <int64_t NV>
-inline void value_block(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t keys,
-                        float* o, int64_t ldo, int64_t d0) {
-  Vec acc[kRows][NV];
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t c = 0; c < NV; ++c) acc[r][c] = Vec::loadu(o + r * ldo + d0 + c * kLanes);
-  for (int64_t j = 0; j < keys; ++j) {
-    Vec vv[NV];
-    for (int64_t c = 0; c < NV; ++c) vv[c] = Vec::loadu(v + j * ldv + d0 + c * kLanes);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const Vec pb(p[r * ldp + j]);
-      for (int64_t c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(pb, vv[c], acc[r][c]);
-    }
-  }
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t c = 0; c < NV; ++c) acc[r][c].store(o + r * ldo + d0 + c * kLanes);
 }
 
 // Runs `block.template operator()<NV>(offset)` over [0, padded) (a multiple of kLanes) in steps of
@@ -217,14 +180,17 @@ void forward(const AttentionParams& p) {
                 ldq = p.q_stride[1];
               }
             }
+            // scores (kRows x keys) = q rows . k columns, then softmax, then o += p . v
             for_vector_blocks(keys_pad, [&]<int64_t NV>(int64_t jc) {
-              score_block<NV>(qblock, ldq, kt.data() + j0, ldk, D, sbuf.data(), kKeyBlock, jc);
+              register_block<Vec, kRows, NV>(qblock, ldq, kt.data() + j0 + jc, ldk, D, sbuf.data() + jc, kKeyBlock,
+                                             false);
             });
             for (int64_t r = 0; r < kRows; ++r)
               softmax_row(&sbuf[r * kKeyBlock], keys, keys_pad, p.scale, &obuf[(r0 + r) * dpad], dpad, mrow[r0 + r],
                           lrow[r0 + r]);
             for_vector_blocks(dpad, [&]<int64_t NV>(int64_t d0) {
-              value_block<NV>(sbuf.data(), kKeyBlock, vbuf.data() + j0 * dpad, dpad, keys, &obuf[r0 * dpad], dpad, d0);
+              register_block<Vec, kRows, NV>(sbuf.data(), kKeyBlock, vbuf.data() + j0 * dpad + d0, dpad, keys,
+                                             &obuf[r0 * dpad + d0], dpad, true);
             });
           }
         }

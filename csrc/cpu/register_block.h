@@ -1,0 +1,32 @@
+// The register-blocked product at the heart of the CPU kernels: for ROWS rows of a and NV vectors
+// of b,
+//   c[r][0 : NV * lanes] = (accumulate ? c[r][0 : NV * lanes] : 0)
+//                          + sum_{x < depth} a[r * lda + x] * b[x * ldb + 0 : NV * lanes],
+// with the ROWS x NV accumulators in registers (broadcast-a x vector-b FMAs). Include it inside a
+// kernel's target region (after cpu/target_*.h) so that Vec is that region's at::vec width; the
+// instantiations of different regions are different functions.
+#pragma once
+#include <cstdint>
+
+namespace softvq_fast::cpu {
+
+template <typename Vec, int64_t ROWS, int64_t NV>
+inline void register_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c,
+                           int64_t ldc, bool accumulate) {
+  constexpr int64_t kLanes = Vec::size();
+  Vec acc[ROWS][NV];
+  for (int64_t r = 0; r < ROWS; ++r)
+    for (int64_t v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * kLanes) : Vec(0.f);
+  for (int64_t x = 0; x < depth; ++x) {
+    Vec col[NV];
+    for (int64_t v = 0; v < NV; ++v) col[v] = Vec::loadu(b + x * ldb + v * kLanes);
+    for (int64_t r = 0; r < ROWS; ++r) {
+      const Vec ar(a[r * lda + x]);
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, col[v], acc[r][v]);
+    }
+  }
+  for (int64_t r = 0; r < ROWS; ++r)
+    for (int64_t v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * kLanes);
+}
+
+}  // namespace softvq_fast::cpu
