@@ -61,18 +61,19 @@ inline void to_float(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// Runs `block.template operator()<NV>(offset)` over [0, padded) (a multiple of kLanes) in steps of
-// at most kVecs vectors; one vector left over after a full step is merged into a split
-// (5 = 3 + 2), because a single-vector block keeps too few independent accumulators in flight.
-template <typename Block>
-inline void for_vector_blocks(int64_t padded, const Block& block) {
-  for (int64_t x0 = 0, left = padded / kLanes; left > 0;) {
+// c[r][0 : width] = (accumulate ? c[r][...] : 0) + a[r][0 : depth] . b[0 : depth][0 : width] for
+// kRows rows, width a multiple of kLanes, in register blocks of at most kVecs vectors; one vector
+// left over after a full block is merged into a split (5 = 3 + 2), because a single-vector block
+// keeps too few independent accumulators in flight.
+inline void rows_times_matrix(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c,
+                              int64_t ldc, int64_t width, bool accumulate) {
+  for (int64_t x0 = 0, left = width / kLanes; left > 0;) {
     const int64_t step = left == kVecs + 1 ? (left + 1) / 2 : std::min(left, kVecs);
     switch (step) {
-      case 4: block.template operator()<4>(x0); break;
-      case 3: block.template operator()<3>(x0); break;
-      case 2: block.template operator()<2>(x0); break;
-      default: block.template operator()<1>(x0); break;
+      case 4: register_block<Vec, kRows, 4>(a, lda, b + x0, ldb, depth, c + x0, ldc, accumulate); break;
+      case 3: register_block<Vec, kRows, 3>(a, lda, b + x0, ldb, depth, c + x0, ldc, accumulate); break;
+      case 2: register_block<Vec, kRows, 2>(a, lda, b + x0, ldb, depth, c + x0, ldc, accumulate); break;
+      default: register_block<Vec, kRows, 1>(a, lda, b + x0, ldb, depth, c + x0, ldc, accumulate); break;
     }
     x0 += step * kLanes;
     left -= step;
@@ -181,17 +182,12 @@ void forward(const AttentionParams& p) {
               }
             }
             // scores (kRows x keys) = q rows . k columns, then softmax, then o += p . v
-            for_vector_blocks(keys_pad, [&]<int64_t NV>(int64_t jc) {
-              register_block<Vec, kRows, NV>(qblock, ldq, kt.data() + j0 + jc, ldk, D, sbuf.data() + jc, kKeyBlock,
-                                             false);
-            });
+            rows_times_matrix(qblock, ldq, kt.data() + j0, ldk, D, sbuf.data(), kKeyBlock, keys_pad, false);
             for (int64_t r = 0; r < kRows; ++r)
               softmax_row(&sbuf[r * kKeyBlock], keys, keys_pad, p.scale, &obuf[(r0 + r) * dpad], dpad, mrow[r0 + r],
                           lrow[r0 + r]);
-            for_vector_blocks(dpad, [&]<int64_t NV>(int64_t d0) {
-              register_block<Vec, kRows, NV>(sbuf.data(), kKeyBlock, vbuf.data() + j0 * dpad + d0, dpad, keys,
-                                             &obuf[r0 * dpad + d0], dpad, true);
-            });
+            rows_times_matrix(sbuf.data(), kKeyBlock, vbuf.data() + j0 * dpad, dpad, keys, &obuf[r0 * dpad], dpad, dpad,
+                              true);
           }
         }
 
