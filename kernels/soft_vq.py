@@ -138,6 +138,9 @@ def _grad_z_kernel(
         codes = k0 + tl.arange(0, BLOCK_K)
         code_ok = codes < K
         e = tl.load(E + c * K * D + codes[:, None] * D + dims[None, :], mask=code_ok[:, None] & dim_ok[None, :], other=0.0)
+        # dlogits sum to ~0 over codes (softmax): their products with E cancel, so they meet E in
+        # float32, never rounded to half precision
+        e32 = e.to(tl.float32)
         s = tl.dot(z, tl.trans(e), input_precision=PRECISION) - m[:, None]
         p = tl.exp(s * inv_tau - log_l[:, None])
         g_e = tl.dot(g, tl.trans(e), input_precision=PRECISION)
@@ -149,9 +152,9 @@ def _grad_z_kernel(
             d_s += q * (gc[None, :] - g_h[:, None] * (log_q + h[:, None])) * inv_t
             q = tl.where(code_ok[None, :], q, 0.0)
             q_dot_gc += tl.sum(q * gc[None, :], axis=1)
-            q_acc += tl.dot(q.to(e.dtype), e, input_precision=PRECISION)
+            q_acc += tl.dot(q, e32, input_precision=PRECISION)
         d_s = tl.where(code_ok[None, :], d_s, 0.0)
-        acc += tl.dot(d_s.to(e.dtype), e, input_precision=PRECISION)
+        acc += tl.dot(d_s, e32, input_precision=PRECISION)
     if WITH_ENTROPY:
         acc -= (q_dot_gc * inv_t)[:, None] * q_acc
     tl.store(DZ + tile, acc.to(DZ.dtype.element_ty), mask=tile_ok)

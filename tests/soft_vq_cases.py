@@ -38,8 +38,8 @@ def make_problem(B: int, S: int, C: int, K: int, D: int, l2_norm: bool, device="
 
 def train_step(problem: Problem, backend: str, dtype: torch.dtype, entropy_weight: float = ENTROPY_WEIGHT) -> dict:
     """z_q, stats and the gradients of sum(z_q * grad_output) + entropy_weight * entropy_loss."""
-    z = problem.z.to(dtype).requires_grad_()
-    codebook = problem.codebook.to(dtype).requires_grad_()
+    z = problem.z.to(dtype, copy=True).requires_grad_()
+    codebook = problem.codebook.to(dtype, copy=True).requires_grad_()
     z_q, stats = soft_vq(z, codebook, TAU, l2_norm=problem.l2_norm, return_stats=True, backend=backend)
     loss = (z_q.double() * problem.grad_output).sum() + entropy_weight * stats.entropy_loss.double()
     loss.backward()
@@ -52,10 +52,14 @@ def assert_matches_float64(problem: Problem, backend: str, dtype: torch.dtype, e
     # the float64 reference sees the same (rounded) inputs
     rounded = Problem(problem.z.to(dtype).double(), problem.codebook.to(dtype).double(), problem.grad_output, problem.l2_norm)
     want = train_step(rounded, "reference", torch.float64, entropy_weight)
-    tol = TOLERANCE[dtype]
-    errors = {k: rel_err(got[k], want[k]) for k in ("z_q", "entropy_loss", "max_prob", "cos", "grad_z", "grad_codebook")}
-    bad = {k: e for k, e in errors.items() if not e <= tol}
-    assert not bad, f"{backend} {dtype}: relative errors above {tol}: {bad}"
+    keys = ("z_q", "entropy_loss", "max_prob", "cos", "grad_z", "grad_codebook")
+    # The regulariser divides logits by 0.01, so float32 rounding of the logits alone can cost
+    # ~1e-5 in grad_z: where the float32 reference itself errs that much, allow twice its error.
+    baseline = train_step(problem, "reference", dtype, entropy_weight)
+    tol = {k: max(TOLERANCE[dtype], 2 * rel_err(baseline[k], want[k])) for k in keys}
+    errors = {k: rel_err(got[k], want[k]) for k in keys}
+    bad = {k: f"{e:.2e} > {tol[k]:.2e}" for k, e in errors.items() if not e <= tol[k]}
+    assert not bad, f"{backend} {dtype}: relative errors above tolerance: {bad}"
     agree = (got["indices"] == want["indices"]).double().mean().item()
     if dtype == torch.float32:
         assert agree == 1.0 and torch.equal(got["usage"], want["usage"])

@@ -28,6 +28,20 @@ def test_entropy_gradient_where_the_regulariser_is_soft(backend, l2_norm):
     assert_matches_float64(problem, backend, torch.float32, entropy_weight=50.0)
 
 
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_every_cpu_kernel_build(monkeypatch, isa):
+    """csrc/cpu compiles the kernels per instruction set; SOFTVQ_FAST_CPU_ISA forces one."""
+    monkeypatch.setenv("SOFTVQ_FAST_CPU_ISA", isa)
+    problem = make_problem(2, 12, 2, 150, 24, False)
+    try:
+        soft_vq(problem.z[:1, :2].float(), problem.codebook.float(), TAU, backend="cpu")
+    except RuntimeError as exc:
+        if "does not support it" in str(exc):
+            pytest.skip(f"this CPU cannot run the {isa} build")
+        raise
+    assert_matches_float64(problem, "cpu", torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_cpu(dtype):
     assert_matches_float64(make_problem(2, 8, 2, 50, 16, False), "cpu", dtype)
