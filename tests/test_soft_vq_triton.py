@@ -68,13 +68,13 @@ def _poison_cuda_allocator() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("l2_norm", [False, True])
 def test_triton_cuda_at_training_shape(dtype, l2_norm):
-    """The authors' shape family (C=4, K=8192, D=32) at batch 16, against float64 on the GPU."""
+    """The authors' shape family (C=4, K=8192, D=32) at batch 8, against float64 on the GPU."""
     _poison_cuda_allocator()
-    assert_matches_float64(make_problem(16, 64, 4, 8192, 32, l2_norm, device="cuda"), "triton", dtype)
+    assert_matches_float64(make_problem(8, 64, 4, 8192, 32, l2_norm, device="cuda"), "triton", dtype)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("D", [8, 16, 64, 256])
+@pytest.mark.parametrize("D", [8, 256])  # padded to the 16-wide dot minimum; the largest supported
 def test_triton_cuda_code_dims(D):
     _poison_cuda_allocator()
     assert_matches_float64(make_problem(3, 40, 2, 1000, D, False, device="cuda"), "triton", torch.float32)
