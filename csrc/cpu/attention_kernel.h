@@ -80,13 +80,10 @@ inline void rows_times_matrix(const float* a, int64_t lda, const float* b, int64
   }
 }
 
-// Online softmax of one row of raw scores s[0 : padded): scales them, masks those at or past
-// `keys`, turns them into exp(s * scale - m_new), rescales the row's output accumulator, and
-// updates the running max m and sum l.
-inline void softmax_row(float* s, int64_t keys, int64_t padded, float scale, float* o, int64_t dpad, float& m,
-                        float& l) {
-  const Vec vscale(scale);
-  for (int64_t j = 0; j < padded; j += kLanes) (Vec::loadu(s + j) * vscale).store(s + j);
+// Online softmax of one row of scaled scores s[0 : padded): masks those at or past `keys`, turns
+// them into exp(s - m_new), rescales the row's output accumulator, and updates the running max m
+// and sum l.
+inline void softmax_row(float* s, int64_t keys, int64_t padded, float* o, int64_t dpad, float& m, float& l) {
   std::fill(s + keys, s + padded, -std::numeric_limits<float>::infinity());
   Vec vmax(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < padded; j += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
@@ -110,18 +107,18 @@ inline void softmax_row(float* s, int64_t keys, int64_t padded, float scale, flo
   m = m_new;
 }
 
-// Packs keys and values of one head: kt[x][j] = k[j][x] (row stride ldk) and v[j][x] (row stride
-// dpad, zero past the head dim).
+// Packs keys and values of one head: kt[x][j] = k[j][x] * scale (row stride ldk; the softmax scale
+// is folded in here) and v[j][x] (row stride dpad, zero past the head dim).
 template <typename scalar_t>
 void pack_keys_values(const scalar_t* kh, int64_t k_row, const scalar_t* vh, int64_t v_row, int64_t keys,
-                      int64_t head_dim, float* kt, int64_t ldk, float* vbuf, int64_t dpad) {
+                      int64_t head_dim, float scale, float* kt, int64_t ldk, float* vbuf, int64_t dpad) {
   for (int64_t j = 0; j < keys; ++j) {
     if (j + kPrefetchRows < keys) {
       prefetch_row(kh + (j + kPrefetchRows) * k_row, head_dim);
       prefetch_row(vh + (j + kPrefetchRows) * v_row, head_dim);
     }
     const scalar_t* krow = kh + j * k_row;
-    for (int64_t x = 0; x < head_dim; ++x) kt[x * ldk + j] = static_cast<float>(krow[x]);
+    for (int64_t x = 0; x < head_dim; ++x) kt[x * ldk + j] = static_cast<float>(krow[x]) * scale;
     to_float(vh + j * v_row, vbuf + j * dpad, head_dim);
   }
   for (int64_t x = 0; x < head_dim; ++x) std::fill(kt + x * ldk + keys, kt + (x + 1) * ldk, 0.f);
@@ -155,7 +152,7 @@ void forward(const AttentionParams& p) {
       const int64_t block_end = std::min(q_blocks, (task % splits + 1) * blocks_per_task);
       const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[2];
       pack_keys_values(k + b * p.k_stride[0] + h * p.k_stride[2], p.k_stride[1], v + b * p.v_stride[0] + h * p.v_stride[2],
-                       p.v_stride[1], Sk, D, kt.data(), ldk, vbuf.data(), dpad);
+                       p.v_stride[1], Sk, D, p.scale, kt.data(), ldk, vbuf.data(), dpad);
 
       for (int64_t qb = task % splits * blocks_per_task; qb < block_end; ++qb) {
         const int64_t i0 = qb * kQueryBlock, rows = std::min(kQueryBlock, Sq - i0);
@@ -184,7 +181,7 @@ void forward(const AttentionParams& p) {
             // scores (kRows x keys) = q rows . k columns, then softmax, then o += p . v
             rows_times_matrix(qblock, ldq, kt.data() + j0, ldk, D, sbuf.data(), kKeyBlock, keys_pad, false);
             for (int64_t r = 0; r < kRows; ++r)
-              softmax_row(&sbuf[r * kKeyBlock], keys, keys_pad, p.scale, &obuf[(r0 + r) * dpad], dpad, mrow[r0 + r],
+              softmax_row(&sbuf[r * kKeyBlock], keys, keys_pad, &obuf[(r0 + r) * dpad], dpad, mrow[r0 + r],
                           lrow[r0 + r]);
             rows_times_matrix(sbuf.data(), kKeyBlock, vbuf.data() + j0 * dpad, dpad, keys, &obuf[r0 * dpad], dpad, dpad,
                               true);
