@@ -1,12 +1,16 @@
 """GPU telemetry during a run with nvidia-ml-py (NVML): energy from the board's cumulative
 energy counter (not the 1 s averaged power reading), and power, memory, SM clock and
-utilisation sampled by a background thread. On the CPU, or without NVML, `summary()` says why
-there is nothing."""
+utilisation sampled by a background thread. Work inside `span(label)` is also accounted to that
+label (energy counter read around it, samples tagged with it), so interleaved runs of several
+workloads each get their own figures. On the CPU, or without NVML, `summary()` says why there is
+nothing."""
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -17,6 +21,9 @@ class Samples:
     memory_gib: list[float] = field(default_factory=list)
     sm_clock_mhz: list[float] = field(default_factory=list)
     utilization_pct: list[float] = field(default_factory=list)
+    energy_j: float = 0.0  # spans only: summed counter deltas
+    energy_complete: bool = True  # False when a counter read failed
+    spans: int = 0
 
 
 def _mean(values: list[float]) -> float | None:
@@ -24,12 +31,15 @@ def _mean(values: list[float]) -> float | None:
 
 
 class GpuTelemetry:
-    """Context manager: `with GpuTelemetry(device) as telemetry: run()`, then `telemetry.summary()`."""
+    """`with GpuTelemetry(device) as telemetry: run()`, then `telemetry.summary()`; inside,
+    `with telemetry.span("name"): work()` for `telemetry.summary("name")`."""
 
     def __init__(self, device: torch.device, interval_s: float = 0.02) -> None:
         self.device, self.interval_s = device, interval_s
         self.unavailable: str | None = None
         self.samples = Samples()
+        self.labelled: dict[str, Samples] = {}
+        self._label: str | None = None
         self._handle = None
         self._nvml = None
         self._stop = threading.Event()
@@ -68,12 +78,21 @@ class GpuTelemetry:
         nvml, handle = self._nvml, self._handle
         while not self._stop.is_set():
             try:
-                self.samples.power_w.append(nvml.nvmlDeviceGetPowerUsage(handle) / 1e3)
-                self.samples.memory_gib.append(nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30)
-                self.samples.sm_clock_mhz.append(float(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)))
-                self.samples.utilization_pct.append(float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+                values = (
+                    nvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+                    nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30,
+                    float(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
+                    float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                )
             except nvml.NVMLError:
-                pass
+                values = None
+            label = self._label
+            targets = [self.samples] + ([self.labelled[label]] if label is not None else [])
+            for target in targets if values else []:
+                target.power_w.append(values[0])
+                target.memory_gib.append(values[1])
+                target.sm_clock_mhz.append(values[2])
+                target.utilization_pct.append(values[3])
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "GpuTelemetry":
@@ -95,20 +114,49 @@ class GpuTelemetry:
                 self.energy_j = (end - self._energy_start_mj) / 1e3
         self.seconds = time.perf_counter() - self._start
 
-    def summary(self) -> dict[str, float | str | None]:
-        """energy_j (counter; power x time if the counter is unsupported), mean_power_w,
+    @contextmanager
+    def span(self, label: str) -> Iterator[None]:
+        """Account the work inside (synchronised at both ends) to `label`."""
+        samples = self.labelled.setdefault(label, Samples())
+        samples.spans += 1
+        if self.unavailable is not None:
+            yield
+            return
+        torch.cuda.synchronize(self.device)
+        start = self._energy_mj()
+        self._label = label
+        try:
+            yield
+            torch.cuda.synchronize(self.device)
+        finally:
+            self._label = None
+        end = self._energy_mj()
+        if start is None or end is None:
+            samples.energy_complete = False
+        else:
+            samples.energy_j += (end - start) / 1e3
+
+    def summary(self, label: str | None = None) -> dict[str, float | str | None]:
+        """For the whole run, or the spans of `label`: energy_j (counter; for the whole run
+        power x time if the counter is unsupported), energy_per_span_j (labels), mean_power_w,
         peak_memory_gib (device-wide), mean_sm_clock_mhz, mean_utilization_pct."""
         if self.unavailable is not None:
             return {"telemetry": self.unavailable}
-        mean_power = _mean(self.samples.power_w)
-        energy, source = self.energy_j, "counter"
-        if energy is None and mean_power is not None:
-            energy, source = mean_power * self.seconds, "sampled power x time"
-        return {
-            "energy_j": energy,
-            "energy_source": source,
-            "mean_power_w": mean_power,
-            "peak_memory_gib": max(self.samples.memory_gib, default=None),
-            "mean_sm_clock_mhz": _mean(self.samples.sm_clock_mhz),
-            "mean_utilization_pct": _mean(self.samples.utilization_pct),
-        }
+        samples = self.samples if label is None else self.labelled[label]
+        mean_power = _mean(samples.power_w)
+        result: dict[str, float | str | None] = {}
+        if label is None:
+            energy, source = self.energy_j, "counter"
+            if energy is None and mean_power is not None:
+                energy, source = mean_power * self.seconds, "sampled power x time"
+            result.update(energy_j=energy, energy_source=source)
+        else:
+            energy = samples.energy_j if samples.energy_complete else None
+            result.update(energy_j=energy, energy_per_span_j=energy / samples.spans if energy is not None else None)
+        result.update(
+            mean_power_w=mean_power,
+            peak_memory_gib=max(samples.memory_gib, default=None),
+            mean_sm_clock_mhz=_mean(samples.sm_clock_mhz),
+            mean_utilization_pct=_mean(samples.utilization_pct),
+        )
+        return result

@@ -73,3 +73,59 @@ def test_a_local_sd_vae_checkpoint_replaces_random_weights(tmp_path, monkeypatch
     loaded = claims._sd_vae(setup, 64, torch.device("cpu"))
     for name, tensor in saved.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+class _FakeNvml:
+    """Enough of pynvml for GpuTelemetry: an energy counter that grows 1000 mJ per read."""
+
+    NVML_CLOCK_SM = 1
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        self.energy_mj = 0
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return "handle"
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        self.energy_mj += 1000
+        return self.energy_mj
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 300_000
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Memory", (), {"used": 3 * 2**30})()
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        return 1980
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return type("Rates", (), {"gpu": 97})()
+
+
+def test_gpu_telemetry_accounts_spans_with_a_fake_nvml(monkeypatch):
+    import sys
+    import time
+
+    from softvq_fast.telemetry import GpuTelemetry
+
+    fake = _FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("Props", (), {"uuid": "abc"})())
+    with GpuTelemetry(torch.device("cuda"), interval_s=0.001) as telemetry:
+        for _ in range(3):
+            with telemetry.span("work"):
+                time.sleep(0.01)
+    work = telemetry.summary("work")
+    assert work["energy_j"] == 3.0 and work["energy_per_span_j"] == 1.0  # one 1 J counter step per span
+    assert work["mean_power_w"] == 300 and work["mean_sm_clock_mhz"] == 1980 and work["peak_memory_gib"] == 3
+    whole = telemetry.summary()
+    assert whole["energy_source"] == "counter" and whole["energy_j"] == 7.0  # 8 counter reads
+    assert GpuTelemetry(torch.device("cpu")).summary() == {"telemetry": "no GPU telemetry on cpu"}

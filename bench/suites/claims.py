@@ -24,14 +24,17 @@ generators, not the paper's setting.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from bench.measure import Timing, time_fn
+from bench.measure import Timing, synchronize
 
 TITLE = "Paper claims: SiT throughput on SoftVQ 1-D tokens vs SD-VAE latents"
 PAPER_CLAIMS = {(256, 32): 18.0, (512, 64): 55.0}
@@ -159,16 +162,34 @@ class Measured:
     energy_per_call_j: float | None
 
 
-def _measure(fn: Callable[[], Any], device: torch.device, setup: Setup) -> Measured:
+def _round_robin(fns: dict[str, Callable[[], Any]], device: torch.device, setup: Setup) -> dict[str, Measured]:
+    """Warm every workload up, then time them in turns, one call of each per round, so that load
+    or clock drift (a shared CPU, a warming GPU) hits all of them alike. Median per workload;
+    after three rounds, stops once max_seconds per workload have passed."""
     from softvq_fast.telemetry import GpuTelemetry
 
-    for _ in range(setup.warmup):
-        fn()
+    for fn in fns.values():
+        for _ in range(setup.warmup):
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in fns}
     with GpuTelemetry(device) as telemetry:
-        timing = time_fn(fn, device, warmup=0, repeats=setup.repeats, max_seconds=setup.max_seconds)
-    summary = telemetry.summary()
-    energy = summary.get("energy_j")
-    return Measured(timing, summary, energy / timing.repeats if energy is not None else None)
+        start = time.perf_counter()
+        for round_index in range(setup.repeats):
+            for key, fn in fns.items():
+                with telemetry.span(key):
+                    synchronize(device)
+                    began = time.perf_counter()
+                    fn()
+                    synchronize(device)
+                    times[key].append((time.perf_counter() - began) * 1e3)
+            if round_index >= 2 and time.perf_counter() - start > setup.max_seconds * len(fns):
+                break
+    measured = {}
+    for key, samples in times.items():
+        summary = telemetry.summary(key)
+        timing = Timing(statistics.median(samples), min(samples), len(samples))
+        measured[key] = Measured(timing, summary, summary.get("energy_per_span_j"))
+    return measured
 
 
 def _sd_vae(setup: Setup, resolution: int, device: torch.device):
@@ -225,63 +246,72 @@ class System:
         )
 
 
-def _time_steps(
-    model, batch: int, device: torch.device, setup: Setup, decode: Callable[[torch.Tensor], Any] | None = None
-) -> tuple[dict[bool, Measured], float | None]:
-    """Step timings without and with CFG; with `decode`, also the measured time of a real
-    CHECK_STEPS-step Euler run with CFG plus decode (to check the composed figures)."""
-    from softvq_fast.sampling import ConditionalModel, sample_flow
+def _step_calls(model, labels: torch.Tensor, device: torch.device) -> dict[bool, Callable[[], Any]]:
+    """One sampling step (at t = 0.5) without and with CFG, keyed by CFG on/off."""
+    from softvq_fast.sampling import ConditionalModel
 
-    labels = torch.randint(0, 1000, (batch,), device=device)
-    x = torch.randn(batch, *model.latent_shape, device=device)
-    out = {}
+    x = torch.randn(labels.shape[0], *model.latent_shape, device=device)
+    calls = {}
     for cfg in (False, True):
         step = ConditionalModel(model, labels, cfg_scale=CFG_SCALE if cfg else 1.0, cuda_graph=device.type == "cuda")
-        out[cfg] = _measure(lambda: step(x, 0.5), device, setup)
-    if decode is None:
-        return out, None
-    run = _measure(lambda: decode(sample_flow(step, x, steps=CHECK_STEPS)), device, setup)
-    return out, run.timing.median_ms
+        calls[cfg] = functools.partial(step, x, 0.5)
+    return calls
+
+
+def _sampling_run(model, labels: torch.Tensor, device: torch.device, decode: Callable[[torch.Tensor], Any]) -> Callable[[], Any]:
+    """A real CHECK_STEPS-step Euler run with CFG, then decode: checks the composed figures."""
+    from softvq_fast.sampling import ConditionalModel, sample_flow
+
+    step = ConditionalModel(model, labels, cfg_scale=CFG_SCALE, cuda_graph=device.type == "cuda")
+    noise = torch.randn(labels.shape[0], *model.latent_shape, device=device)
+    return lambda: decode(sample_flow(step, noise, steps=CHECK_STEPS))
 
 
 def _measure_systems(setup: Setup, resolution: int, device: torch.device) -> list[System]:
+    """Build every system of one resolution, then time all sampling steps in one round robin
+    and all decoders in another."""
     depth, hidden, _ = setup.generator
     batch = setup.batch[resolution]
-    systems = []
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    autocast = None if setup.dtype == torch.float32 else setup.dtype
+    steps: dict[str, Callable[[], Any]] = {}
+    decodes: dict[str, Callable[[], Any]] = {}
+    described = []  # (key, name, tokens, generator FLOPs, decode FLOPs, decoder key)
     with torch.inference_mode():
         vae = _sd_vae(setup, resolution, device)
         latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device, dtype=setup.dtype)
         _, sd_flops = counted_flops(lambda: vae.decode(latents[:1] / SD_VAE_SCALE).sample)
-        sd_decode = _measure(lambda: vae.decode(latents / SD_VAE_SCALE).sample, device, setup)
-        del vae
+        decodes["SD-VAE"] = lambda: vae.decode(latents / SD_VAE_SCALE).sample
         for key, patch in (("a", 2), ("b", 1)):
             model = _generator(setup, device, input_size=resolution // 8, patch_size=patch, in_channels=4)
-            tokens = model.num_tokens
-            steps, _ = _time_steps(model, batch, device, setup)
-            systems.append(
-                System(key, f"SD-VAE + {setup.generator_name}/{patch} ({key})", tokens,
-                       generator_flops(depth, hidden, tokens, 4, patch), sd_flops, steps, sd_decode, batch)
-            )
-            del model
+            for cfg, call in _step_calls(model, labels, device).items():
+                steps[f"{key}/{cfg}"] = call
+            name = f"SD-VAE + {setup.generator_name}/{patch} ({key})"
+            described.append((key, name, model.num_tokens, generator_flops(depth, hidden, model.num_tokens, 4, patch), sd_flops, "SD-VAE"))
         for name, factory in setup.tokenizers[resolution]:
             with torch.device(device):  # initialise the random weights on the device
                 tokenizer = factory()
             tokenizer = tokenizer.to(device).eval()
-            config = tokenizer.config
-            tokens, channels = config.num_latent_tokens, config.codebook_embed_dim
-            autocast = None if setup.dtype == torch.float32 else setup.dtype
+            tokens, channels = tokenizer.config.num_latent_tokens, tokenizer.config.codebook_embed_dim
+            decode = functools.partial(tokenizer.decode, autocast_dtype=autocast)
             z = torch.randn(batch, tokens, channels, device=device)
-            _, flops = counted_flops(lambda: tokenizer.decode(z[:1], autocast_dtype=autocast))
-            decode = _measure(lambda: tokenizer.decode(z, autocast_dtype=autocast), device, setup)
+            _, flops = counted_flops(lambda: decode(z[:1]))
+            decodes[name] = functools.partial(decode, z)
             model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
-            steps, check_ms = _time_steps(
-                model, batch, device, setup, lambda x: tokenizer.decode(x, autocast_dtype=autocast)
-            )
-            systems.append(
-                System(name, f"{name} + {setup.generator_name}/1", tokens, generator_flops(depth, hidden, tokens, channels, 1),
-                       flops, steps, decode, batch, check_ms)
-            )
-            del model, tokenizer
+            for cfg, call in _step_calls(model, labels, device).items():
+                steps[f"{name}/{cfg}"] = call
+            steps[f"{name}/check"] = _sampling_run(model, labels, device, decode)
+            described.append((name, f"{name} + {setup.generator_name}/1", tokens,
+                              generator_flops(depth, hidden, tokens, channels, 1), flops, name))
+        step_times = _round_robin(steps, device, setup)
+        decode_times = _round_robin(decodes, device, setup)
+    systems = []
+    for key, name, tokens, gen_flops, dec_flops, decoder in described:
+        check = step_times.get(f"{key}/check")
+        systems.append(
+            System(key, name, tokens, gen_flops, dec_flops, {cfg: step_times[f"{key}/{cfg}"] for cfg in (False, True)},
+                   decode_times[decoder], batch, check.timing.median_ms if check else None)
+        )
     return systems
 
 
@@ -360,15 +390,15 @@ def stack_comparison(setup: Setup, device: torch.device, batch: int, tokens: int
         model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
         labels = torch.randint(0, 1000, (batch,), device=device)
         x = torch.randn(batch, tokens, channels, device=device)
-        timings = {}
-        for name, attention, norm, graph in (
-            ("plain eager (SDPA, torch LayerNorm)", "sdpa", "reference", False),
-            ("softvq-fast", "auto", "auto", device.type == "cuda"),
-        ):
-            model.set_backends(attention=attention, layernorm_modulate=norm)
-            step = ConditionalModel(model, labels, cfg_scale=CFG_SCALE, cuda_graph=graph)
-            timings[name] = _measure(lambda: step(x, 0.5), device, setup).timing.median_ms
-    plain, ours = timings.values()
+        plain_model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
+        plain_model.load_state_dict(model.state_dict())
+        plain_model.set_backends(attention="sdpa", layernorm_modulate="reference")
+        calls = {
+            "plain": ConditionalModel(plain_model, labels, cfg_scale=CFG_SCALE),
+            "ours": ConditionalModel(model, labels, cfg_scale=CFG_SCALE, cuda_graph=device.type == "cuda"),
+        }
+        timings = _round_robin({key: functools.partial(call, x, 0.5) for key, call in calls.items()}, device, setup)
+    plain, ours = timings["plain"].timing.median_ms, timings["ours"].timing.median_ms
     return (
         f"Sampling step of {setup.generator_name}/1 on {tokens} tokens, batch {batch} with CFG, "
         f"{str(setup.dtype).replace('torch.', '')}: plain eager {plain:.2f} ms, softvq-fast {ours:.2f} ms "
