@@ -26,18 +26,24 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _tile(c, first, count, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Items [first, first + BLOCK) x dims [0, BLOCK_D) of slice c of a contiguous (C, count, D)
+    tensor: (offsets, mask, item indices, item mask)."""
+    items = first + tl.arange(0, BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    item_ok = items < count
+    return c * count * D + items[:, None] * D + dims[None, :], item_ok[:, None] & (dims < D)[None, :], items, item_ok
+
+
+@triton.jit
 def _forward_kernel(
     Z, E, ZQ, STATS, IDX, M, K, D, inv_tau, inv_t,
     WITH_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < M
-    dim_ok = dims < D
-    z = tl.load(Z + c * M * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    tile, tile_ok, rows, row_ok = _tile(c, tl.program_id(0) * BLOCK_M, M, D, BLOCK_M, BLOCK_D)
+    z = tl.load(Z + tile, mask=tile_ok, other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -45,9 +51,8 @@ def _forward_kernel(
     ent = tl.zeros((BLOCK_M,), tl.float32)  # sum_j w_j (s_j - m) / T with w_j = exp((s_j - m) / T)
     best = tl.zeros((BLOCK_M,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_ok = codes < K
-        e = tl.load(E + c * K * D + codes[:, None] * D + dims[None, :], mask=code_ok[:, None] & dim_ok[None, :], other=0.0)
+        e_tile, e_ok, codes, code_ok = _tile(c, k0, K, D, BLOCK_K, BLOCK_D)
+        e = tl.load(E + e_tile, mask=e_ok, other=0.0)
         s = tl.dot(z, tl.trans(e), input_precision=PRECISION)
         s = tl.where(code_ok[None, :], s, float("-inf"))
         block_max = tl.max(s, axis=1)
@@ -67,8 +72,7 @@ def _forward_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(e.dtype), e, input_precision=PRECISION)
         m_i = m_new
     z_q = acc / l_i[:, None]
-    tl.store(ZQ + c * M * D + rows[:, None] * D + dims[None, :], z_q.to(ZQ.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(ZQ + tile, z_q.to(ZQ.dtype.element_ty), mask=tile_ok)
     stat = STATS + c * M + rows
     rows_total = tl.num_programs(1) * M
     tl.store(stat, m_i, mask=row_ok)
@@ -85,19 +89,14 @@ def _column_sum_kernel(
     Z, E, STATS, COLSUM, M, K, D, inv_t,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
     c = tl.program_id(1)
-    codes = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    dims = tl.arange(0, BLOCK_D)
-    code_ok = codes < K
-    dim_ok = dims < D
-    e = tl.load(E + c * K * D + codes[:, None] * D + dims[None, :], mask=code_ok[:, None] & dim_ok[None, :], other=0.0)
+    e_tile, e_ok, codes, code_ok = _tile(c, tl.program_id(0) * BLOCK_K, K, D, BLOCK_K, BLOCK_D)
+    e = tl.load(E + e_tile, mask=e_ok, other=0.0)
     rows_total = tl.num_programs(1) * M
     total = tl.zeros((BLOCK_K,), tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        z = tl.load(Z + c * M * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        tile, tile_ok, rows, row_ok = _tile(c, m0, M, D, BLOCK_M, BLOCK_D)
+        z = tl.load(Z + tile, mask=tile_ok, other=0.0)
         m = tl.load(STATS + c * M + rows, mask=row_ok, other=0.0)
         log_t = tl.load(STATS + 2 * rows_total + c * M + rows, mask=row_ok, other=0.0)
         s = tl.dot(e, tl.trans(z), input_precision=PRECISION)
@@ -112,14 +111,8 @@ def _grad_z_kernel(
     WITH_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < M
-    dim_ok = dims < D
-    tile = c * M * D + rows[:, None] * D + dims[None, :]
-    tile_ok = row_ok[:, None] & dim_ok[None, :]
+    tile, tile_ok, rows, row_ok = _tile(c, tl.program_id(0) * BLOCK_M, M, D, BLOCK_M, BLOCK_D)
     z = tl.load(Z + tile, mask=tile_ok, other=0.0)
     g = tl.load(G + tile, mask=tile_ok, other=0.0)
     g_dot_zq = tl.sum(g.to(tl.float32) * tl.load(ZQ + tile, mask=tile_ok, other=0.0).to(tl.float32), axis=1)
@@ -135,9 +128,8 @@ def _grad_z_kernel(
         q_acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # sum_j q_j E_j
         q_dot_gc = tl.zeros((BLOCK_M,), tl.float32)  # sum_j q_j G_j
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_ok = codes < K
-        e = tl.load(E + c * K * D + codes[:, None] * D + dims[None, :], mask=code_ok[:, None] & dim_ok[None, :], other=0.0)
+        e_tile, e_ok, codes, code_ok = _tile(c, k0, K, D, BLOCK_K, BLOCK_D)
+        e = tl.load(E + e_tile, mask=e_ok, other=0.0)
         # dlogits sum to ~0 over codes (softmax): their products with E cancel, so they meet E in
         # float32, never rounded to half precision
         e32 = e.to(tl.float32)
@@ -165,22 +157,13 @@ def _grad_codebook_kernel(
     G, Z, E, STATS, DE, M, K, D, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
     c = tl.program_id(1)
-    codes = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    dims = tl.arange(0, BLOCK_D)
-    code_ok = codes < K
-    dim_ok = dims < D
-    e_tile = c * K * D + codes[:, None] * D + dims[None, :]
-    e_ok = code_ok[:, None] & dim_ok[None, :]
+    e_tile, e_ok, codes, code_ok = _tile(c, tl.program_id(0) * BLOCK_K, K, D, BLOCK_K, BLOCK_D)
     e = tl.load(E + e_tile, mask=e_ok, other=0.0)
     rows_total = tl.num_programs(1) * M
     acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
     for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        tile = c * M * D + rows[:, None] * D + dims[None, :]
-        tile_ok = row_ok[:, None] & dim_ok[None, :]
+        tile, tile_ok, rows, row_ok = _tile(c, m0, M, D, BLOCK_M, BLOCK_D)
         z = tl.load(Z + tile, mask=tile_ok, other=0.0)
         g = tl.load(G + tile, mask=tile_ok, other=0.0)
         m = tl.load(STATS + c * M + rows, mask=row_ok, other=0.0)

@@ -1,16 +1,16 @@
 // CPU implementation of softvq_fast::soft_vq_cpu_forward / soft_vq_cpu_backward (the fused `cpu`
 // backend of softvq_fast.ops.soft_vq): argument checks, float32 packing (code dim padded to a
 // multiple of 16, codebook padded to whole code blocks and transposed once per call: O(C*K*D)),
-// then the widest kernel build the CPU runs. SOFTVQ_FAST_CPU_ISA=portable|avx2|avx512 forces one.
+// then the kernel build chosen by cpu/isa.h (soft_vq_avx512.cpp, soft_vq_avx2.cpp, or the portable
+// one compiled here).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
 #include <tuple>
 
+#include "cpu/isa.h"
 #include "cpu/soft_vq_cpu.h"
 #define SOFTVQ_CPU_ISA portable
 #include "cpu/soft_vq_kernel.h"
@@ -18,27 +18,6 @@
 
 namespace softvq_fast::cpu {
 namespace {
-
-enum class SoftVQIsa { kPortable, kAvx2, kAvx512 };
-
-SoftVQIsa soft_vq_isa() {
-  SoftVQIsa best = SoftVQIsa::kPortable;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = SoftVQIsa::kAvx2;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    best = SoftVQIsa::kAvx512;
-#endif
-  const char* forced = std::getenv("SOFTVQ_FAST_CPU_ISA");
-  if (forced == nullptr || *forced == '\0') return best;
-  const std::string name(forced);
-  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "portable",
-              "SOFTVQ_FAST_CPU_ISA must be portable, avx2 or avx512, got ", name);
-  const SoftVQIsa want = name == "avx512" ? SoftVQIsa::kAvx512 : name == "avx2" ? SoftVQIsa::kAvx2 : SoftVQIsa::kPortable;
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "SOFTVQ_FAST_CPU_ISA=", name,
-              " but this CPU (or build) does not support it");
-  return want;
-}
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -84,10 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_vq_cpu_forward(
   at::Tensor indices = at::zeros({p.C, p.M}, packed.z.options().dtype(at::kLong));
   const SoftVQForwardOut out{z_q.data_ptr<float>(), row_stats.data_ptr<float>(), column_sum.data_ptr<float>(),
                              indices.data_ptr<int64_t>(), with_stats};
-  switch (soft_vq_isa()) {
+  switch (chosen_isa()) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    case SoftVQIsa::kAvx512: avx512::soft_vq_forward(p, out); break;
-    case SoftVQIsa::kAvx2: avx2::soft_vq_forward(p, out); break;
+    case Isa::kAvx512: avx512::soft_vq_forward(p, out); break;
+    case Isa::kAvx2: avx2::soft_vq_forward(p, out); break;
 #endif
     default: portable::soft_vq_forward(p, out); break;
   }
@@ -115,10 +94,10 @@ std::tuple<at::Tensor, at::Tensor> soft_vq_cpu_backward(
   const SoftVQBackwardIn b{g.data_ptr<float>(), grad_h.data_ptr<float>(), grad_c.data_ptr<float>(),
                            zq.data_ptr<float>(), stats.data_ptr<float>(), with_entropy,
                            grad_z.data_ptr<float>(), grad_codebook.data_ptr<float>()};
-  switch (soft_vq_isa()) {
+  switch (chosen_isa()) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    case SoftVQIsa::kAvx512: avx512::soft_vq_backward(p, b); break;
-    case SoftVQIsa::kAvx2: avx2::soft_vq_backward(p, b); break;
+    case Isa::kAvx512: avx512::soft_vq_backward(p, b); break;
+    case Isa::kAvx2: avx2::soft_vq_backward(p, b); break;
 #endif
     default: portable::soft_vq_backward(p, b); break;
   }

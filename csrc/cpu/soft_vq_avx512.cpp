@@ -1,7 +1,5 @@
-// The AVX-512 (F, BW, VL, DQ) build of the CPU soft-VQ kernels (chosen at run time by soft_vq.cpp);
-// the same target setup as attention_avx512.cpp.
+// The AVX-512 (F, BW, VL, DQ) build of the CPU soft-VQ kernels (chosen at run time by soft_vq.cpp).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// Everything with inline or template code is included before the target pragma.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -14,20 +12,7 @@
 #include <vector>
 
 #include "cpu/soft_vq_cpu.h"
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#define __AVX512F__ 1
-#define __AVX512BW__ 1
-#define __AVX512VL__ 1
-#define __AVX512DQ__ 1
-#define CPU_CAPABILITY softvq_avx512
-#define CPU_CAPABILITY_AVX512
-#include <ATen/cpu/vec/vec.h>
+#include "cpu/target_avx512.h"
 #define SOFTVQ_CPU_ISA avx512
 #include "cpu/soft_vq_kernel.h"
 #pragma GCC pop_options
