@@ -89,3 +89,11 @@ def test_triton_cuda_tf32_and_compile():
     assert rel_err(z_q, want) <= 1e-2  # tf32: ~3e-4 on the logits, amplified by 1 / tau
     compiled = torch.compile(lambda z, c: soft_vq(z, c, TAU, l2_norm=True, backend="triton"), fullgraph=True)
     assert rel_err(compiled(z, codebook), want) <= 1e-5
+
+
+def test_triton_custom_op_passes_opcheck(small_blocks):
+    from softvq_fast.ops.soft_vq import soft_vq_forward
+
+    z = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
+    codebook = torch.randn(2, 21, 16, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(soft_vq_forward, (z, codebook, TAU, 0.01, True, "triton", False))
