@@ -43,18 +43,8 @@ inline int64_t key_block(int64_t keys, int64_t dpad) {
   return keys <= kKeyBlock ? keys : std::clamp<int64_t>(4096 / dpad / 16 * 16, 16, kKeyBlock);
 }
 constexpr int64_t kQueryBlock = 128;  // query rows per task
-constexpr int64_t kPrefetchRows = 4;  // k/v rows fetched ahead while packing
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Rows are far apart in the qkv layout (stride 3 * H * D), which the hardware prefetcher does not
-// follow: fetch every cache line of a row a few rows ahead.
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(scalar_t)); offset += 64)
-    __builtin_prefetch(bytes + offset);
-}
 
 template <typename scalar_t>
 inline void to_float(const scalar_t* src, float* dst, int64_t n) {
@@ -113,10 +103,6 @@ template <typename scalar_t>
 void pack_keys_values(const scalar_t* kh, int64_t k_row, const scalar_t* vh, int64_t v_row, int64_t keys,
                       int64_t head_dim, float scale, float* kt, int64_t ldk, float* vbuf, int64_t dpad) {
   for (int64_t j = 0; j < keys; ++j) {
-    if (j + kPrefetchRows < keys) {
-      prefetch_row(kh + (j + kPrefetchRows) * k_row, head_dim);
-      prefetch_row(vh + (j + kPrefetchRows) * v_row, head_dim);
-    }
     const scalar_t* krow = kh + j * k_row;
     for (int64_t x = 0; x < head_dim; ++x) kt[x * ldk + j] = static_cast<float>(krow[x]) * scale;
     to_float(vh + j * v_row, vbuf + j * dpad, head_dim);
@@ -171,8 +157,6 @@ void forward(const AttentionParams& p) {
             const float* qblock = &qbuf[r0 * dpad];
             int64_t ldq = dpad;
             if constexpr (kInPlace) {
-              for (int64_t i = r0 + kRows; i < std::min(r0 + 2 * kRows, packed_from); ++i)
-                prefetch_row(qh + (i0 + i) * p.q_stride[1], D);
               if (r0 < packed_from) {
                 qblock = qh + (i0 + r0) * p.q_stride[1];
                 ldq = p.q_stride[1];
