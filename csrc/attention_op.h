@@ -21,6 +21,7 @@ inline std::tuple<at::Tensor, at::Tensor, AttentionParams> prepare_attention(
               "attention_fwd: k/v shape ", k.sizes(), " does not match q shape ", q.sizes(),
               " in batch, heads or head_dim");
   TORCH_CHECK(k.size(1) > 0, "attention_fwd: k and v need at least one key");
+  TORCH_CHECK(q.size(3) > 0, "attention_fwd: head_dim must be positive");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "attention_fwd: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());

@@ -179,6 +179,14 @@ def test_bad_inputs_name_the_argument():
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(0, 5, 5, 2, 16), (2, 0, 5, 2, 16), (2, 5, 5, 0, 16)], ids=["batch0", "q0", "heads0"])
+def test_empty_inputs_give_empty_outputs(shape):
+    q, k, v, _ = _qkv(*shape, torch.float32)
+    out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, 1.0)
+    assert out.shape == q.shape and lse.shape == (shape[0], shape[3], shape[1])
+
+
+@needs_kernel
 def test_kernel_op_checks_shapes():
     q, k, v, _ = _qkv(1, 5, 5, 2, 16, torch.float32)
     with pytest.raises(RuntimeError, match="does not match q shape"):

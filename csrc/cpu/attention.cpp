@@ -23,6 +23,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "attention_fwd (cpu): dtype must be float32 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK(q.size(3) <= 256, "attention_fwd (cpu): head_dim must be <= 256, got ", q.size(3));
+  if (out.numel() == 0) return {out, lse};
   const Precision precision = q.scalar_type() == at::kBFloat16 ? Precision::kBFloat16 : Precision::kFloat32;
   switch (chosen_isa()) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
