@@ -63,6 +63,8 @@ class Setup:
     repeats: int = 5
     max_seconds: float = 5.0
     stack_batches: tuple[int, ...] = (1,)
+    # A later resolution is skipped (with a note) when the earlier ones took more than this share of it.
+    time_budget_s: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,6 +92,7 @@ def full_setup() -> Setup:
             512: [("SoftVQ-L-32", _preset_factory("softvq-l-32-512")), ("SoftVQ-L-64", _preset_factory("softvq-l-64-512"))],
         },
         stack_batches=(8, 256),
+        time_budget_s=80.0,
         # bench/gpu_check.sh gives a suite 90 s: CUDA-graph capture already runs each step 3 times.
         warmup=1,
         repeats=3,
@@ -288,7 +291,7 @@ def _measure_systems(setup: Setup, resolution: int, device: torch.device) -> lis
                 steps[f"{key}/{cfg}"] = call
             name = f"SD-VAE + {setup.generator_name}/{patch} ({key})"
             described.append((key, name, model.num_tokens, generator_flops(depth, hidden, model.num_tokens, 4, patch), sd_flops, "SD-VAE"))
-        for name, factory in setup.tokenizers[resolution]:
+        for index, (name, factory) in enumerate(setup.tokenizers[resolution]):
             with torch.device(device):  # initialise the random weights on the device
                 tokenizer = factory()
             tokenizer = tokenizer.to(device).eval()
@@ -300,7 +303,8 @@ def _measure_systems(setup: Setup, resolution: int, device: torch.device) -> lis
             model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
             for cfg, call in _step_calls(model, labels, device).items():
                 steps[f"{name}/{cfg}"] = call
-            steps[f"{name}/check"] = _sampling_run(model, labels, device, decode)
+            if index == 0:  # one composition check per resolution keeps the GPU run short
+                steps[f"{name}/check"] = _sampling_run(model, labels, device, decode)
             described.append((name, f"{name} + {setup.generator_name}/1", tokens,
                               generator_flops(depth, hidden, tokens, channels, 1), flops, name))
         step_times = _round_robin(steps, device, setup)
@@ -410,7 +414,12 @@ def run_setup(ctx, setup: Setup) -> list[dict[str, Any]]:
     _register_attention_flops()
     torch.manual_seed(0)
     rows = []
-    for resolution in setup.resolutions:
+    started = time.perf_counter()
+    for index, resolution in enumerate(setup.resolutions):
+        elapsed = time.perf_counter() - started
+        if index and setup.time_budget_s and elapsed > setup.time_budget_s * index / len(setup.resolutions):
+            ctx.note(f"{resolution} px skipped: the smaller resolutions took {elapsed:.0f} s of the {setup.time_budget_s:.0f} s budget.")
+            continue
         systems = _measure_systems(setup, resolution, ctx.device)
         rows += rows_for(systems, resolution, setup)
         for system in systems:
