@@ -29,7 +29,7 @@ def test_quick_mode_rows_at_a_tiny_size(reference_dir, tmp_path):
         dtype=torch.float32,
         generator=(1, 32, 2),
         generator_name="SiT-tiny",
-        resolutions=(64,),
+        resolutions=(64, 128),  # 128 px is skipped: the budget below is spent by 64 px
         batch={64: 2},
         sd_vae_channels=(8, 8, 8, 8),
         sd_vae_groups=4,
@@ -38,6 +38,7 @@ def test_quick_mode_rows_at_a_tiny_size(reference_dir, tmp_path):
         warmup=0,
         repeats=1,
         stack_batches=(1,),
+        time_budget_s=1e-6,
     )
     ctx = Context(device=torch.device("cpu"), quick=True, out_dir=str(tmp_path))
     rows = claims.run_setup(ctx, setup)
@@ -58,6 +59,8 @@ def test_quick_mode_rows_at_a_tiny_size(reference_dir, tmp_path):
     assert rows[-1]["gen_ideal_b"] > 1
     assert any("plain eager" in note for note in ctx.notes)
     assert any("Composition check, tiny-8" in note for note in ctx.notes)
+    assert any(note.startswith("128 px skipped") for note in ctx.notes)
+    assert {r["px"] for r in rows} == {64}
     claims.plot(rows, str(tmp_path / "claims.png"))
     assert (tmp_path / "claims.png").stat().st_size > 0
 
