@@ -9,7 +9,7 @@ import torch
 from conftest import rel_err
 from softvq_fast._extension import extension_available, extension_has_cuda
 from softvq_fast.dispatch import NoBackendError
-from softvq_fast.ops.attention import OPS, _describe, attention
+from softvq_fast.ops.attention import OPS, TRAINING_OPS, _describe, attention
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 needs_kernel = pytest.mark.skipif(
@@ -153,8 +153,9 @@ def test_auto_order_and_environment_override(monkeypatch):
     inputs = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
     monkeypatch.delenv("SOFTVQ_FAST_ATTENTION", raising=False)
     assert OPS.select(inputs).name == "sdpa"  # measured fastest on the CPU (module docstring)
+    assert [b for b in TRAINING_OPS.auto_order("cuda")][:2] == ["flash_attn", "sdpa"]  # native backwards first
     monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", "math")
-    assert OPS.select(inputs).name == "math"
+    assert OPS.select(inputs).name == "math" and TRAINING_OPS.select(inputs).name == "math"
     assert OPS.select(inputs, "sdpa").name == "sdpa"  # the argument wins over the variable
 
 

@@ -20,6 +20,8 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
                                   below it in bfloat16 (SDPA uses AMX there), so SDPA stays first.
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
+When q, k or v needs a gradient, the order is cuda: flash_attn, sdpa, softvq, xformers, math
+(cpu unchanged): our backward recomputes the forward through SDPA, an extra forward.
 `SOFTVQ_FAST_ATTENTION=<name>` overrides "auto"; an explicit backend that cannot run raises
 `NoBackendError` listing the reasons.
 """
@@ -240,13 +242,24 @@ _AUTO_ORDER = {
     "cpu": ("sdpa", "softvq", "math"),
     "cuda": ("softvq", "flash_attn", "sdpa", "xformers", "math"),
 }
+# With gradients: the softvq backward recomputes the forward through SDPA, so on top of SDPA's
+# forward and backward it costs its own forward; the backends with a native backward come first.
+_TRAINING_ORDER = {
+    "cpu": ("sdpa", "softvq", "math"),
+    "cuda": ("flash_attn", "sdpa", "softvq", "xformers", "math"),
+}
 
 
 def _auto_order(device_type: str) -> tuple[str, ...]:
     return _AUTO_ORDER.get(device_type, ("sdpa", "math"))
 
 
+def _training_order(device_type: str) -> tuple[str, ...]:
+    return _TRAINING_ORDER.get(device_type, ("sdpa", "math"))
+
+
 OPS = register_op(OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _auto_order))
+TRAINING_OPS = OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _training_order)
 
 
 def attention(
@@ -267,5 +280,6 @@ def attention(
     inputs = _describe(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(inputs.head_dim)
-    chosen = OPS.select(inputs, backend)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    chosen = (TRAINING_OPS if needs_grad else OPS).select(inputs, backend)
     return chosen.fn(q, k, v, float(scale))
