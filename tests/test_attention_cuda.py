@@ -71,3 +71,15 @@ def test_cuda_gradients_through_every_backend(backend):
     (want,) = torch.autograd.grad(ref_out, ref_in, grad.double())
     assert rel_err(out, ref_out) <= 1e-2, f"seed {seed}"
     assert rel_err(got, want) <= 2e-2, f"seed {seed}: grad rel err {rel_err(got, want):.3g}"
+
+
+def test_cuda_opcheck_and_compile():
+    q, k, v, _ = _qkv(2, 40, 40, 2, 64, torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.softvq_fast.attention_fwd.default, (q, k, v, 0.125))
+    qkv = torch.stack([q, k, v], 2)
+
+    def block(x):
+        return attention(*x.unbind(2), backend="softvq").flatten(2).float().sum()
+
+    with torch.no_grad():
+        assert rel_err(torch.compile(block, fullgraph=True)(qkv), block(qkv)) <= 1e-3
