@@ -178,7 +178,11 @@ def _grad_codebook_kernel(
 def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
     precision = "tf32" if allow_tf32 and z.dtype == torch.float32 else "ieee"
     block_d = max(16, triton.next_power_of_2(z.shape[-1]))
-    return dict(BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_D=block_d, PRECISION=precision, num_warps=NUM_WARPS)
+    # D = 256 at 64 x 64 blocks needs ~340 KB of shared memory in the grad-codebook kernel (sm_90
+    # has 227 KB): halve the row and code blocks there.
+    shrink = 2 if block_d > 128 else 1
+    return dict(BLOCK_M=max(16, BLOCK_M // shrink), BLOCK_K=max(16, BLOCK_K // shrink), BLOCK_D=block_d, PRECISION=precision,
+                num_warps=NUM_WARPS)
 
 
 def forward(
@@ -195,12 +199,12 @@ def forward(
     column_sum = torch.zeros(C, K, device=z.device, dtype=torch.float32)
     indices = torch.zeros(C, M, device=z.device, dtype=torch.long)
     config = _config(z, allow_tf32)
-    _forward_kernel[(triton.cdiv(M, BLOCK_M), C)](
+    _forward_kernel[(triton.cdiv(M, config["BLOCK_M"]), C)](
         z, codebook, z_q, row_stats, indices, M, K, D, 1.0 / tau, 1.0 / entropy_temperature,
         WITH_STATS=with_stats, **config,
     )
     if with_stats:
-        _column_sum_kernel[(triton.cdiv(K, BLOCK_K), C)](
+        _column_sum_kernel[(triton.cdiv(K, config["BLOCK_K"]), C)](
             z, codebook, row_stats, column_sum, M, K, D, 1.0 / entropy_temperature, **config
         )
     return z_q, row_stats, column_sum, indices
@@ -226,11 +230,11 @@ def backward(
     grad_z = torch.empty_like(z)
     grad_codebook = torch.empty_like(codebook)
     config = _config(z, allow_tf32)
-    _grad_z_kernel[(triton.cdiv(M, BLOCK_M), C)](
+    _grad_z_kernel[(triton.cdiv(M, config["BLOCK_M"]), C)](
         grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats, grad_z, M, K, D,
         1.0 / tau, 1.0 / entropy_temperature, WITH_ENTROPY=with_entropy, **config,
     )
-    _grad_codebook_kernel[(triton.cdiv(K, BLOCK_K), C)](
+    _grad_codebook_kernel[(triton.cdiv(K, config["BLOCK_K"]), C)](
         grad_z_q, z, codebook, row_stats, grad_codebook, M, K, D, 1.0 / tau, **config
     )
     return grad_z, grad_codebook
