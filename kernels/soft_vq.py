@@ -181,8 +181,8 @@ def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
     # D = 256 at 64 x 64 blocks needs ~340 KB of shared memory in the grad-codebook kernel (sm_90
     # has 227 KB): halve the row and code blocks there.
     shrink = 2 if block_d > 128 else 1
-    return dict(BLOCK_M=max(16, BLOCK_M // shrink), BLOCK_K=max(16, BLOCK_K // shrink), BLOCK_D=block_d, PRECISION=precision,
-                num_warps=NUM_WARPS)
+    return dict(BLOCK_M=max(16, BLOCK_M // shrink), BLOCK_K=max(16, BLOCK_K // shrink), BLOCK_D=block_d,
+                PRECISION=precision, num_warps=NUM_WARPS)
 
 
 def forward(

@@ -5,6 +5,7 @@ torch.compile(reference), at the authors' training shape family (C=4 codebooks o
 from other processes hits them alike."""
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Callable
 
@@ -110,6 +111,9 @@ def _measure(ctx, batch: int, K: int, with_compile: bool) -> list[dict]:
 
 def run(ctx) -> list[dict]:
     sizes = QUICK if ctx.quick else FULL
+    if ctx.device.type == "cpu":
+        ctx.note(f"1-minute load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+                 "(other processes slow every backend alike; ratios are of interleaved medians)")
     rows = _measure(ctx, *sizes["main"], with_compile=True)
     for batch, K in sizes["sweep"]:  # without torch.compile: its compile time would dominate the suite
         rows += _measure(ctx, batch, K, with_compile=False)
