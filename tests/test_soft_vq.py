@@ -72,9 +72,10 @@ def test_codebook_gets_no_gradient_through_the_logits():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_nan_rows_propagate_like_the_reference(backend):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_rows_propagate_like_the_reference(backend, bad):
     z, codebook = torch.randn(2, 6, 8), torch.randn(2, 20, 8)
-    z[1, 4, 3] = float("nan")
+    z[1, 4, 3] = bad
     z_q = soft_vq(z, codebook, TAU, backend=backend)
     nan_rows = torch.isnan(z_q).any(dim=-1)
     assert nan_rows[1, 4] and nan_rows.sum() == 1
