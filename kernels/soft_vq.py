@@ -16,6 +16,8 @@ exp((s - m) / t) is exact even when logits / t is large.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -175,14 +177,24 @@ def _grad_codebook_kernel(
     tl.store(DE + e_tile, acc.to(DE.dtype.element_ty), mask=e_ok)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
+    C, M, D = z.shape
     precision = "tf32" if allow_tf32 and z.dtype == torch.float32 else "ieee"
-    block_d = max(16, triton.next_power_of_2(z.shape[-1]))
+    block_d = max(16, triton.next_power_of_2(D))
     # D = 256 at 64 x 64 blocks needs ~340 KB of shared memory in the grad-codebook kernel (sm_90
     # has 227 KB): halve the row and code blocks there.
     shrink = 2 if block_d > 128 else 1
-    return dict(BLOCK_M=max(16, BLOCK_M // shrink), BLOCK_K=max(16, BLOCK_K // shrink), BLOCK_D=block_d,
-                PRECISION=precision, num_warps=NUM_WARPS)
+    block_m = max(16, BLOCK_M // shrink)
+    # row-major kernels run one program per row block: keep at least two per multiprocessor
+    while block_m > 16 and C * triton.cdiv(M, block_m) < 2 * _multiprocessors(z.device):
+        block_m //= 2
+    return dict(BLOCK_M=block_m, BLOCK_K=max(16, BLOCK_K // shrink), BLOCK_D=block_d, PRECISION=precision,
+                num_warps=NUM_WARPS)
 
 
 def forward(
