@@ -40,7 +40,7 @@ def _tile(c, first, count, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
 @triton.jit
 def _forward_kernel(
     Z, E, ZQ, STATS, IDX, M, K, D, inv_tau, inv_t,
-    WITH_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    WITH_STATS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     c = tl.program_id(1)
@@ -62,6 +62,7 @@ def _forward_kernel(
         if WITH_STATS:
             block_arg = tl.argmax(s, axis=1).to(tl.int32) + k0
             best = tl.where(block_max > m_i, block_arg, best)
+        if WITH_ENTROPY:
             alpha_t = tl.exp((m_i - m_new) * inv_t)
             shift_t = tl.where(l_t > 0, (m_i - m_new) * inv_t, 0.0)
             x = (s - m_new[:, None]) * inv_t
@@ -80,10 +81,11 @@ def _forward_kernel(
     tl.store(stat, m_i, mask=row_ok)
     tl.store(stat + rows_total, tl.log(l_i), mask=row_ok)
     if WITH_STATS:
+        tl.store(IDX + c * M + rows, best.to(tl.int64), mask=row_ok)
+    if WITH_ENTROPY:
         log_t = tl.log(l_t)
         tl.store(stat + 2 * rows_total, log_t, mask=row_ok)
         tl.store(stat + 3 * rows_total, log_t - ent / l_t, mask=row_ok)
-        tl.store(IDX + c * M + rows, best.to(tl.int64), mask=row_ok)
 
 
 @triton.jit
@@ -199,11 +201,12 @@ def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
 
 def forward(
     z: torch.Tensor, codebook: torch.Tensor, tau: float, entropy_temperature: float, with_stats: bool,
-    allow_tf32: bool,
+    with_entropy: bool, allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z (C, M, D), codebook (C, K, D) contiguous -> z_q (C, M, D), row_stats (4, C, M) float32
     (softvq_fast.ops.soft_vq.ROW_STATS), column_sum (C, K) float32, indices (C, M) int64.
-    Without stats only z_q, the max logit and the log-sum at tau are written (the rest are zeros)."""
+    Indices are written with `with_stats`, the entropy statistics and column sums with
+    `with_entropy`; what is not written is zero."""
     C, M, D = z.shape
     K = codebook.shape[1]
     z_q = torch.empty_like(z)
@@ -213,9 +216,9 @@ def forward(
     config = _config(z, allow_tf32)
     _forward_kernel[(triton.cdiv(M, config["BLOCK_M"]), C)](
         z, codebook, z_q, row_stats, indices, M, K, D, 1.0 / tau, 1.0 / entropy_temperature,
-        WITH_STATS=with_stats, **config,
+        WITH_STATS=with_stats, WITH_ENTROPY=with_entropy, **config,
     )
-    if with_stats:
+    if with_entropy:
         _column_sum_kernel[(triton.cdiv(K, config["BLOCK_K"]), C)](
             z, codebook, row_stats, column_sum, M, K, D, 1.0 / entropy_temperature, **config
         )

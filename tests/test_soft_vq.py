@@ -47,6 +47,16 @@ def test_half_precision_cpu(dtype):
     assert_matches_float64(make_problem(2, 8, 2, 50, 16, False), "cpu", dtype)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_stats_without_the_regulariser(backend):
+    z, codebook = torch.randn(3, 8, 16), torch.randn(2, 40, 16)
+    z_q, full = soft_vq(z, codebook, TAU, return_stats=True, backend=backend)
+    z_q_light, light = soft_vq(z, codebook, TAU, return_stats=True, entropy=False, backend=backend)
+    assert light.entropy_loss is None and full.entropy_loss is not None
+    assert torch.equal(z_q_light, z_q) and torch.equal(light.indices, full.indices)
+    assert torch.equal(light.usage, full.usage) and torch.equal(light.max_prob, full.max_prob)
+
+
 def test_two_dim_inputs_and_single_codebook():
     z, codebook = torch.randn(9, 8), torch.randn(21, 8)
     z_q, stats = soft_vq(z, codebook, TAU, return_stats=True, backend="cpu")
@@ -116,8 +126,8 @@ def test_custom_ops_pass_opcheck():
     z, codebook = torch.randn(2, 9, 16), torch.randn(2, 37, 16)
     for requires_grad in (False, True):
         args = (z.clone().requires_grad_(requires_grad), codebook.clone().requires_grad_(requires_grad))
-        torch.library.opcheck(soft_vq_forward, (*args, TAU, 0.01, True, "cpu", False))
-    z_q, row_stats, _, _ = soft_vq_forward(z, codebook, TAU, 0.01, True, "cpu", False)
+        torch.library.opcheck(soft_vq_forward, (*args, TAU, 0.01, True, True, "cpu", False))
+    z_q, row_stats, _, _ = soft_vq_forward(z, codebook, TAU, 0.01, True, True, "cpu", False)
     torch.library.opcheck(
         soft_vq_backward,
         (torch.randn_like(z), torch.randn(2, 9), torch.randn(2, 37), z, codebook, z_q, row_stats, TAU, 0.01, True, "cpu", False),

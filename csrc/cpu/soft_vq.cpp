@@ -54,7 +54,8 @@ at::Tensor unpad(const at::Tensor& x, int64_t rows, int64_t dim) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_vq_cpu_forward(
-    const at::Tensor& z, const at::Tensor& codebook, double tau, double entropy_temperature, bool with_stats) {
+    const at::Tensor& z, const at::Tensor& codebook, double tau, double entropy_temperature, bool with_stats,
+    bool with_entropy) {
   const Packed packed = pack(z, codebook, tau, entropy_temperature);
   const SoftVQProblem& p = packed.problem;
   at::Tensor z_q = at::empty({p.C, p.M, p.Dp}, packed.z.options());
@@ -62,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_vq_cpu_forward(
   at::Tensor column_sum = at::zeros({p.C, p.Kp}, packed.z.options());
   at::Tensor indices = at::zeros({p.C, p.M}, packed.z.options().dtype(at::kLong));
   const SoftVQForwardOut out{z_q.data_ptr<float>(), row_stats.data_ptr<float>(), column_sum.data_ptr<float>(),
-                             indices.data_ptr<int64_t>(), with_stats};
+                             indices.data_ptr<int64_t>(), with_stats, with_entropy};
   switch (chosen_isa()) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
     case Isa::kAvx512: avx512::soft_vq_forward(p, out); break;

@@ -21,7 +21,8 @@ struct SoftVQForwardOut {
   float* row_stats;   // (4, C, M): max logit, log-sum at tau, log-sum at T, row entropy at T
   float* column_sum;  // (C, Kp): sum over rows of softmax(logits / T)
   int64_t* indices;   // (C, M)
-  bool with_stats;
+  bool with_stats;    // argmax indices
+  bool with_entropy;  // log-sum at T, row entropy, column sums
 };
 
 struct SoftVQBackwardIn {

@@ -171,15 +171,16 @@ struct RowState {
 
 // Folds one row of kBlock scores (n valid) into the state; leaves exp((s - m_new) / tau) in s and
 // returns the factor by which earlier accumulations must be rescaled.
-inline float forward_row(float* s, int64_t n, int64_t k0, RowState& st, float inv_tau, float inv_t, bool with_stats) {
+inline float forward_row(float* s, int64_t n, int64_t k0, RowState& st, float inv_tau, float inv_t,
+                         const SoftVQForwardOut& out) {
   for (int64_t j = n; j < kBlock; ++j) s[j] = kNegInf;
   Vec mx(kNegInf);
   for (int64_t j = 0; j < kBlock; j += kLanes) mx = at::vec::maximum(mx, Vec::loadu(s + j));
   const float block_max = hmax(mx);
   const float m_new = std::isnan(block_max) ? block_max : std::max(st.m, block_max);
   const Vec mv(m_new);
-  if (with_stats) {
-    if (block_max > st.m) st.best = k0 + (std::find(s, s + n, block_max) - s);
+  if (out.with_stats && block_max > st.m) st.best = k0 + (std::find(s, s + n, block_max) - s);
+  if (out.with_entropy) {
     const float shift = st.lt > 0.f ? (st.m - m_new) * inv_t : 0.f;
     const Vec it(inv_t), low(kLowest);
     Vec sw(0.f), swx(0.f);
@@ -218,7 +219,7 @@ void forward_rows(const SoftVQProblem& p, const SoftVQForwardOut& out, int64_t c
     for (int64_t rr = 0; rr < rows; rr += kRows) {
       scores(row_block(z, rr, rows, Dp, tile), Dp, p.D, et + k0, p.Kp, s.data());
       for (int64_t r = 0; r < kRows; ++r) {
-        const Vec alpha(forward_row(s.data() + r * kBlock, n, k0, st[rr + r], p.inv_tau, p.inv_t, out.with_stats));
+        const Vec alpha(forward_row(s.data() + r * kBlock, n, k0, st[rr + r], p.inv_tau, p.inv_t, out));
         float* a = acc.data() + (rr + r) * Dp;
         for (int64_t d = 0; d < Dp; d += kLanes) (Vec::loadu(a + d) * alpha).store(a + d);
       }
@@ -232,11 +233,11 @@ void forward_rows(const SoftVQProblem& p, const SoftVQForwardOut& out, int64_t c
     for (int64_t d = 0; d < Dp; d += kLanes) (Vec::loadu(acc.data() + r * Dp + d) * inv_l).store(out.z_q + row * Dp + d);
     out.row_stats[row] = st[r].m;
     out.row_stats[CM + row] = std::log(st[r].l);
-    if (out.with_stats) {
+    if (out.with_stats) out.indices[row] = st[r].best;
+    if (out.with_entropy) {
       const float log_t = std::log(st[r].lt);
       out.row_stats[2 * CM + row] = log_t;
       out.row_stats[3 * CM + row] = log_t - st[r].ent / st[r].lt;
-      out.indices[row] = st[r].best;
     }
   }
 }
@@ -369,7 +370,7 @@ void parallel_tasks(int64_t C, int64_t items, int64_t block, F&& f) {
 
 void soft_vq_forward(const SoftVQProblem& p, const SoftVQForwardOut& out) {
   parallel_tasks(p.C, p.M, kRowTask, [&](int64_t c, int64_t r0, int64_t r1) { forward_rows(p, out, c, r0, r1); });
-  if (out.with_stats)
+  if (out.with_entropy)
     parallel_tasks(p.C, p.K, kBlock, [&](int64_t c, int64_t k0, int64_t) { column_sums(p, out, c, k0); });
 }
 

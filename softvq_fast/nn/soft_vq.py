@@ -63,7 +63,8 @@ class SoftVectorQuantizer(nn.Module):
         C = self.num_codebooks
         if S % C:
             raise ValueError(f"SoftVectorQuantizer: sequence length {S} is not divisible by num_codebooks={C}")
-        z_q, stats = soft_vq(z, self.embedding, self.tau, l2_norm=self.l2_norm, return_stats=True, backend=self.backend)
+        z_q, stats = soft_vq(z, self.embedding, self.tau, l2_norm=self.l2_norm, return_stats=True,
+                             entropy=self.training, backend=self.backend)
         codebook_major = stats.indices.reshape(B, C, S // C).transpose(0, 1).reshape(C, B * (S // C))
         if self.show_usage and self.training:
             self._remember(codebook_major)

@@ -94,10 +94,10 @@ SOFT_VQ_BACKENDS = register_op(
 
 
 # ----------------------------------------------------------------------------- fused custom ops
-def _cpu_forward(z, codebook, tau, entropy_temperature, with_stats, allow_tf32):
+def _cpu_forward(z, codebook, tau, entropy_temperature, with_stats, with_entropy, allow_tf32):
     """csrc/cpu/soft_vq.cpp computes in float32."""
     z_q, row_stats, column_sum, indices = torch.ops.softvq_fast.soft_vq_cpu_forward(
-        z, codebook, tau, entropy_temperature, with_stats
+        z, codebook, tau, entropy_temperature, with_stats, with_entropy
     )
     return z_q.to(z.dtype), row_stats, column_sum, indices
 
@@ -126,18 +126,20 @@ def soft_vq_forward(
     tau: float,
     entropy_temperature: float,
     with_stats: bool,
+    with_entropy: bool,
     backend: str,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z (C, M, D), codebook (C, K, D) -> z_q (C, M, D), row_stats (4, C, M) float32 (ROW_STATS),
     column_sum (C, K) float32 (sum over rows of softmax(logits / entropy_temperature)), indices (C, M).
-    Per row, log softmax(logits / t)_k = (logit_k - max_logit) / t - log_sum_t."""
+    Per row, log softmax(logits / t)_k = (logit_k - max_logit) / t - log_sum_t. Indices come with
+    `with_stats`, the entropy statistics and column sums with `with_entropy` (else zeros)."""
     forward, _ = _fused_impl(backend)
-    return forward(z, codebook, tau, entropy_temperature, with_stats, allow_tf32)
+    return forward(z, codebook, tau, entropy_temperature, with_stats, with_entropy, allow_tf32)
 
 
 @soft_vq_forward.register_fake
-def _(z, codebook, tau, entropy_temperature, with_stats, backend, allow_tf32):
+def _(z, codebook, tau, entropy_temperature, with_stats, with_entropy, backend, allow_tf32):
     C, M, _ = z.shape
     return (
         torch.empty_like(z),
@@ -178,16 +180,16 @@ def _(grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats, 
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    z, codebook, tau, entropy_temperature, with_stats, backend, allow_tf32 = inputs
+    z, codebook, tau, entropy_temperature, _, with_entropy, backend, allow_tf32 = inputs
     z_q, row_stats, _, _ = output
     ctx.save_for_backward(z, codebook, z_q, row_stats)
-    ctx.params = (tau, entropy_temperature, with_stats, backend, allow_tf32)
+    ctx.params = (tau, entropy_temperature, with_entropy, backend, allow_tf32)
 
 
 def _backward(ctx, grad_z_q, grad_row_stats, grad_column_sum, _grad_indices):
     z, codebook, z_q, row_stats = ctx.saved_tensors
-    tau, entropy_temperature, with_stats, backend, allow_tf32 = ctx.params
-    with_entropy = with_stats and (grad_row_stats is not None or grad_column_sum is not None)
+    tau, entropy_temperature, with_entropy, backend, allow_tf32 = ctx.params
+    with_entropy = with_entropy and (grad_row_stats is not None or grad_column_sum is not None)
     if grad_z_q is None:
         grad_z_q = torch.zeros_like(z_q)
     grad_row_entropy = torch.zeros_like(row_stats[3]) if grad_row_stats is None else grad_row_stats[3]
@@ -197,7 +199,7 @@ def _backward(ctx, grad_z_q, grad_row_stats, grad_column_sum, _grad_indices):
         grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats,
         tau, entropy_temperature, with_entropy, backend, allow_tf32,
     )
-    return grad_z, grad_codebook, None, None, None, None, None
+    return grad_z, grad_codebook, None, None, None, None, None, None
 
 
 soft_vq_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -205,10 +207,10 @@ soft_vq_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def _fused_parts(
     z: torch.Tensor, codebook: torch.Tensor, tau: float, entropy_temperature: float, with_stats: bool,
-    backend: str, allow_tf32: bool,
+    with_entropy: bool, backend: str, allow_tf32: bool,
 ) -> SoftVQParts:
     z_q, row_stats, column_sum, indices = soft_vq_forward(
-        z.contiguous(), codebook.contiguous(), tau, entropy_temperature, with_stats, backend, allow_tf32
+        z.contiguous(), codebook.contiguous(), tau, entropy_temperature, with_stats, with_entropy, backend, allow_tf32
     )
     return SoftVQParts(z_q, row_stats[3], column_sum, torch.exp(-row_stats[1]), indices)
 
@@ -220,14 +222,14 @@ class SoftVQStats:
 
     entropy_loss: scalar float32, differentiable w.r.t. z: mean row entropy minus the entropy of
         the mean distribution over all rows and codebooks, both of softmax(logits / 0.01) (the
-        authors' regulariser before `entropy_loss_ratio`).
+        authors' regulariser before `entropy_loss_ratio`); None when called with entropy=False.
     indices: argmax code per token, z's leading shape ((B, S) or (N,)), int64.
     max_prob: scalar, mean over tokens of the largest probability at temperature tau.
     usage: (C, K) int64, how many tokens picked each code (argmax).
     cos: scalar, mean cosine similarity between the (normalised if l2_norm) input and z_q.
     """
 
-    entropy_loss: torch.Tensor
+    entropy_loss: torch.Tensor | None
     indices: torch.Tensor
     max_prob: torch.Tensor
     usage: torch.Tensor
@@ -279,6 +281,7 @@ def soft_vq(
     *,
     l2_norm: bool = False,
     return_stats: bool = False,
+    entropy: bool = True,
     entropy_temperature: float = ENTROPY_TEMPERATURE,
     backend: str = "auto",
     allow_tf32: bool | None = None,
@@ -287,7 +290,8 @@ def soft_vq(
 
     z: (B, S, D) or (N, D); codebook: (C, K, D) or (K, D), same dtype and device. With C codebooks
     the S tokens (N rows) split into C contiguous segments; segment c uses codebook c.
-    Returns z_q shaped like z, and with `return_stats` also a SoftVQStats.
+    Returns z_q shaped like z, and with `return_stats` also a SoftVQStats; `entropy=False` skips
+    the regulariser (about half the forward work of the stats; evaluation needs no loss).
     `allow_tf32` (fp32 inputs, triton backend): tensor-core TF32 dot products (~3e-4 relative
     error); default torch.backends.cuda.matmul.allow_tf32.
     """
@@ -303,11 +307,13 @@ def soft_vq(
         z_rows = F.normalize(z_rows, p=2, dim=-1)
         codebooks = F.normalize(codebooks, p=2, dim=-1)
     chosen = SOFT_VQ_BACKENDS.select(SoftVQInputs(z.device, z.dtype, D), backend)
+    with_entropy = return_stats and entropy
     if chosen.name == "reference":
-        parts = reference_parts(z_rows, codebooks, tau, entropy_temperature, return_stats)
+        parts = reference_parts(z_rows, codebooks, tau, entropy_temperature, return_stats, with_entropy)
     else:
         tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
-        parts = _fused_parts(z_rows, codebooks, tau, entropy_temperature, return_stats, chosen.name, tf32)
+        parts = _fused_parts(z_rows, codebooks, tau, entropy_temperature, return_stats, with_entropy,
+                             chosen.name, tf32)
     z_q = parts.z_q.reshape(C, B, segment, D).transpose(0, 1).reshape(z.shape)
     if not return_stats:
         return z_q
@@ -316,7 +322,7 @@ def soft_vq(
         usage = torch.zeros(C, codebooks.shape[1], dtype=torch.long, device=z.device)
         usage.scatter_add_(1, parts.indices, torch.ones_like(parts.indices))
     stats = SoftVQStats(
-        entropy_loss=entropy_regulariser(parts.row_entropy, parts.column_sum),
+        entropy_loss=entropy_regulariser(parts.row_entropy, parts.column_sum) if with_entropy else None,
         indices=parts.indices.reshape(C, B, segment).transpose(0, 1).reshape(z.shape[:-1]),
         max_prob=parts.max_prob.mean(),
         usage=usage,

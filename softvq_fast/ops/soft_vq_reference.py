@@ -30,20 +30,24 @@ class SoftVQParts(NamedTuple):
 
 
 def reference_parts(
-    z: torch.Tensor, codebook: torch.Tensor, tau: float, entropy_temperature: float, with_stats: bool
+    z: torch.Tensor, codebook: torch.Tensor, tau: float, entropy_temperature: float, with_stats: bool,
+    with_entropy: bool,
 ) -> SoftVQParts:
     """z (C, M, D), codebook (C, K, D) (already L2-normalised if requested). The logits see the
-    codebook detached: it gets gradient only through the value path probs @ codebook."""
+    codebook detached: it gets gradient only through the value path probs @ codebook. Indices and
+    max probabilities come with `with_stats`, the entropy parts with `with_entropy` (else zeros)."""
     C, M, _ = z.shape
     K = codebook.shape[1]
     logits = torch.einsum("cmd,ckd->cmk", z, codebook.detach())
     probs = F.softmax(logits / tau, dim=-1)
     z_q = torch.einsum("cmk,ckd->cmd", probs, codebook)
+    zero_rows = z.new_zeros(C, M, dtype=torch.float32)
     if not with_stats:
-        empty_rows = z.new_zeros(C, M, dtype=torch.float32)
-        return SoftVQParts(z_q, empty_rows, z.new_zeros(C, K, dtype=torch.float32), empty_rows,
+        return SoftVQParts(z_q, zero_rows, z.new_zeros(C, K, dtype=torch.float32), zero_rows,
                            torch.zeros(C, M, dtype=torch.long, device=z.device))
     max_prob, indices = probs.detach().amax(dim=-1), probs.detach().argmax(dim=-1)
+    if not with_entropy:
+        return SoftVQParts(z_q, zero_rows, z.new_zeros(C, K, dtype=torch.float32), max_prob.float(), indices)
     scaled = logits / entropy_temperature
     entropy_probs = F.softmax(scaled, dim=-1)
     log_probs = F.log_softmax(scaled + 1e-5, dim=-1)
