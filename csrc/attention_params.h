@@ -19,4 +19,16 @@ struct AttentionParams {
   float scale;
 };
 
+// The backward: the forward's description plus out and grad_out (B, Sq, H, D) contiguous, lse as
+// the forward wrote it, and the gradients to write, dq (B, Sq, H, D) and dk, dv (B, Sk, H, D),
+// contiguous.
+struct AttentionGradParams {
+  AttentionParams fwd;
+  const void* out;
+  const void* grad_out;
+  void* dq;
+  void* dk;
+  void* dv;
+};
+
 }  // namespace softvq_fast

@@ -27,4 +27,5 @@ TORCH_LIBRARY(softvq_fast, m) {
   m.def("soft_vq_cpu_forward(Tensor z, Tensor codebook, float tau, float entropy_temperature, bool with_stats, bool with_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("soft_vq_cpu_backward(Tensor grad_z_q, Tensor grad_row_entropy, Tensor grad_column_sum, Tensor z, Tensor codebook, Tensor z_q, Tensor row_stats, float tau, float entropy_temperature, bool with_entropy) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
 }

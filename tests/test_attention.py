@@ -78,6 +78,28 @@ def test_cpu_kernel_matches_float64(shape, dtype):
     assert rel_err(lse, ref_lse) <= 1e-6, f"seed {seed}: lse rel err {rel_err(lse, ref_lse):.3g}"
 
 
+def _reference_grads(q, k, v, scale, grad):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out, _ = _reference(*leaves, scale)
+    return torch.autograd.grad(out, leaves, grad.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", CPU_SHAPES[1:], ids=lambda s: "x".join(map(str, s)))  # one key: dq = dk = 0
+def test_cpu_backward_matches_float64(shape, dtype):
+    q, k, v, seed = _qkv(*shape, dtype)
+    scale = 0.7 / shape[-1] ** 0.5
+    out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, scale)
+    grad = torch.randn(out.shape, generator=_generator()[0]).to(dtype)
+    for t in (q, k, v):
+        _poison(t.shape, dtype, "cpu")
+    got = torch.ops.softvq_fast.attention_bwd(grad, q, k, v, out, lse, scale)
+    for name, g, want in zip("qkv", got, _reference_grads(q, k, v, scale, grad)):
+        assert g.shape == want.shape and g.dtype == dtype
+        assert rel_err(g, want) <= TOL[dtype], f"seed {seed}: d{name} rel err {rel_err(g, want):.3g}"
+
+
 @needs_kernel
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 def test_every_cpu_build_matches_float64(isa, monkeypatch):
@@ -85,13 +107,17 @@ def test_every_cpu_build_matches_float64(isa, monkeypatch):
     monkeypatch.setenv("SOFTVQ_FAST_CPU_ISA", isa)
     q, k, v, seed = _qkv(2, 45, 45, 2, 72, torch.float32)
     try:
-        out, _ = torch.ops.softvq_fast.attention_fwd(q, k, v, 72**-0.5)
+        out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, 72**-0.5)
     except RuntimeError as exc:
         if "does not support" in str(exc):
             pytest.skip(f"this CPU has no {isa}")
         raise
     ref, _ = _reference(q, k, v)
     assert rel_err(out, ref) <= 1e-5, f"seed {seed}"
+    grad = torch.randn_like(out)
+    got = torch.ops.softvq_fast.attention_bwd(grad, q, k, v, out, lse, 72**-0.5)
+    for g, want in zip(got, _reference_grads(q, k, v, 72**-0.5, grad)):
+        assert rel_err(g, want) <= 1e-5, f"seed {seed}"
 
 
 @needs_kernel
@@ -131,6 +157,19 @@ def test_opcheck():
     for t in (q, k, v):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.softvq_fast.attention_fwd.default, (q, k, v, 0.25))
+    out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, 0.25)
+    grad = torch.randn_like(out)
+    args = tuple(t.detach() for t in (grad, q, k, v, out, lse)) + (0.25,)
+    torch.library.opcheck(torch.ops.softvq_fast.attention_bwd.default, args)
+
+
+@needs_kernel
+def test_double_backward_is_refused():
+    q, k, v, _ = _qkv(1, 6, 6, 1, 8, torch.float32)
+    qkv = torch.stack([q, k, v], 2).requires_grad_()
+    (grad,) = torch.autograd.grad(attention(*qkv.unbind(2), backend="softvq").sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        grad.sum().backward()
 
 
 @needs_kernel

@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 #define SOFTVQ_CPU_ISA portable
 #include "cpu/attention_kernel.h"
+#include "cpu/attention_backward_kernel.h"
 #undef SOFTVQ_CPU_ISA
 
 namespace softvq_fast::cpu {
@@ -35,9 +36,42 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q_in,
+                                                                 const at::Tensor& k_in, const at::Tensor& v_in,
+                                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                                 double scale) {
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  auto [unused_out, unused_lse, params] = prepare_attention(q, k, v, scale);
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "attention_bwd (cpu): dtype must be float32 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "attention_bwd (cpu): grad_out ",
+              grad_out.sizes(), " and out ", out.sizes(), " must have q's shape ", q.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({q.size(0), q.size(2), q.size(1)}) && lse.scalar_type() == at::kFloat,
+              "attention_bwd (cpu): lse must be float32 (B, H, Sq) = (", q.size(0), ", ", q.size(2), ", ", q.size(1),
+              "), got ", lse.scalar_type(), " ", lse.sizes());
+  const at::Tensor grad_c = grad_out.to(q.scalar_type()).contiguous(), out_c = out.to(q.scalar_type()).contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+       dv = at::empty(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  params.lse = lse_c.data_ptr<float>();
+  const AttentionGradParams grad{params, out_c.data_ptr(), grad_c.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+                                 dv.data_ptr()};
+  const Precision precision = q.scalar_type() == at::kBFloat16 ? Precision::kBFloat16 : Precision::kFloat32;
+  switch (chosen_isa()) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    case Isa::kAvx512: avx512::attention_backward(grad, precision); break;
+    case Isa::kAvx2: avx2::attention_backward(grad, precision); break;
+#endif
+    default: portable::attention_backward(grad, precision); break;
+  }
+  return {dq, dk, dv};
+}
+
 }  // namespace
 }  // namespace softvq_fast::cpu
 
 TORCH_LIBRARY_IMPL(softvq_fast, CPU, m) {
   m.impl("attention_fwd", &softvq_fast::cpu::attention_fwd_cpu);
+  m.impl("attention_bwd", &softvq_fast::cpu::attention_bwd_cpu);
 }

@@ -7,8 +7,9 @@ them in place. The output is (B, Sq, H, D) contiguous, so `.flatten(2)` is free.
 
 Backends (`softvq-fast env` lists them with the reasons each cannot run here):
   softvq      ours, from csrc/: CPU fp32/bf16 (any length, head dim <= 256); CUDA bf16/fp16
-              (S <= 128 with head dims 64/72/128, any S with head dim 64). Backward: recomputes
-              the forward through torch SDPA and differentiates that (no kernel of ours yet).
+              (S <= 128 with head dims 64/72/128, any S with head dim 64). Backward: ours on
+              the CPU (from the saved log-sum-exp); on CUDA it recomputes the forward through
+              torch SDPA and differentiates that.
   flash_attn  flash_attn.flash_attn_func, when the package is importable (CUDA, bf16/fp16).
   xformers    xformers.ops.memory_efficient_attention, when importable (CUDA).
   sdpa        torch.nn.functional.scaled_dot_product_attention.
@@ -21,7 +22,7 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
 When q, k or v needs a gradient, the order is cuda: flash_attn, sdpa, softvq, xformers, math
-(cpu unchanged): our backward recomputes the forward through SDPA, an extra forward.
+(cpu unchanged): our CUDA backward recomputes the forward through SDPA, an extra forward.
 `SOFTVQ_FAST_ATTENTION=<name>` overrides "auto"; an explicit backend that cannot run raises
 `NoBackendError` listing the reasons.
 """
@@ -97,7 +98,8 @@ def _describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionInp
 
 
 # ---------------------------------------------------------------------------------------------
-# The C++/CUDA op: softvq_fast::attention_fwd(q, k, v, scale) -> (out, lse)
+# The C++/CUDA ops: softvq_fast::attention_fwd(q, k, v, scale) -> (out, lse) and, on the CPU,
+# softvq_fast::attention_bwd(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -111,9 +113,9 @@ def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
 def _backward_by_recompute(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the `softvq` forward: recompute it through torch's SDPA (whose backward is
-    the best available one on each device) and differentiate that; the two forwards agree to
-    rounding."""
+    """Gradients of the CUDA `softvq` forward: recompute it through torch's SDPA and
+    differentiate that (the two forwards agree to rounding). The CPU has its own kernel,
+    softvq_fast::attention_bwd, which uses the saved log-sum-exp instead."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = _sdpa(*leaves, scale)
@@ -122,24 +124,45 @@ def _backward_by_recompute(
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, scale = inputs
-    ctx.save_for_backward(q, k, v)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
 
 
 def _fwd_backward(ctx, grad_out, grad_lse):
-    q, k, v = ctx.saved_tensors
-    dq, dk, dv = _backward_by_recompute(grad_out, q, k, v, ctx.scale)
+    q, k, v, out, lse = ctx.saved_tensors
+    if q.device.type == "cpu":
+        dq, dk, dv = torch.ops.softvq_fast.attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
+    else:
+        dq, dk, dv = _backward_by_recompute(grad_out, q, k, v, ctx.scale)
     return dq, dk, dv, None
 
 
+def _bwd_fake(grad_out, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "attention: the softvq backend has no double backward; use backend='sdpa' or 'math' for "
+        "higher-order gradients"
+    )
+
+
 def _kernel_op_available() -> bool:
-    """True when the loaded extension defines softvq_fast::attention_fwd (an older build may not)."""
-    return extension_available() and hasattr(torch.ops.softvq_fast, "attention_fwd")
+    """True when the loaded extension defines the attention ops (an older build may not)."""
+    return (
+        extension_available()
+        and hasattr(torch.ops.softvq_fast, "attention_fwd")
+        and hasattr(torch.ops.softvq_fast, "attention_bwd")
+    )
 
 
 if _kernel_op_available():
     torch.library.register_fake("softvq_fast::attention_fwd")(_fwd_fake)
+    torch.library.register_fake("softvq_fast::attention_bwd")(_bwd_fake)
     torch.library.register_autograd("softvq_fast::attention_fwd", _fwd_backward, setup_context=_setup_context)
+    torch.library.register_autograd("softvq_fast::attention_bwd", _no_double_backward)
 
 
 def _softvq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -192,7 +215,7 @@ class _SoftVQBackend(_AttentionBackend):
         if not extension_available():
             return "extension softvq_fast._C is not built"
         if not _kernel_op_available():
-            return "extension softvq_fast._C lacks softvq_fast::attention_fwd (rebuild it)"
+            return "extension softvq_fast._C lacks the softvq_fast::attention_* ops (rebuild it)"
         return None
 
     def input_reasons(self, inputs: AttentionInputs) -> list[str]:
