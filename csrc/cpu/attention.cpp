@@ -17,22 +17,21 @@
 namespace softvq_fast::cpu {
 namespace {
 
+// The kernels' precision for q's dtype (float32 or bfloat16; head dims up to 256).
+Precision cpu_precision(const at::Tensor& q, const char* op) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, op,
+              " (cpu): dtype must be float32 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.size(3) <= 256, op, " (cpu): head_dim must be <= 256, got ", q.size(3));
+  return q.scalar_type() == at::kBFloat16 ? Precision::kBFloat16 : Precision::kFloat32;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, double scale) {
   at::Tensor q = q_in, k = k_in, v = v_in;
   auto [out, lse, params] = prepare_attention(q, k, v, scale);
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "attention_fwd (cpu): dtype must be float32 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(q.size(3) <= 256, "attention_fwd (cpu): head_dim must be <= 256, got ", q.size(3));
+  const Precision precision = cpu_precision(q, "attention_fwd");
   if (out.numel() == 0) return {out, lse};
-  const Precision precision = q.scalar_type() == at::kBFloat16 ? Precision::kBFloat16 : Precision::kFloat32;
-  switch (chosen_isa()) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    case Isa::kAvx512: avx512::attention_forward(params, precision); break;
-    case Isa::kAvx2: avx2::attention_forward(params, precision); break;
-#endif
-    default: portable::attention_forward(params, precision); break;
-  }
+  run_chosen_isa(SOFTVQ_ISA_ENTRIES(attention_forward), params, precision);
   return {out, lse};
 }
 
@@ -41,9 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                                                                  const at::Tensor& out, const at::Tensor& lse,
                                                                  double scale) {
   at::Tensor q = q_in, k = k_in, v = v_in;
-  auto [unused_out, unused_lse, params] = prepare_attention(q, k, v, scale);
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "attention_bwd (cpu): dtype must be float32 or bfloat16, got ", q.scalar_type());
+  AttentionParams params = describe_attention(q, k, v, scale);
+  const Precision precision = cpu_precision(q, "attention_bwd");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "attention_bwd (cpu): grad_out ",
               grad_out.sizes(), " and out ", out.sizes(), " must have q's shape ", q.sizes());
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({q.size(0), q.size(2), q.size(1)}) && lse.scalar_type() == at::kFloat,
@@ -57,14 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   params.lse = lse_c.data_ptr<float>();
   const AttentionGradParams grad{params, out_c.data_ptr(), grad_c.data_ptr(), dq.data_ptr(), dk.data_ptr(),
                                  dv.data_ptr()};
-  const Precision precision = q.scalar_type() == at::kBFloat16 ? Precision::kBFloat16 : Precision::kFloat32;
-  switch (chosen_isa()) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    case Isa::kAvx512: avx512::attention_backward(grad, precision); break;
-    case Isa::kAvx2: avx2::attention_backward(grad, precision); break;
-#endif
-    default: portable::attention_backward(grad, precision); break;
-  }
+  run_chosen_isa(SOFTVQ_ISA_ENTRIES(attention_backward), grad, precision);
   return {dq, dk, dv};
 }
 

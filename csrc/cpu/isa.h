@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 namespace softvq_fast::cpu {
 
@@ -29,6 +30,25 @@ inline Isa chosen_isa() {
   TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "SOFTVQ_FAST_CPU_ISA=", name,
               " but this CPU (or build) does not support it");
   return want;
+}
+
+// The per-ISA entry points of one kernel, for run_chosen_isa (the x86 builds exist only with GCC
+// on x86-64).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SOFTVQ_ISA_ENTRIES(fn) &avx512::fn, &avx2::fn, &portable::fn
+#else
+#define SOFTVQ_ISA_ENTRIES(fn) nullptr, nullptr, &portable::fn
+#endif
+
+// Calls the entry point of the build chosen_isa() picks with args.
+template <typename... Params, typename... Args>
+void run_chosen_isa(void (*avx512_fn)(Params...), void (*avx2_fn)(Params...), void (*portable_fn)(Params...),
+                    Args&&... args) {
+  switch (chosen_isa()) {
+    case Isa::kAvx512: avx512_fn(std::forward<Args>(args)...); break;
+    case Isa::kAvx2: avx2_fn(std::forward<Args>(args)...); break;
+    default: portable_fn(std::forward<Args>(args)...); break;
+  }
 }
 
 }  // namespace softvq_fast::cpu
