@@ -128,11 +128,7 @@ void backward(const AttentionGradParams& g) {
 }  // namespace
 
 void attention_backward(const AttentionGradParams& p, Precision precision) {
-  if (precision == Precision::kBFloat16) {
-    backward<c10::BFloat16>(p);
-  } else {
-    backward<float>(p);
-  }
+  precision == Precision::kBFloat16 ? backward<c10::BFloat16>(p) : backward<float>(p);
 }
 
 }  // namespace softvq_fast::cpu::SOFTVQ_CPU_ISA

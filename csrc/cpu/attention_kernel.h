@@ -186,11 +186,7 @@ void forward(const AttentionParams& p) {
 }  // namespace
 
 void attention_forward(const AttentionParams& p, Precision precision) {
-  if (precision == Precision::kBFloat16) {
-    forward<c10::BFloat16>(p);
-  } else {
-    forward<float>(p);
-  }
+  precision == Precision::kBFloat16 ? forward<c10::BFloat16>(p) : forward<float>(p);
 }
 
 }  // namespace softvq_fast::cpu::SOFTVQ_CPU_ISA
