@@ -104,33 +104,64 @@ __device__ void load_q_fragments(uint32_t (&qa)[(D + 15) / 16][4], const T* q, i
   }
 }
 
-// Copies keys [key0, key0 + rows) into ks (row-major, row stride kRow<D>) and values transposed
-// into vts (row stride kRow<KEYS>); rows up to the next multiple of 16 are zero-filled so the
-// masked columns of P meet zeros in V. Rows are read as 16-byte chunks (launch() guarantees
-// 16-byte aligned rows).
+// One thread's share of a key/value tile: PER 16-byte chunks of k and of v, chunk i being number
+// first + i * blockDim.x of the tile (row-major, D / 8 chunks a row); rows at or past `rows` are
+// zeros, so that the masked columns of P meet zeros in V. Rows are read as 16-byte chunks
+// (attention_fwd_cuda guarantees 16-byte aligned rows).
+template <typename T, int D, int KEYS, int PER>
+struct KVChunks {
+  static constexpr int kChunks = D / 8;
+  uint4 k[PER], v[PER];
+
+  __device__ void fetch(const T* kp, const T* vp, int64_t k_stride, int64_t v_stride, int key0, int rows, int first) {
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int idx = first + i * blockDim.x, r = idx / kChunks, c = idx % kChunks * 8;
+      k[i] = v[i] = make_uint4(0, 0, 0, 0);
+      if (r < rows) {
+        k[i] = *reinterpret_cast<const uint4*>(kp + static_cast<int64_t>(key0 + r) * k_stride + c);
+        v[i] = *reinterpret_cast<const uint4*>(vp + static_cast<int64_t>(key0 + r) * v_stride + c);
+      }
+    }
+  }
+
+  // k row-major into ks (row stride kRow<D>), v transposed into vts (row stride kRow<KEYS>).
+  __device__ void store(T* ks, T* vts, int first) const {
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int idx = first + i * blockDim.x, r = idx / kChunks, c = idx % kChunks * 8;
+      if (r >= KEYS) continue;
+      *reinterpret_cast<uint4*>(ks + r * kRow<D> + c) = k[i];
+      const T* ve = reinterpret_cast<const T*>(&v[i]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vts[(c + e) * kRow<KEYS> + r] = ve[e];
+    }
+  }
+};
+
+// Copies keys [key0, key0 + rows) into shared memory in one go (rows up to the next multiple of 16
+// zero-filled).
 template <typename T, int D, int KEYS>
 __device__ void load_kv_tile(T* ks, T* vts, const T* k, const T* v, int64_t k_stride, int64_t v_stride, int key0,
                              int rows) {
-  constexpr int kChunks = D / 8;
-  const int padded_rows = (rows + 15) / 16 * 16;
-  for (int idx = threadIdx.x; idx < padded_rows * kChunks; idx += blockDim.x) {
-    const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    uint4 kc = make_uint4(0, 0, 0, 0), vc = make_uint4(0, 0, 0, 0);
-    if (r < rows) {
-      kc = *reinterpret_cast<const uint4*>(k + static_cast<int64_t>(key0 + r) * k_stride + c);
-      vc = *reinterpret_cast<const uint4*>(v + static_cast<int64_t>(key0 + r) * v_stride + c);
-    }
-    *reinterpret_cast<uint4*>(ks + r * kRow<D> + c) = kc;
-    const T* ve = reinterpret_cast<const T*>(&vc);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) vts[(c + i) * kRow<KEYS> + r] = ve[i];
+  const int chunks = (rows + 15) / 16 * 16 * (D / 8);
+  for (int first = threadIdx.x; first < chunks; first += blockDim.x) {
+    KVChunks<T, D, KEYS, 1> chunk;
+    chunk.fetch(k, v, k_stride, v_stride, key0, rows, first);
+    chunk.store(ks, vts, first);
   }
 }
 
 // One block: query rows [blockIdx.x * 16 * warps, ...) of head blockIdx.y, batch blockIdx.z.
-// KEYS keys per shared-memory tile, processed in register chunks of kChunk keys.
+// KEYS keys per shared-memory tile, processed in register chunks of kChunk keys. The tiled
+// configuration (KEYS == kTiledKeys, 4 warps) fetches the next tile into registers while it
+// computes on the current one.
 template <typename T, int D, int KEYS>
-__global__ void __launch_bounds__(32 * kShortMaxWarps, D <= 72 ? 2 : 1) attention_forward_kernel(AttentionParams p) {
+__global__ void __launch_bounds__(KEYS == kTiledKeys ? 32 * kTiledWarps : 32 * kShortMaxWarps,
+                                  KEYS == kTiledKeys ? 3 : (D <= 72 ? 2 : 1))
+    attention_forward_kernel(AttentionParams p) {
+  constexpr bool kStaged = KEYS == kTiledKeys;
+  constexpr int kStagedChunks = KEYS * (D / 8) / (32 * kTiledWarps);
   constexpr int kSteps = (D + 15) / 16;  // k-steps of Q·Kᵀ (the last one is k = 8 when D % 16 == 8)
   constexpr int kKeyTiles = kChunk / 8;  // n-tiles of the scores held in registers
   constexpr int kDimTiles = D / 8;       // n-tiles of the output
@@ -155,10 +186,18 @@ __global__ void __launch_bounds__(32 * kShortMaxWarps, D <= 72 ? 2 : 1) attentio
   for (int n = 0; n < kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;  // rows group, group + 8
 
+  KVChunks<T, D, KEYS, kStaged ? kStagedChunks : 1> next;
+  if constexpr (kStaged) next.fetch(k, v, p.k_stride[1], p.v_stride[1], 0, min(KEYS, kv_len), threadIdx.x);
   for (int key0 = 0; key0 < kv_len; key0 += KEYS) {
     const int tile_keys = min(KEYS, kv_len - key0);
     __syncthreads();  // the previous tile is consumed
-    load_kv_tile<T, D, KEYS>(ks, vts, k, v, p.k_stride[1], p.v_stride[1], key0, tile_keys);
+    if constexpr (kStaged) {
+      next.store(ks, vts, threadIdx.x);
+      if (key0 + KEYS < kv_len)
+        next.fetch(k, v, p.k_stride[1], p.v_stride[1], key0 + KEYS, min(KEYS, kv_len - key0 - KEYS), threadIdx.x);
+    } else {
+      load_kv_tile<T, D, KEYS>(ks, vts, k, v, p.k_stride[1], p.v_stride[1], key0, tile_keys);
+    }
     __syncthreads();
     if (!active) continue;
     for (int c0 = 0; c0 < tile_keys; c0 += kChunk) {
@@ -287,6 +326,7 @@ void dispatch(const AttentionParams& p, cudaStream_t stream) {
   } else {
     TORCH_CHECK(d == 64, "attention_fwd (cuda): head_dim must be 64, 72 or 128 for kv length <= ", kShortMaxKeys,
                 " and 64 for longer sequences; got head_dim ", d, " with kv length ", p.kv_len);
+    static_assert(kTiledKeys * (64 / 8) % (32 * kTiledWarps) == 0, "tiles split evenly over the threads");
     launch<T, 64, kTiledKeys>(p, kTiledWarps, stream);
   }
 }
