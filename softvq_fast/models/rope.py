@@ -22,14 +22,14 @@ def grid_positions(grid_h: int, grid_w: int, device: torch.device | None = None)
     return t % grid_w, torch.div(t, grid_w, rounding_mode="floor")
 
 
-def _base_frequencies(head_dim: int, theta: float) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim))
+def _base_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 4, device=device)[: head_dim // 4].float() / head_dim))
 
 
-def axial_angles(head_dim: int, grid_h: int, grid_w: int, theta: float) -> torch.Tensor:
+def axial_angles(head_dim: int, grid_h: int, grid_w: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
     """Rotation angles (grid_h * grid_w, 1, head_dim / 2) shared by all heads and blocks."""
-    t_x, t_y = grid_positions(grid_h, grid_w)
-    f = _base_frequencies(head_dim, theta)
+    t_x, t_y = grid_positions(grid_h, grid_w, device=device)
+    f = _base_frequencies(head_dim, theta, device)
     return torch.cat([torch.outer(t_x, f), torch.outer(t_y, f)], dim=-1).unsqueeze(1)
 
 

@@ -147,7 +147,7 @@ class _RoPEHolder(nn.Module):
         if self.rope_mode == "mixed":
             return rope.mixed_angles(self.freqs, self.grid, self.grid, self.num_heads)
         if self.rope_mode == "axial":
-            return rope.axial_angles(self.head_dim, self.grid, self.grid, self.rope_theta).to(self.model.pos_embed.device)
+            return rope.axial_angles(self.head_dim, self.grid, self.grid, self.rope_theta, self.model.pos_embed.device)
         return None
 
 
