@@ -294,3 +294,15 @@ def test_giant_uses_packed_swiglu():
     hidden = x @ mlp.fc1.weight.T + mlp.fc1.bias
     expected = (torch.nn.functional.silu(hidden[:, :4]) * hidden[:, 4:]) @ mlp.fc2.weight.T + mlp.fc2.bias
     assert rel_err(mlp(x), expected) <= 1e-12
+
+
+def test_mixed_rope_is_applied_in_both_vits():
+    torch.manual_seed(2)
+    model = SoftVQVAE(tiny_config(use_rope=True, rope_mixed=True))
+    x = images(2, 32, seed=9)
+    with torch.no_grad():
+        latents, recon = model.encode(x), model.decode(model.encode(x))
+        for vit in (model.encoder, model.decoder):
+            vit.freqs.zero_()  # rotation by angle 0: the identity
+        assert rel_err(model.encode(x), latents) > 1e-4
+        assert rel_err(model.decode(latents), recon) > 1e-4
