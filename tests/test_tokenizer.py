@@ -167,8 +167,14 @@ def test_missing_folder_contents(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model() -> SoftVQVAE:
+    """Random weights with LayerScale 1 (at its 1e-5 init the attention branch would hardly count)."""
     torch.manual_seed(1)
-    return SoftVQVAE(tiny_config())
+    model = SoftVQVAE(tiny_config())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.fill_(1.0)
+    return model
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -193,8 +199,8 @@ def test_max_batch_slices_identically(tiny_model):
     x = images(5, 32, seed=3)
     with torch.no_grad():
         full = tiny_model.encode(x)
-        assert rel_err(tiny_model.encode(x, max_batch=2), full) <= 1e-6
-        assert rel_err(tiny_model.decode(full, max_batch=2), tiny_model.decode(full)) <= 1e-6
+        assert rel_err(tiny_model.encode(x, max_batch=2), full) <= 1e-5  # GEMM blocking varies with batch
+        assert rel_err(tiny_model.decode(full, max_batch=2), tiny_model.decode(full)) <= 1e-5
 
 
 def test_bf16_autocast_close_to_fp32(reference):
@@ -301,6 +307,9 @@ def test_mixed_rope_is_applied_in_both_vits():
     model = SoftVQVAE(tiny_config(use_rope=True, rope_mixed=True))
     x = images(2, 32, seed=9)
     with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):  # 1e-5 at init would hide the attention branch
+                param.fill_(1.0)
         latents, recon = model.encode(x), model.decode(model.encode(x))
         for vit in (model.encoder, model.decoder):
             vit.freqs.zero_()  # rotation by angle 0: the identity
