@@ -5,8 +5,8 @@
 // delta_i = sum_x dO[i][x] · O[i][x]:
 //   dV = Pᵀ·dO,   dS = P ∘ (dO·Vᵀ − delta),   dQ = dS·K·scale,   dK = dSᵀ·Q·scale.
 // One task per (batch, head): it packs the head's q, dO (rows), k transposed (scaled), k, v
-// transposed in fp32, then walks key blocks; per block it forms P and dS for all query rows (4 at a
-// time, through rows_times_matrix), transposes them, and accumulates dV, dK (rows = keys) and dQ.
+// transposed in fp32, then walks key blocks; per block it forms P and dS for all query rows (kRows at
+// a time, through rows_times_matrix), transposes them, and accumulates dV, dK (rows = keys) and dQ.
 // Memory per thread is O(S x D + S x key block), no S x S buffer.
 #ifndef SOFTVQ_CPU_ISA
 #error "define SOFTVQ_CPU_ISA before including attention_backward_kernel.h"

@@ -8,9 +8,9 @@
 // Work split: at::parallel_for over (batch, head) and, when there are fewer heads than threads,
 // ranges of query blocks. A task packs its head's k transposed (D x keys) and v (keys x D, padded
 // to whole vectors) in fp32 once, then walks blocks of kQueryBlock query rows and, for each, the
-// keys in blocks of kKeyBlock with an online softmax: no S x S buffer, O(S x D) per thread. For 4
-// query rows at a time it computes scores as broadcast-q x k-vector FMAs (vectorised along keys)
-// and the output update as broadcast-p x v-vector FMAs (vectorised along the head dim), in
+// keys in blocks of kKeyBlock with an online softmax: no S x S buffer, O(S x D) per thread. For
+// kRows query rows at a time it computes scores as broadcast-q x k-vector FMAs (vectorised along
+// keys) and the output update as broadcast-p x v-vector FMAs (vectorised along the head dim), in
 // registers.
 #ifndef SOFTVQ_CPU_ISA
 #error "define SOFTVQ_CPU_ISA before including attention_kernel.h"
@@ -31,10 +31,12 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kRows = 4;          // query rows per register block
-// Vectors per register block (along keys or head dim): kRows x kVecs accumulators plus kVecs
-// operands fit the 32 registers of AVX-512 and the 16 of AVX2.
-constexpr int64_t kVecs = kLanes >= 16 ? 4 : 2;
+// Query rows and vectors (along keys or head dim) per register block: kRows x kVecs accumulators
+// plus kVecs operands and a broadcast fit the 32 registers of AVX-512 (8 x 3) and the 16 of AVX2
+// (4 x 2). Eight rows halve the operand loads per FMA and keep 16 or more FMAs in flight on
+// AVX-512 even for two-vector blocks (32 keys).
+constexpr int64_t kRows = kLanes >= 16 ? 8 : 4;
+constexpr int64_t kVecs = kLanes >= 16 ? 3 : 2;
 constexpr int64_t kKeyBlock = 128;    // most keys per block: a multiple of kLanes on every ISA
 // Keys per block: all of a short sequence (one softmax pass); for longer ones few enough that
 // the packed k and v of a block (2 x keys x dpad floats) stay within 32 KiB, read from L1 by
@@ -60,7 +62,6 @@ inline void rows_times_matrix(const float* a, int64_t lda, const float* b, int64
   for (int64_t x0 = 0, left = width / kLanes; left > 0;) {
     const int64_t step = left == kVecs + 1 ? (left + 1) / 2 : std::min(left, kVecs);
     switch (step) {
-      case 4: register_block<Vec, kRows, 4>(a, lda, b + x0, ldb, depth, c + x0, ldc, accumulate); break;
       case 3: register_block<Vec, kRows, 3>(a, lda, b + x0, ldb, depth, c + x0, ldc, accumulate); break;
       case 2: register_block<Vec, kRows, 2>(a, lda, b + x0, ldb, depth, c + x0, ldc, accumulate); break;
       default: register_block<Vec, kRows, 1>(a, lda, b + x0, ldb, depth, c + x0, ldc, accumulate); break;
@@ -70,44 +71,69 @@ inline void rows_times_matrix(const float* a, int64_t lda, const float* b, int64
   }
 }
 
-// Online softmax of one row of scaled scores s[0 : padded): masks those at or past `keys`, turns
-// them into exp(s - m_new), rescales the row's output accumulator, and updates the running max m
-// and sum l.
-inline void softmax_row(float* s, int64_t keys, int64_t padded, float* o, int64_t dpad, float& m, float& l) {
-  std::fill(s + keys, s + padded, -std::numeric_limits<float>::infinity());
-  Vec vmax(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < padded; j += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
-  const float block_max = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  const float m_new = std::max(m, block_max);
-  const Vec vm(m_new);
-  Vec vsum(0.f);
+// Online softmax of kRows rows of scaled scores s[r * lds + 0 : padded): masks those at or past
+// `keys`, turns them into exp(s - m_new), and updates each row's running max m[r] and sum l[r]. On
+// the first key block m and l start afresh; on later ones the rows' output accumulators o[r * dpad]
+// are rescaled to the new max. The rows are walked together so that their max, exp and sum chains
+// overlap instead of waiting on each other's horizontal reductions.
+inline void softmax_rows(float* s, int64_t lds, int64_t keys, int64_t padded, bool first, float* o, int64_t dpad,
+                         float* m, float* l) {
+  Vec vmax[kRows], vsum[kRows];
+  for (int64_t r = 0; r < kRows; ++r) {
+    std::fill(s + r * lds + keys, s + r * lds + padded, -std::numeric_limits<float>::infinity());
+    vmax[r] = Vec(-std::numeric_limits<float>::infinity());
+    vsum[r] = Vec(0.f);
+  }
+  for (int64_t j = 0; j < padded; j += kLanes)
+    for (int64_t r = 0; r < kRows; ++r) vmax[r] = at::vec::maximum(vmax[r], Vec::loadu(s + r * lds + j));
+  float m_new[kRows];
+  for (int64_t r = 0; r < kRows; ++r) {
+    const float block_max =
+        at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax[r]);
+    m_new[r] = first ? block_max : std::max(m[r], block_max);
+    vmax[r] = Vec(m_new[r]);
+  }
   for (int64_t j = 0; j < padded; j += kLanes) {
-    const Vec e = (Vec::loadu(s + j) - vm).exp_u20();
-    e.store(s + j);
-    vsum = vsum + e;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const Vec e = (Vec::loadu(s + r * lds + j) - vmax[r]).exp_u20();
+      e.store(s + r * lds + j);
+      vsum[r] = vsum[r] + e;
+    }
   }
-  const float block_sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  if (m != m_new) {
-    const float correction = std::exp(m - m_new);  // 0 on the first block (m = -inf)
-    const Vec vc(correction);
-    for (int64_t x = 0; x < dpad; x += kLanes) (Vec::loadu(o + x) * vc).store(o + x);
-    l *= correction;
+  for (int64_t r = 0; r < kRows; ++r) {
+    if (first) {
+      l[r] = 0.f;
+    } else if (m[r] != m_new[r]) {
+      const float correction = std::exp(m[r] - m_new[r]);
+      const Vec vc(correction);
+      for (int64_t x = 0; x < dpad; x += kLanes) (Vec::loadu(o + r * dpad + x) * vc).store(o + r * dpad + x);
+      l[r] *= correction;
+    }
+    l[r] += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum[r]);
+    m[r] = m_new[r];
   }
-  l += block_sum;
-  m = m_new;
 }
 
-// Packs keys and values of one head: kt[x][j] = k[j][x] * scale (row stride ldk; the softmax scale
-// is folded in here) and v[j][x] (row stride dpad, zero past the head dim).
+// Packs keys and values of one head: kt[x][j] = k[j][x] * scale (row stride ldk, zero past `keys`;
+// the softmax scale is folded in here) and v[j][x] (row stride dpad, zero past the head dim: vbuf
+// comes zeroed and only the first head_dim columns are written). bfloat16 k rows go through vbuf
+// as float32 before the transpose; v overwrites them after.
 template <typename scalar_t>
 void pack_keys_values(const scalar_t* kh, int64_t k_row, const scalar_t* vh, int64_t v_row, int64_t keys,
                       int64_t head_dim, float scale, float* kt, int64_t ldk, float* vbuf, int64_t dpad) {
-  for (int64_t j = 0; j < keys; ++j) {
-    const scalar_t* krow = kh + j * k_row;
-    for (int64_t x = 0; x < head_dim; ++x) kt[x * ldk + j] = static_cast<float>(krow[x]) * scale;
-    to_float(vh + j * v_row, vbuf + j * dpad, head_dim);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    at::vec::transpose_mxn<float>(kh, k_row, kt, ldk, keys, head_dim);
+  } else {
+    for (int64_t j = 0; j < keys; ++j) to_float(kh + j * k_row, vbuf + j * dpad, head_dim);
+    at::vec::transpose_mxn<float>(vbuf, dpad, kt, ldk, keys, head_dim);
   }
-  for (int64_t x = 0; x < head_dim; ++x) std::fill(kt + x * ldk + keys, kt + (x + 1) * ldk, 0.f);
+  const Vec vscale(scale);
+  for (int64_t x = 0; x < head_dim; ++x) {
+    float* row = kt + x * ldk;
+    for (int64_t j = 0; j < keys; j += kLanes) (Vec::loadu(row + j) * vscale).store(row + j);
+    std::fill(row + keys, row + ldk, 0.f);
+  }
+  for (int64_t j = 0; j < keys; ++j) to_float(vh + j * v_row, vbuf + j * dpad, head_dim);
 }
 
 template <typename scalar_t>
@@ -146,9 +172,6 @@ void forward(const AttentionParams& p) {
         const int64_t packed_from = kInPlace ? rows / kRows * kRows : 0;
         for (int64_t i = packed_from; i < rows; ++i) to_float(qh + (i0 + i) * p.q_stride[1], &qbuf[i * dpad], D);
         std::fill(qbuf.begin() + rows * dpad, qbuf.begin() + rows_pad * dpad, 0.f);
-        std::fill(obuf.begin(), obuf.begin() + rows_pad * dpad, 0.f);
-        std::fill(mrow.begin(), mrow.end(), -std::numeric_limits<float>::infinity());
-        std::fill(lrow.begin(), lrow.end(), 0.f);
 
         for (int64_t j0 = 0; j0 < Sk; j0 += block_keys) {
           const int64_t keys = std::min(block_keys, Sk - j0);
@@ -164,11 +187,9 @@ void forward(const AttentionParams& p) {
             }
             // scores (kRows x keys) = q rows . k columns, then softmax, then o += p . v
             rows_times_matrix(qblock, ldq, kt.data() + j0, ldk, D, sbuf.data(), kKeyBlock, keys_pad, false);
-            for (int64_t r = 0; r < kRows; ++r)
-              softmax_row(&sbuf[r * kKeyBlock], keys, keys_pad, &obuf[(r0 + r) * dpad], dpad, mrow[r0 + r],
-                          lrow[r0 + r]);
+            softmax_rows(sbuf.data(), kKeyBlock, keys, keys_pad, j0 == 0, &obuf[r0 * dpad], dpad, &mrow[r0], &lrow[r0]);
             rows_times_matrix(sbuf.data(), kKeyBlock, vbuf.data() + j0 * dpad, dpad, keys, &obuf[r0 * dpad], dpad, dpad,
-                              true);
+                              j0 > 0);
           }
         }
 
