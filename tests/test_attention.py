@@ -1,6 +1,7 @@
 """softvq_fast.attention: kernels against float64, gradients through every backend, dispatch."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -9,7 +10,15 @@ import torch
 from conftest import rel_err
 from softvq_fast._extension import extension_available, extension_has_cuda
 from softvq_fast.dispatch import NoBackendError
-from softvq_fast.ops.attention import OPS, TRAINING_OPS, _describe, attention
+from softvq_fast.ops.attention import (
+    CPU_SOFTVQ_FIRST_MAX_LEN,
+    OPS,
+    TRAINING_OPS,
+    _describe,
+    _kernel_op_available,
+    _ops_for,
+    attention,
+)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 needs_kernel = pytest.mark.skipif(
@@ -191,7 +200,13 @@ def test_compiles_without_graph_breaks():
 def test_auto_order_and_environment_override(monkeypatch):
     inputs = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
     monkeypatch.delenv("SOFTVQ_FAST_ATTENTION", raising=False)
-    assert OPS.select(inputs).name == "sdpa"  # measured fastest on the CPU (module docstring)
+    ours = "softvq" if _kernel_op_available() else "sdpa"
+    assert OPS.select(inputs).name == ours  # measured fastest in CPU float32 (module docstring)
+    assert _ops_for(inputs, needs_grad=False).select(inputs).name == ours
+    long_inputs = dataclasses.replace(inputs, kv_len=CPU_SOFTVQ_FIRST_MAX_LEN + 1)
+    for sdpa_faster in (long_inputs, dataclasses.replace(inputs, dtype=torch.bfloat16)):
+        assert _ops_for(sdpa_faster, needs_grad=False).select(sdpa_faster).name == "sdpa"
+    assert _ops_for(inputs, needs_grad=True).select(inputs).name == "sdpa"
     assert [b for b in TRAINING_OPS.auto_order("cuda")][:2] == ["flash_attn", "sdpa"]  # native backwards first
     monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", "math")
     assert OPS.select(inputs).name == "math" and TRAINING_OPS.select(inputs).name == "math"

@@ -16,13 +16,16 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
   math        plain PyTorch (softmax in fp32 or better); the reference.
 
 `backend="auto"` takes the first backend of the device's order that supports the inputs:
-  cpu:  sdpa, softvq, math        measured with bench/suites/attention.py on the CI CPU (Xeon,
-                                  AVX-512, 2 cores): ours is at 0.8-1.0x of SDPA in float32 and
-                                  below it in bfloat16 (SDPA uses AMX there), so SDPA stays first.
+  cpu:  softvq, sdpa, math        measured with bench/suites/attention.py on the CI CPU (Xeon,
+                                  AVX-512, 2 cores): ours is at 1.0-1.2x of SDPA in float32 for
+                                  kv lengths up to 321. SDPA goes first (sdpa, softvq, math) for
+                                  kv lengths over 512 (level at 1089), in bfloat16 (SDPA uses AMX
+                                  there, up to 1.8x faster) and with gradients (our backward is at
+                                  0.55-0.8x of SDPA's).
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
 When q, k or v needs a gradient, the order is cuda: flash_attn, sdpa, softvq, xformers, math
-(cpu unchanged): our CUDA backward recomputes the forward through SDPA, an extra forward.
+(cpu: sdpa, softvq, math): our CUDA backward recomputes the forward through SDPA, an extra forward.
 `SOFTVQ_FAST_ATTENTION=<name>` overrides "auto"; an explicit backend that cannot run raises
 `NoBackendError` listing the reasons.
 """
@@ -261,12 +264,13 @@ ATTENTION_BACKENDS: tuple[Backend, ...] = (
 )
 
 _AUTO_ORDER = {
-    "cpu": ("sdpa", "softvq", "math"),
+    "cpu": ("softvq", "sdpa", "math"),
     "cuda": ("softvq", "flash_attn", "sdpa", "xformers", "math"),
 }
 # With gradients: on CUDA the softvq backward recomputes the forward through SDPA, so on top of
 # SDPA's forward and backward it costs its own forward: backends with a native backward go first.
-# On the CPU ours has its own backward, measured at 0.65-0.9x of SDPA's forward+backward.
+# On the CPU ours has its own backward, measured at 0.55-0.8x of SDPA's forward+backward. This
+# order also serves CPU forwards where SDPA was measured faster (see _ops_for).
 _TRAINING_ORDER = {
     "cpu": ("sdpa", "softvq", "math"),
     "cuda": ("flash_attn", "sdpa", "softvq", "xformers", "math"),
@@ -283,6 +287,19 @@ def _training_order(device_type: str) -> tuple[str, ...]:
 
 OPS = register_op(OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _auto_order))
 TRAINING_OPS = OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _training_order)
+
+# Our CPU forward is measured faster than SDPA in float32 up to a few hundred keys (321), level
+# with it at 1089; in bfloat16 SDPA (AMX) is faster.
+CPU_SOFTVQ_FIRST_MAX_LEN = 512
+
+
+def _ops_for(inputs: AttentionInputs, needs_grad: bool) -> OpBackends:
+    """The automatic order for these inputs: OPS, or TRAINING_OPS (SDPA first on the CPU) with
+    gradients and for the CPU forwards where SDPA is faster."""
+    sdpa_faster_on_cpu = inputs.device.type == "cpu" and (
+        inputs.dtype != torch.float32 or inputs.kv_len > CPU_SOFTVQ_FIRST_MAX_LEN
+    )
+    return TRAINING_OPS if needs_grad or sdpa_faster_on_cpu else OPS
 
 
 def attention(
@@ -304,5 +321,5 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(inputs.head_dim)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    chosen = (TRAINING_OPS if needs_grad else OPS).select(inputs, backend)
+    chosen = _ops_for(inputs, needs_grad).select(inputs, backend)
     return chosen.fn(q, k, v, float(scale))
