@@ -61,7 +61,8 @@ void backward(const AttentionGradParams& g) {
         lse[i] = p.lse[(b * H + h) * Sq + i];
       }
       // kt holds k scaled (scores come out scaled), krows k unscaled, vt v transposed.
-      pack_keys_values(kh, p.k_stride[1], vh, p.v_stride[1], Sk, D, p.scale, kt.data(), ldk, vrows.data(), dpad);
+      pack_keys(kh, p.k_stride[1], Sk, D, p.scale, kt.data(), ldk, vrows.data(), dpad);
+      pack_values(vh, p.v_stride[1], Sk, D, vrows.data(), dpad);
       for (int64_t j = 0; j < Sk; ++j) {
         to_float(kh + j * p.k_stride[1], &krows[j * dpad], D);
         for (int64_t x = 0; x < D; ++x) vt[x * ldk + j] = vrows[j * dpad + x];

@@ -114,18 +114,17 @@ inline void softmax_rows(float* s, int64_t lds, int64_t keys, int64_t padded, bo
   }
 }
 
-// Packs keys and values of one head: kt[x][j] = k[j][x] * scale (row stride ldk, zero past `keys`;
-// the softmax scale is folded in here) and v[j][x] (row stride dpad, zero past the head dim: vbuf
-// comes zeroed and only the first head_dim columns are written). bfloat16 k rows go through vbuf
-// as float32 before the transpose; v overwrites them after.
+// Packs the keys of one head: kt[x][j] = k[j][x] * scale (row stride ldk, zero past `keys`; the
+// softmax scale is folded in here). bfloat16 rows are converted into `scratch` (keys x dpad floats)
+// before the transpose.
 template <typename scalar_t>
-void pack_keys_values(const scalar_t* kh, int64_t k_row, const scalar_t* vh, int64_t v_row, int64_t keys,
-                      int64_t head_dim, float scale, float* kt, int64_t ldk, float* vbuf, int64_t dpad) {
+void pack_keys(const scalar_t* kh, int64_t k_row, int64_t keys, int64_t head_dim, float scale, float* kt,
+               int64_t ldk, float* scratch, int64_t dpad) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     at::vec::transpose_mxn<float>(kh, k_row, kt, ldk, keys, head_dim);
   } else {
-    for (int64_t j = 0; j < keys; ++j) to_float(kh + j * k_row, vbuf + j * dpad, head_dim);
-    at::vec::transpose_mxn<float>(vbuf, dpad, kt, ldk, keys, head_dim);
+    for (int64_t j = 0; j < keys; ++j) to_float(kh + j * k_row, scratch + j * dpad, head_dim);
+    at::vec::transpose_mxn<float>(scratch, dpad, kt, ldk, keys, head_dim);
   }
   const Vec vscale(scale);
   for (int64_t x = 0; x < head_dim; ++x) {
@@ -133,6 +132,12 @@ void pack_keys_values(const scalar_t* kh, int64_t k_row, const scalar_t* vh, int
     for (int64_t j = 0; j < keys; j += kLanes) (Vec::loadu(row + j) * vscale).store(row + j);
     std::fill(row + keys, row + ldk, 0.f);
   }
+}
+
+// Packs the values of one head: v[j][x] (row stride dpad; vbuf comes zeroed and only the first
+// head_dim columns are written, so it stays zero past the head dim).
+template <typename scalar_t>
+void pack_values(const scalar_t* vh, int64_t v_row, int64_t keys, int64_t head_dim, float* vbuf, int64_t dpad) {
   for (int64_t j = 0; j < keys; ++j) to_float(vh + j * v_row, vbuf + j * dpad, head_dim);
 }
 
@@ -151,8 +156,9 @@ void forward(const AttentionParams& p) {
   const auto* v = static_cast<const scalar_t*>(p.v);
   auto* out = static_cast<scalar_t*>(p.out);
   // float32 q rows are read in place (in groups of kRows whole rows), bfloat16 ones converted
-  // into a buffer first. k and v are packed (k transposed) once per task: their rows lie a page or
-  // more apart in the qkv layout and are read once per group of kRows query rows.
+  // into a buffer first. k is packed (transposed) once per task, and so is v unless it is float32
+  // with a head dim of whole vectors and at most kKeyBlock keys: read in place then, which saves
+  // more than its strided rows cost (measured; with more keys they cost more).
   constexpr bool kInPlace = std::is_same_v<scalar_t, float>;
 
   at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
@@ -163,8 +169,18 @@ void forward(const AttentionParams& p) {
       const int64_t bh = task / splits, h = bh % p.heads, b = bh / p.heads;
       const int64_t block_end = std::min(q_blocks, (task % splits + 1) * blocks_per_task);
       const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[2];
-      pack_keys_values(k + b * p.k_stride[0] + h * p.k_stride[2], p.k_stride[1], v + b * p.v_stride[0] + h * p.v_stride[2],
-                       p.v_stride[1], Sk, D, p.scale, kt.data(), ldk, vbuf.data(), dpad);
+      const scalar_t* vh = v + b * p.v_stride[0] + h * p.v_stride[2];
+      pack_keys(k + b * p.k_stride[0] + h * p.k_stride[2], p.k_stride[1], Sk, D, p.scale, kt.data(), ldk, vbuf.data(),
+                dpad);
+      const float* vmat = vbuf.data();
+      int64_t ldv = dpad;
+      if constexpr (kInPlace) {
+        if (D == dpad && Sk <= kKeyBlock) {
+          vmat = vh;
+          ldv = p.v_stride[1];
+        }
+      }
+      if (vmat == vbuf.data()) pack_values(vh, p.v_stride[1], Sk, D, vbuf.data(), dpad);
 
       for (int64_t qb = task % splits * blocks_per_task; qb < block_end; ++qb) {
         const int64_t i0 = qb * kQueryBlock, rows = std::min(kQueryBlock, Sq - i0);
@@ -188,8 +204,7 @@ void forward(const AttentionParams& p) {
             // scores (kRows x keys) = q rows . k columns, then softmax, then o += p . v
             rows_times_matrix(qblock, ldq, kt.data() + j0, ldk, D, sbuf.data(), kKeyBlock, keys_pad, false);
             softmax_rows(sbuf.data(), kKeyBlock, keys, keys_pad, j0 == 0, &obuf[r0 * dpad], dpad, &mrow[r0], &lrow[r0]);
-            rows_times_matrix(sbuf.data(), kKeyBlock, vbuf.data() + j0 * dpad, dpad, keys, &obuf[r0 * dpad], dpad, dpad,
-                              j0 > 0);
+            rows_times_matrix(sbuf.data(), kKeyBlock, vmat + j0 * ldv, ldv, keys, &obuf[r0 * dpad], dpad, dpad, j0 > 0);
           }
         }
 
