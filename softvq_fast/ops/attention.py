@@ -21,7 +21,7 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
                                   kv lengths up to 321. SDPA goes first (sdpa, softvq, math) for
                                   kv lengths over 512 (level at 1089), in bfloat16 (SDPA uses AMX
                                   there, up to 1.8x faster) and with gradients (our backward is at
-                                  0.55-0.8x of SDPA's).
+                                  0.65-0.9x of SDPA's).
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
 When q, k or v needs a gradient, the order is cuda: flash_attn, sdpa, softvq, xformers, math
@@ -269,7 +269,7 @@ _AUTO_ORDER = {
 }
 # With gradients: on CUDA the softvq backward recomputes the forward through SDPA, so on top of
 # SDPA's forward and backward it costs its own forward: backends with a native backward go first.
-# On the CPU ours has its own backward, measured at 0.55-0.8x of SDPA's forward+backward. This
+# On the CPU ours has its own backward, measured at 0.65-0.9x of SDPA's forward+backward. This
 # order also serves CPU forwards where SDPA was measured faster (see _ops_for).
 _TRAINING_ORDER = {
     "cpu": ("sdpa", "softvq", "math"),
