@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     print("devices:")
     for line in _devices():
         print(f"  {line}")
-    print("backends (first usable one per device is taken by `auto`):")
+    print("backends (`auto` takes the first usable one in the order shown; README: per-input orders):")
     for op_name, op in registered_ops().items():
         cpu_order = ", ".join(op.auto_order("cpu"))
         cuda_order = ", ".join(op.auto_order("cuda"))
