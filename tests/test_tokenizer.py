@@ -195,6 +195,14 @@ def test_decode_input_errors(tiny_model):
         tiny_model.decode(torch.zeros(2, 4, 8), max_batch=0)
 
 
+def test_inputs_of_another_float_dtype_run_in_the_model_dtype(tiny_model):
+    x = images(2, 32, seed=4)
+    with torch.no_grad():
+        latents = tiny_model.encode(x)
+        assert torch.equal(tiny_model.encode(x.double()), latents)
+        assert torch.equal(tiny_model.decode(latents.half().float()), tiny_model.decode(latents.half()))
+
+
 def test_max_batch_slices_identically(tiny_model):
     x = images(5, 32, seed=3)
     with torch.no_grad():

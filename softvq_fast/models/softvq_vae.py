@@ -116,19 +116,20 @@ class SoftVQVAE(nn.Module):
 
     # ------------------------------------------------------------------------------------ API
     def encode(self, images: torch.Tensor, *, max_batch: int | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """images (B, 3, S, S) float in [-1, 1], S = config.image_size -> soft-quantised latents
+        """images (B, 3, S, S) float (any precision, computed in the model dtype) in [-1, 1],
+        S = config.image_size -> soft-quantised latents
         (B, num_latent_tokens, codebook_embed_dim) float32.
 
         `max_batch` runs at most that many images at a time (caps activation memory);
         `autocast_dtype` (e.g. torch.bfloat16) runs the ViT under autocast."""
         self._check_images(images)
-        return self._sliced(self._encode, images, max_batch, autocast_dtype)
+        return self._sliced(self._encode, images.to(self._dtype), max_batch, autocast_dtype)
 
     def decode(self, latents: torch.Tensor, *, max_batch: int | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
         """latents (B, num_latent_tokens, codebook_embed_dim) -> images (B, 3, S, S) float32,
         roughly in [-1, 1] (not clamped). Arguments as in `encode`."""
         self._check_latents(latents)
-        return self._sliced(self._decode, latents, max_batch, autocast_dtype)
+        return self._sliced(self._decode, latents.to(self._dtype), max_batch, autocast_dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction: decode(encode(images))."""
@@ -162,6 +163,11 @@ class SoftVQVAE(nn.Module):
         if max_batch is None or x.shape[0] <= max_batch:
             return fn(x, autocast_dtype)
         return torch.cat([fn(chunk, autocast_dtype) for chunk in x.split(max_batch)])
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The parameters' dtype: floating inputs of any precision are computed in it."""
+        return self.quant_conv.weight.dtype
 
     def _check_device(self, name: str, x: torch.Tensor) -> None:
         expected = self.quant_conv.weight.device
