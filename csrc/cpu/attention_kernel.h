@@ -157,8 +157,10 @@ void forward(const AttentionParams& p) {
   auto* out = static_cast<scalar_t*>(p.out);
   // float32 q rows are read in place (in groups of kRows whole rows), bfloat16 ones converted
   // into a buffer first. k is packed (transposed) once per task, and so is v unless it is float32
-  // with a head dim of whole vectors and at most kKeyBlock keys: read in place then, which saves
-  // more than its strided rows cost (measured; with more keys they cost more).
+  // with at most kKeyBlock keys and each row's dpad floats lie within v: read in place then, which
+  // saves more than its strided rows cost (measured; with more keys they cost more). Past a head
+  // dim that is not whole vectors that reads the next head's values into o's padding columns,
+  // which only feed the padding columns of the output rows, never written out.
   constexpr bool kInPlace = std::is_same_v<scalar_t, float>;
 
   at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
@@ -175,7 +177,7 @@ void forward(const AttentionParams& p) {
       const float* vmat = vbuf.data();
       int64_t ldv = dpad;
       if constexpr (kInPlace) {
-        if (D == dpad && Sk <= kKeyBlock) {
+        if (Sk <= kKeyBlock && (D == dpad || (p.v_stride[2] == D && (p.heads - 1 - h) * D >= dpad - D))) {
           vmat = vh;
           ldv = p.v_stride[1];
         }
