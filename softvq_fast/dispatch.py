@@ -8,6 +8,7 @@ first backend of the op's per-device order with no reasons; when nothing fits it
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -56,6 +57,29 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def triton_interpreted() -> bool:
+    """True under TRITON_INTERPRET=1, where Triton runs its kernels on CPU tensors (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonBackend(Backend):
+    """Fused Triton kernels: CUDA, or CPU tensors under the interpreter (slowly: tests only).
+    Subclasses set `dtypes` and any `input_reasons`."""
+
+    name = "triton"
+
+    @property
+    def devices(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"cuda", "cpu"}) if triton_interpreted() else frozenset({"cuda"})
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not triton_interpreted() and not torch.cuda.is_available():
+            return "no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly)"
+        return None
 
 
 @dataclass(frozen=True)

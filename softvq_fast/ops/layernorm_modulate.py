@@ -10,14 +10,12 @@ Backends (`SOFTVQ_FAST_LN_MODULATE_BACKEND` or the `backend` argument overrides 
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from softvq_fast.dispatch import AUTO, Backend, OpBackends, register_op
+from softvq_fast.dispatch import AUTO, Backend, OpBackends, TritonBackend, register_op
 
 _FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16})
 _MAX_TRITON_DIM = 16384
@@ -30,21 +28,8 @@ class LayerNormModulateInputs:
     dim: int
 
 
-class TritonBackend(Backend):
-    name = "triton"
+class LayerNormModulateTritonBackend(TritonBackend):
     dtypes = _FLOATS
-
-    @property
-    def devices(self) -> frozenset[str]:  # type: ignore[override]
-        # The interpreter runs the same kernels on CPU tensors (slowly): tests only.
-        return frozenset({"cuda", "cpu"}) if os.environ.get("TRITON_INTERPRET") == "1" else frozenset({"cuda"})
-
-    def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            return "no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly)"
-        return None
 
     def input_reasons(self, inputs: LayerNormModulateInputs) -> list[str]:
         if inputs.dim > _MAX_TRITON_DIM:
@@ -61,7 +46,7 @@ class ReferenceBackend(Backend):
 BACKENDS = register_op(
     OpBackends(
         op="layernorm_modulate",
-        backends=(TritonBackend(), ReferenceBackend()),
+        backends=(LayerNormModulateTritonBackend(), ReferenceBackend()),
         env_var="SOFTVQ_FAST_LN_MODULATE_BACKEND",
         auto_order=lambda device_type: ("triton", "reference") if device_type == "cuda" else ("reference",),
     )

@@ -13,14 +13,13 @@ The fused backends are the torch.library custom ops softvq_fast::soft_vq_forward
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from softvq_fast._extension import EXTENSION_ERROR, extension_available
-from softvq_fast.dispatch import Backend, OpBackends, register_op
+from softvq_fast.dispatch import Backend, OpBackends, TritonBackend, register_op
 from softvq_fast.ops.soft_vq_reference import SoftVQParts, reference_parts
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -56,26 +55,8 @@ class CpuBackend(Backend):
         return None if extension_available() else f"needs the C++ extension ({EXTENSION_ERROR})"
 
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-class TritonBackend(Backend):
-    name = "triton"
+class SoftVQTritonBackend(TritonBackend):
     dtypes = DTYPES
-
-    @property
-    def devices(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"cuda", "cpu"}) if triton_interpreted() else frozenset({"cuda"})
-
-    def unavailable_reason(self) -> str | None:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton is not installed"
-        if not triton_interpreted() and not torch.cuda.is_available():
-            return "no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly)"
-        return None
 
     def input_reasons(self, inputs: SoftVQInputs) -> list[str]:
         if inputs.dim > MAX_TRITON_DIM:
@@ -86,7 +67,7 @@ class TritonBackend(Backend):
 SOFT_VQ_BACKENDS = register_op(
     OpBackends(
         op="soft_vq",
-        backends=(ReferenceBackend(), CpuBackend(), TritonBackend()),
+        backends=(ReferenceBackend(), CpuBackend(), SoftVQTritonBackend()),
         env_var="SOFTVQ_FAST_BACKEND",
         auto_order=lambda device_type: ("triton", "reference") if device_type == "cuda" else ("cpu", "reference"),
     )
