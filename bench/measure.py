@@ -54,6 +54,29 @@ def time_fn(
     return Timing(statistics.median(samples), min(samples), len(samples))
 
 
+def time_round_robin(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    *,
+    rounds: int,
+    repeats: int = 1,
+    warmup: int = 0,
+    max_seconds: float = 20.0,
+    uncounted_rounds: int = 0,
+) -> dict[str, list[float]]:
+    """Time several workloads in turns, so that load or clock drift (a shared CPU, a warming GPU)
+    hits all of them alike. Each round runs `time_fn` on every workload; the result holds, per
+    workload, the round medians in milliseconds. The first `uncounted_rounds` rounds are dropped:
+    right after other work the first workload of a round otherwise runs cold."""
+    samples: dict[str, list[float]] = {label: [] for label in fns}
+    for round_index in range(uncounted_rounds + rounds):
+        for label, fn in fns.items():
+            median = time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds).median_ms
+            if round_index >= uncounted_rounds:
+                samples[label].append(median)
+    return samples
+
+
 def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated by one call of `fn()` above the allocation level before it."""
     if device.type == "cuda":

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from bench.measure import peak_memory_bytes, time_fn
+from bench.measure import peak_memory_bytes, time_round_robin
 from softvq_fast.ops.attention import OPS, _describe, attention
 
 TITLE = "Attention backends (softvq kernels vs SDPA, flash-attn, xformers, math)"
@@ -60,14 +60,11 @@ def run(ctx) -> list[dict]:
         backends = [b.name for b in OPS.backends if not b.not_supported_reasons(inputs)]
         for backward in (False, True):
             steps = {name: _step(name, qkv, backward) for name in backends}
-            medians: dict[str, list[float]] = {name: [] for name in backends}
             # The first round is not counted: for a few milliseconds after the previous case (its
             # peak-memory profiling above all) whichever backend runs first is measured slow.
-            for counted in [False] + [True] * rounds:
-                for name, fn in steps.items():
-                    median = time_fn(fn, device, repeats=repeats, max_seconds=max_seconds).median_ms
-                    if counted:
-                        medians[name].append(median)
+            medians = time_round_robin(
+                steps, device, rounds=rounds, repeats=repeats, warmup=2, max_seconds=max_seconds, uncounted_rounds=1
+            )
             times = {name: statistics.median(m) for name, m in medians.items()}
             for name in backends:
                 rows.append(

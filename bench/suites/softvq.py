@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from bench.measure import peak_memory_bytes, time_fn
+from bench.measure import peak_memory_bytes, time_round_robin
 from softvq_fast import soft_vq
 from softvq_fast.dispatch import NoBackendError
 
@@ -88,10 +88,7 @@ def _measure(ctx, batch: int, K: int, with_compile: bool) -> list[dict]:
                 continue
             fns[label] = fn
             peaks[label] = peak_memory_bytes(fn, device)
-        samples = {label: [] for label in fns}
-        for _ in range(rounds):
-            for label, fn in fns.items():
-                samples[label].append(time_fn(fn, device, warmup=0, repeats=1).median_ms)
+        samples = time_round_robin(fns, device, rounds=rounds)
         medians = {label: statistics.median(values) for label, values in samples.items()}
         # forward: one exp per logit at tau, two for the regulariser's statistics (fused backends)
         limit = _exp_limit_ms(device, batch * TOKENS * K, 3)

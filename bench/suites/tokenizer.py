@@ -5,10 +5,12 @@ backends, with the relative difference of their outputs."""
 from __future__ import annotations
 
 import statistics
+from functools import partial
+from typing import Callable
 
 import torch
 
-from bench.measure import peak_memory_bytes, time_fn
+from bench.measure import peak_memory_bytes, time_round_robin
 from softvq_fast.dispatch import NoBackendError
 from softvq_fast.models import SoftVQVAE
 
@@ -51,6 +53,10 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
         attention, soft_vq = backends[label]
         model.set_backends(attention=attention, soft_vq=soft_vq)
 
+    def run_with(label: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        use(label)
+        return fn()
+
     rows = []
     with torch.inference_mode():
         latents = model.encode(images)
@@ -68,11 +74,7 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
                     ctx.note(f"{name} {pass_name} {_precision(precision)}: {label} left out ({str(exc).splitlines()[0]})")
                     continue
                 peaks[label] = peak_memory_bytes(fn, device)
-            samples = {label: [] for label in outputs}
-            for _ in range(rounds):
-                for label in outputs:
-                    use(label)
-                    samples[label].append(time_fn(fn, device, warmup=0, repeats=1).median_ms)
+            samples = time_round_robin({label: partial(run_with, label, fn) for label in outputs}, device, rounds=rounds)
             medians = {label: statistics.median(values) for label, values in samples.items()}
             for label in outputs:
                 rows.append({
