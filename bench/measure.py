@@ -105,6 +105,19 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return peak
 
 
+def cpu_op_share_ms(fn: Callable[[], Any], op_names: frozenset[str]) -> tuple[float, float]:
+    """(self CPU time of the ops named `op_names`, self CPU time of all ops) in ms, for one call
+    of `fn()` under the profiler (CPU work only; its overhead inflates both a little)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    averages = prof.key_averages()
+    chosen = sum(event.self_cpu_time_total for event in averages if event.key in op_names)
+    return chosen / 1e3, sum(event.self_cpu_time_total for event in averages) / 1e3
+
+
 def device_name(device: torch.device) -> str:
     """A human name for the machine a measurement ran on."""
     if device.type == "cuda":

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from bench.measure import peak_memory_bytes, time_round_robin
+from bench.measure import cpu_op_share_ms, peak_memory_bytes, time_round_robin
 from softvq_fast.dispatch import NoBackendError
 from softvq_fast.models import SoftVQVAE
 
@@ -26,6 +26,9 @@ FULL_BACKENDS = {"auto": ("auto", "auto"), "softvq": ("softvq", "auto"), "flash_
 # (preset, batch); quick mode fits the 2-core CI CPU in well under two minutes.
 QUICK = [("softvq-b-32", 2), ("softvq-s-32-512", 1)]
 # full mode is sized for about 90 s on one H200
+# The matrix products of the linear layers (patch embedding, qkv, proj, MLP, projections, pixel
+# head): the same work on every backend set.
+LINEAR_OPS = frozenset({"aten::addmm", "aten::mm"})
 FULL = [("softvq-s-32", 16), ("softvq-b-32", 16), ("softvq-b-64", 16), ("softvq-bl-64", 16), ("softvq-l-64", 16),
         ("softvq-bl-64-512", 4), ("softvq-l-32-512", 4)]
 
@@ -89,8 +92,26 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
                     "speedup_vs_math": medians["math"] / medians[label],
                     "rel_err_vs_math": _relative_error(outputs[label], outputs["math"]),
                 })
+        if device.type == "cpu" and precision is None:
+            _note_linear_floor(ctx, model, f"{name} {size}px b{batch}", images, _total_median_ms(rows, "math"))
     model.set_backends(attention="auto", soft_vq="auto")
     return rows
+
+
+def _total_median_ms(rows: list[dict], label: str) -> float:
+    """Summed median time (encode + decode) of one backend set's rows measured so far."""
+    return sum(r["median_ms"] for r in rows if r["backend"] == label)
+
+
+def _note_linear_floor(ctx, model: SoftVQVAE, case: str, images: torch.Tensor, math_ms: float) -> None:
+    """How much of our encode+decode the linear layers take (one profiled run on the "auto"
+    backends), and the speed-up over math/reference if everything else took no time at all."""
+    model.set_backends(attention="auto", soft_vq="auto")
+    linear_ms, total_ms = cpu_op_share_ms(lambda: model.decode(model.encode(images)), LINEAR_OPS)
+    ctx.note(f"{case}, fp32, auto: the linear layers' matrix products (addmm/mm, the same work on every backend) "
+             f"take {linear_ms:.0f} of {total_ms:.0f} ms of profiled encode+decode ({linear_ms / total_ms:.0%}); "
+             f"with every other op free, encode+decode could be at most {math_ms / linear_ms:.2f}x "
+             f"the math/reference median ({math_ms:.0f} ms)")
 
 
 def run(ctx) -> list[dict]:

@@ -114,6 +114,14 @@ inline void softmax_rows(float* s, int64_t lds, int64_t keys, int64_t padded, bo
   }
 }
 
+// lse[i] = m[i] + log(l[i]) for i < n.
+inline void store_log_sum_exp(const float* m, const float* l, int64_t n, float* lse) {
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const int64_t count = std::min(kLanes, n - i);
+    (Vec::loadu(m + i, count) + Vec::loadu(l + i, count).log()).store(lse + i, count);
+  }
+}
+
 // Packs the keys of one head: kt[x][j] = k[j][x] * scale (row stride ldk, zero past `keys`; the
 // softmax scale is folded in here). bfloat16 rows are converted into `scratch` (keys x dpad floats)
 // before the transpose.
@@ -214,8 +222,8 @@ void forward(const AttentionParams& p) {
           const float inv = 1.f / lrow[i];
           scalar_t* orow = out + ((b * Sq + i0 + i) * p.heads + h) * D;
           for (int64_t x = 0; x < D; ++x) orow[x] = static_cast<scalar_t>(obuf[i * dpad + x] * inv);
-          p.lse[(b * p.heads + h) * Sq + i0 + i] = mrow[i] + std::log(lrow[i]);
         }
+        store_log_sum_exp(mrow.data(), lrow.data(), rows, p.lse + (b * p.heads + h) * Sq + i0);
       }
     }
   });
