@@ -1,7 +1,6 @@
 """softvq_fast.attention: kernels against float64, gradients through every backend, dispatch."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
@@ -203,14 +202,27 @@ def test_auto_order_and_environment_override(monkeypatch):
     ours = "softvq" if _kernel_op_available() else "sdpa"
     assert OPS.select(inputs).name == ours  # measured fastest in CPU float32 (module docstring)
     assert _ops_for(inputs, needs_grad=False).select(inputs).name == ours
-    long_inputs = dataclasses.replace(inputs, kv_len=CPU_SOFTVQ_FIRST_MAX_LEN + 1)
-    for sdpa_faster in (long_inputs, dataclasses.replace(inputs, dtype=torch.bfloat16)):
+    long_inputs = inputs._replace(kv_len=CPU_SOFTVQ_FIRST_MAX_LEN + 1)
+    for sdpa_faster in (long_inputs, inputs._replace(dtype=torch.bfloat16)):
         assert _ops_for(sdpa_faster, needs_grad=False).select(sdpa_faster).name == "sdpa"
     assert _ops_for(inputs, needs_grad=True).select(inputs).name == "sdpa"
     assert [b for b in TRAINING_OPS.auto_order("cuda")][:2] == ["flash_attn", "sdpa"]  # native backwards first
     monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", "math")
     assert OPS.select(inputs).name == "math" and TRAINING_OPS.select(inputs).name == "math"
     assert OPS.select(inputs, "sdpa").name == "sdpa"  # the argument wins over the variable
+
+
+def test_choice_follows_the_environment_between_calls(monkeypatch):
+    # attention() remembers its choices per input description: the override must still apply.
+    calls = []
+    for name in ("math", "sdpa"):
+        backend = OPS.get(name)
+        monkeypatch.setattr(backend, "fn", lambda *a, _name=name, _fn=backend.fn: calls.append(_name) or _fn(*a))
+    q, k, v, _ = _qkv(1, 7, 7, 2, 16, torch.float32)
+    for name in ("math", "sdpa", "math"):
+        monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", name)
+        attention(q, k, v)
+    assert calls == ["math", "sdpa", "math"]
 
 
 def test_explicit_backend_that_cannot_run_lists_reasons():

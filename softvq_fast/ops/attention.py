@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
-from typing import Callable
+import os
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +54,9 @@ CUDA_SHORT_HEAD_DIMS = (64, 72, 128)
 CUDA_TILED_HEAD_DIMS = (64,)
 
 
-@dataclass(frozen=True)
-class AttentionInputs:
-    """What the backends look at: shapes (B, Sq, H, D) / (B, Sk, H, D), device, dtype, strides."""
+class AttentionInputs(NamedTuple):
+    """What the backends look at: shapes (B, Sq, H, D) / (B, Sk, H, D), device, dtype, strides.
+    (A NamedTuple: cheap to build on every call, and hashable as a key of _CHOSEN.)"""
 
     device: torch.device
     dtype: torch.dtype
@@ -293,6 +293,13 @@ TRAINING_OPS = OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTIO
 CPU_SOFTVQ_FIRST_MAX_LEN = 512
 
 
+# Backends chosen so far, by (inputs, requested backend, SOFTVQ_FAST_ATTENTION, needs_grad). The
+# attention backends' availability does not change within a process, so choosing again would
+# only repeat the checks: several microseconds a call, which short sequences notice.
+_CHOSEN: dict[tuple, Backend] = {}
+_CHOSEN_MAX = 4096
+
+
 def _ops_for(inputs: AttentionInputs, needs_grad: bool) -> OpBackends:
     """The automatic order for these inputs: OPS, or TRAINING_OPS (SDPA first on the CPU) with
     gradients and for the CPU forwards where SDPA is faster."""
@@ -321,5 +328,14 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(inputs.head_dim)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    chosen = _ops_for(inputs, needs_grad).select(inputs, backend)
+    if torch.compiler.is_compiling():
+        chosen = _ops_for(inputs, needs_grad).select(inputs, backend)
+    else:
+        key = (inputs, backend, os.environ.get(OPS.env_var), needs_grad)
+        chosen = _CHOSEN.get(key)
+        if chosen is None:
+            chosen = _ops_for(inputs, needs_grad).select(inputs, backend)
+            if len(_CHOSEN) >= _CHOSEN_MAX:
+                _CHOSEN.clear()
+            _CHOSEN[key] = chosen
     return chosen.fn(q, k, v, float(scale))
