@@ -16,6 +16,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 AUTO = "auto"
+# Looked up once: torch.compile traces backend selection, and torch 2.11's dynamo refuses
+# to trace importlib.util.find_spec (fullgraph=True fails on the graph break).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 class NoBackendError(RuntimeError):
@@ -75,7 +78,7 @@ class TritonBackend(Backend):
         return frozenset({"cuda", "cpu"}) if triton_interpreted() else frozenset({"cuda"})
 
     def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_INSTALLED:
             return "triton is not installed"
         if not triton_interpreted() and not torch.cuda.is_available():
             return "no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly)"

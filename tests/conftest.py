@@ -11,6 +11,32 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = ROOT.parent / "shared" / "reference"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _patch_old_triton_interpreter() -> None:
+    """Triton < 3.7's interpreter turns a scalar kernel argument (a shape-(1,) NumPy array) into a
+    Python int with int(array), which NumPy >= 2.4 refuses: every loop bounded by a runtime
+    argument (range(0, K, BLOCK_K)) fails under TRITON_INTERPRET=1. Give such triton the
+    __index__ of triton 3.7+ (squeeze first). Compiled (GPU) kernels never take this path.
+    A fixture, not import-time code: triton must first be imported after the test modules set
+    TRITON_INTERPRET."""
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7):
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -233,9 +233,12 @@ class _AttentionBackend(Backend):
 
     def __init__(self, name, devices, dtypes, fn, package: str | None = None) -> None:
         self.name, self.devices, self.dtypes, self.fn, self.package = name, frozenset(devices), dtypes, fn, package
+        # Looked up once: torch.compile traces backend selection, and torch 2.11's dynamo refuses
+        # to trace importlib.util.find_spec (fullgraph=True fails on the graph break).
+        self.package_missing = bool(package) and importlib.util.find_spec(package) is None
 
     def unavailable_reason(self) -> str | None:
-        if self.package and importlib.util.find_spec(self.package) is None:
+        if self.package_missing:
             return f"package {self.package} is not installed"
         return None
 
