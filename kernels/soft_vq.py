@@ -184,13 +184,28 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+FP32_D256_SHARED_BYTES = 168_448
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_block(device: torch.device) -> int:
+    """Shared memory a program may use on `device` (opt-in limit); unlimited for the interpreter."""
+    if device.type != "cuda":
+        return 1 << 30
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
 def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
     C, M, D = z.shape
     precision = "tf32" if allow_tf32 and z.dtype == torch.float32 else "ieee"
     block_d = max(16, triton.next_power_of_2(D))
     # D = 256 at 64 x 64 blocks needs ~340 KB of shared memory in the grad-codebook kernel (sm_90
-    # has 227 KB): halve the row and code blocks there.
-    shrink = 2 if block_d > 128 else 1
+    # has 227 KB): halve the row and code blocks there. In float32 even 32 x 32 blocks take
+    # 168,448 bytes (AOT-compiled for sm_80 with triton 3.6 and 3.8), over sm_80's 166,912: quarter
+    # them on devices with less than that (83,200 bytes).
+    shrink = 1
+    if block_d > 128:
+        shrink = 4 if z.dtype == torch.float32 and _shared_memory_per_block(z.device) < FP32_D256_SHARED_BYTES else 2
     block_m = max(16, BLOCK_M // shrink)
     # row-major kernels run one program per row block: keep at least two per multiprocessor
     while block_m > 16 and C * triton.cdiv(M, block_m) < 2 * _multiprocessors(z.device):

@@ -101,3 +101,14 @@ def test_triton_custom_op_passes_opcheck(small_blocks):
     z = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
     codebook = torch.randn(2, 21, 16, device=DEVICE, requires_grad=True)
     torch.library.opcheck(soft_vq_forward, (z, codebook, TAU, 0.01, True, True, "triton", False))
+
+
+def test_block_sizes_fit_the_shared_memory_of_the_device(monkeypatch):
+    # float32 at D = 256: 32 x 32 blocks need 168,448 bytes in the grad-codebook kernel, which an
+    # H100/H200 (232,448 opt-in) has and an A100 (166,912) has not.
+    z = torch.zeros(1, 64, 256)
+    blocks = {}
+    for gpu, shared in (("a100", 166_912), ("h200", 232_448)):
+        monkeypatch.setattr(kernels, "_shared_memory_per_block", lambda device, shared=shared: shared)
+        blocks[gpu] = kernels._config(z, allow_tf32=False)["BLOCK_K"], kernels._config(z.bfloat16(), False)["BLOCK_K"]
+    assert blocks == {"a100": (16, 32), "h200": (32, 32)}
