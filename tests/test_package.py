@@ -1,20 +1,52 @@
 """Package foundation: imports, the extension, the env command, the dispatcher contract."""
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import softvq_fast
 from softvq_fast import cli
-from softvq_fast._extension import extension_available
+from softvq_fast._extension import extension_available, extension_has_cuda
 from softvq_fast.dispatch import AUTO, Backend, NoBackendError, OpBackends
 
 
 def test_extension_imports_without_gpu():
     assert extension_available(), "softvq_fast._C was not built or does not import"
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump from the CUDA toolkit, else the copy in Triton's wheel."""
+    found = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+    if os.path.exists(found):
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else None
+
+
+@pytest.mark.skipif(not extension_has_cuda(), reason="softvq_fast._C was built without CUDA kernels")
+def test_cuda_kernels_are_built_for_sm90_without_spills():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton) to read the library with")
+    library = softvq_fast._extension._C.__file__
+    elves = subprocess.run([tool, "--list-elf", library], capture_output=True, text=True, check=True).stdout
+    assert "sm_90" in elves, elves
+    usage = subprocess.run([tool, "--dump-resource-usage", library], capture_output=True, text=True, check=True).stdout
+    kernels = re.findall(r"Function (\S+):\n\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert kernels, usage
+    spilling = [(name, stack, local) for name, _, stack, local in kernels if int(stack) or int(local)]
+    assert not spilling, spilling
 
 
 def test_kernels_package_maps_to_softvq_fast_kernels():
