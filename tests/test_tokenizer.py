@@ -310,6 +310,24 @@ def test_giant_uses_packed_swiglu():
     assert rel_err(mlp(x), expected) <= 1e-12
 
 
+def test_feed_forward_without_autograd_matches_the_autograd_path():
+    # Without autograd the MLPs apply their activation in place (no new activation tensors).
+    from softvq_fast.models.vit import SwiGLU
+    from softvq_fast.nn.transformer import Mlp
+
+    torch.manual_seed(0)
+    for module in (Mlp(16, 40), Mlp(16, 40, approximate="tanh"), SwiGLU(16, 40)):
+        x = torch.randn(2, 5, 16)
+        kept = x.clone()
+        want = module(x)
+        assert want.requires_grad
+        with torch.inference_mode():
+            got = module(x)
+        with torch.no_grad():
+            got_no_grad = module(x)
+        assert torch.equal(got, want.detach()) and torch.equal(got_no_grad, want.detach()) and torch.equal(x, kept)
+
+
 def test_mixed_rope_is_applied_in_both_vits():
     torch.manual_seed(2)
     model = SoftVQVAE(tiny_config(use_rope=True, rope_mixed=True))

@@ -93,25 +93,25 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
                     "rel_err_vs_math": _relative_error(outputs[label], outputs["math"]),
                 })
         if device.type == "cpu" and precision is None:
-            _note_linear_floor(ctx, model, f"{name} {size}px b{batch}", images, _total_median_ms(rows, "math"))
+            _note_linear_floor(ctx, model, f"{name} {size}px b{batch}", images, backends)
     model.set_backends(attention="auto", soft_vq="auto")
     return rows
 
 
-def _total_median_ms(rows: list[dict], label: str) -> float:
-    """Summed median time (encode + decode) of one backend set's rows measured so far."""
-    return sum(r["median_ms"] for r in rows if r["backend"] == label)
-
-
-def _note_linear_floor(ctx, model: SoftVQVAE, case: str, images: torch.Tensor, math_ms: float) -> None:
-    """How much of our encode+decode the linear layers take (one profiled run on the "auto"
-    backends), and the speed-up over math/reference if everything else took no time at all."""
-    model.set_backends(attention="auto", soft_vq="auto")
-    linear_ms, total_ms = cpu_op_share_ms(lambda: model.decode(model.encode(images)), LINEAR_OPS)
-    ctx.note(f"{case}, fp32, auto: the linear layers' matrix products (addmm/mm, the same work on every backend) "
-             f"take {linear_ms:.0f} of {total_ms:.0f} ms of profiled encode+decode ({linear_ms / total_ms:.0%}); "
-             f"with every other op free, encode+decode could be at most {math_ms / linear_ms:.2f}x "
-             f"the math/reference median ({math_ms:.0f} ms)")
+def _note_linear_floor(ctx, model: SoftVQVAE, case: str, images: torch.Tensor, backends: dict) -> None:
+    """How much of an encode+decode the linear layers' matrix products take (one profiled run per
+    backend set), and so the most that faster attention and soft-VQ could gain: the math/reference
+    run's total over its own matrix-product time (the same products run on every backend set)."""
+    shares = {}
+    for label in ("auto", "math"):
+        attention, soft_vq = backends[label]
+        model.set_backends(attention=attention, soft_vq=soft_vq)
+        shares[label] = cpu_op_share_ms(lambda: model.decode(model.encode(images)), LINEAR_OPS)
+    (auto_linear, auto_total), (math_linear, math_total) = shares["auto"], shares["math"]
+    ctx.note(f"{case}, fp32, profiled encode+decode: the linear layers' matrix products (addmm/mm) take "
+             f"{math_linear:.0f} of {math_total:.0f} ms on math/reference ({math_linear / math_total:.0%}), "
+             f"{auto_linear:.0f} of {auto_total:.0f} ms on auto ({auto_linear / auto_total:.0%}): with every other "
+             f"op free, encode+decode could be at most {math_total / math_linear:.2f}x the math/reference path")
 
 
 def run(ctx) -> list[dict]:

@@ -41,7 +41,9 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(gate) * value)
+        if gate.requires_grad:
+            return self.fc2(F.silu(gate) * value)
+        return self.fc2(F.silu(gate, inplace=True).mul_(value))  # no autograd: no new activations
 
 
 class Block(nn.Module):

