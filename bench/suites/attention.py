@@ -52,7 +52,7 @@ def _step(backend: str, qkv: torch.Tensor, backward: bool) -> Callable[[], None]
 def run(ctx) -> list[dict]:
     device = ctx.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rounds, repeats, max_seconds = (2, 5, 0.5) if ctx.quick else (3, 10, 1.0)
+    rounds, repeats, max_seconds = (5, 10, 0.5) if ctx.quick else (3, 10, 1.0)
     rows = []
     for case, batch, seq, head_dim in _cases(ctx.quick):
         qkv = torch.randn(batch, seq, 3, HEADS, head_dim, device=device, dtype=dtype)

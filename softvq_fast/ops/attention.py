@@ -17,11 +17,11 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
 
 `backend="auto"` takes the first backend of the device's order that supports the inputs:
   cpu:  softvq, sdpa, math        measured with bench/suites/attention.py on the CI CPU (Xeon,
-                                  AVX-512, 2 cores): ours is at 1.06-1.30x of SDPA in float32 for
+                                  AVX-512, 2 cores): ours is at 1.10-1.37x of SDPA in float32 for
                                   kv lengths up to 321. SDPA goes first (sdpa, softvq, math) for
                                   kv lengths over 512 (level at 1089), in bfloat16 (SDPA uses AMX
                                   there, up to 1.8x faster) and with gradients (our forward+backward
-                                  is at 0.76-0.98x of SDPA's).
+                                  is at 0.73-0.98x of SDPA's).
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
 When q, k or v needs a gradient, the order is cuda: flash_attn, sdpa, softvq, xformers, math
@@ -299,7 +299,7 @@ _AUTO_ORDER = {
 }
 # With gradients: on CUDA the softvq backward recomputes the forward through SDPA, so on top of
 # SDPA's forward and backward it costs its own forward: backends with a native backward go first.
-# On the CPU ours has its own backward, measured at 0.76-0.98x of SDPA's forward+backward. This
+# On the CPU ours has its own backward, measured at 0.73-0.98x of SDPA's forward+backward. This
 # order also serves CPU forwards where SDPA was measured faster (see _ops_for).
 _TRAINING_ORDER = {
     "cpu": ("sdpa", "softvq", "math"),
