@@ -12,7 +12,8 @@
 #    SOFTVQ_FAST_CUDA_ARCHS, default 9.0 here to halve the compile),
 # 2. runs the CUDA tests (`-m cuda`: attention kernels, Triton soft-VQ and LayerNorm-modulate
 #    kernels, CUDA-graph sampling, tokenizer on CUDA),
-# 3. runs every benchmark suite in full mode, then the CPU tests with whatever time is left,
+# 3. runs every benchmark suite in full mode (the open issues' first: attention, claims, then
+#    soft-VQ and tokenizer), then the CPU tests with whatever time is left,
 # 4. prints the stage statuses and a short attention table last.
 # $OUT receives at most 8 files (the device tool's limit): log.txt, summary.md,
 # bench_results.md and bench_results.json (every suite), and details.tar.gz (per-suite files,
@@ -71,7 +72,7 @@ run_stage build 200 bash -c "$PYTHON -m pip install -q --no-build-isolation --no
   || { echo 'editable install failed: building in place (softvq_fast.kernels will not resolve)'; $PYTHON setup.py build_ext --inplace; }"
 run_stage extension 30 $PYTHON -c "import softvq_fast, softvq_fast._extension as e; print(e.extension_status()); assert e.extension_has_cuda()"
 run_stage tests-cuda 120 $PYTHON -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/bench/junit-cuda.xml" --durations=10 tests
-for suite_limit in attention:70 softvq:70 claims:150 tokenizer:60; do
+for suite_limit in attention:70 claims:150 softvq:70 tokenizer:60; do
   suite=${suite_limit%%:*}
   run_stage "bench-$suite" "${suite_limit##*:}" $PYTHON -m bench --full --suite "$suite" --out "$OUT/bench/$suite"
 done
