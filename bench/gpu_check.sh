@@ -83,10 +83,13 @@ run_stage tests-rest 120 $PYTHON -m pytest -q -m "not cuda" -p no:cacheprovider 
   echo
   for line in "${STAGES[@]}"; do echo "- $line"; done
   echo
-  $PYTHON - "$OUT/bench/attention/results.json" << 'EOF'
-import json, sys
+  $PYTHON - "$OUT/bench/attention" << 'EOF'
+import json, os, sys
 try:
-    rows = json.load(open(sys.argv[1]))["suites"]["attention"]["rows"]
+    path = os.path.join(sys.argv[1], "results.json")
+    if not os.path.exists(path):  # stopped by its time limit: the cases it finished
+        path = os.path.join(sys.argv[1], "attention.partial.json")
+    rows = json.load(open(path))["suites"]["attention"]["rows"]
 except (OSError, KeyError, ValueError) as exc:
     print(f"(no attention results: {exc})")
     sys.exit(0)
@@ -108,11 +111,19 @@ EOF
 # Fold the per-suite files into the few that the device tool brings back.
 $PYTHON - "$OUT" << 'EOF'
 import glob, json, os, sys
+from bench.harness import markdown_table
 out = sys.argv[1]
 merged, texts = {}, []
-for path in sorted(glob.glob(os.path.join(out, "bench", "*", "results.json"))):
-    merged[os.path.basename(os.path.dirname(path))] = json.load(open(path))
-    texts.append(open(path[:-4] + "md").read())
+for folder in sorted(glob.glob(os.path.join(out, "bench", "*", ""))):
+    name = os.path.basename(os.path.dirname(folder))
+    if os.path.exists(folder + "results.json"):
+        merged[name] = json.load(open(folder + "results.json"))
+        texts.append(open(folder + "results.md").read())
+    elif os.path.exists(folder + name + ".partial.json"):  # stopped by its time limit
+        merged[name] = json.load(open(folder + name + ".partial.json"))
+        part = merged[name]["suites"][name]
+        texts.append(f"## {name}: stopped by its time limit; the {len(part['rows'])} rows it finished\n\n"
+                     + markdown_table(part["rows"]) + "".join(f"{n}\n" for n in part["notes"]))
 json.dump(merged, open(os.path.join(out, "bench_results.json"), "w"), indent=1)
 open(os.path.join(out, "bench_results.md"), "w").write("\n".join(texts))
 EOF

@@ -32,11 +32,25 @@ class Context:
     device: torch.device
     quick: bool
     out_dir: str
+    suite: str = ""
     notes: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
         """A line printed under the suite's table and kept in the markdown."""
         self.notes.append(text)
+
+    def progress(self, rows: list[dict]) -> None:
+        """Saves the rows finished so far (and the notes) as <out_dir>/<suite>.partial.json, so
+        that a suite stopped by a time limit (bench/gpu_check.sh) still leaves what it measured.
+        The harness removes the file once the suite's results are written."""
+        if self.suite:
+            with open(partial_path(self.out_dir, self.suite), "w") as f:
+                json.dump({"partial": True, "suites": {self.suite: {"rows": rows, "notes": self.notes}}}, f, indent=1,
+                          default=str)
+
+
+def partial_path(out_dir: str, suite: str) -> str:
+    return os.path.join(out_dir, f"{suite}.partial.json")
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -129,7 +143,7 @@ def run_suites(names: list[str], device: torch.device, quick: bool, out_dir: str
     markdown = [f"# softvq-fast benchmarks\n\n{json.dumps(env, indent=1)}\n"]
     for name in names:
         module = importlib.import_module(f"bench.suites.{name}")
-        ctx = Context(device=device, quick=quick, out_dir=out_dir)
+        ctx = Context(device=device, quick=quick, out_dir=out_dir, suite=name)
         print(f"\n## {module.TITLE}", flush=True)
         rows = module.run(ctx)
         text = section_markdown(module.TITLE, env, rows, ctx.notes, quick)
@@ -144,5 +158,8 @@ def run_suites(names: list[str], device: torch.device, quick: bool, out_dir: str
         json.dump(summary, f, indent=1, default=str)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(markdown))
+    for name in names:
+        if os.path.exists(partial_path(out_dir, name)):
+            os.remove(partial_path(out_dir, name))
     print(f"\nwrote {out_dir}/results.json, results.md and one PNG per suite")
     return 0

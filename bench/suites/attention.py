@@ -81,6 +81,7 @@ def run(ctx) -> list[dict]:
                         "sdpa_ms / ms": times["sdpa"] / times[name] if "sdpa" in times else float("nan"),
                     }
                 )
+            ctx.progress(rows)
         del qkv
     ctx.note(
         f"H={HEADS}; q, k, v are strided views of one (B, S, 3, H, D) tensor; medians of {rounds} alternating "

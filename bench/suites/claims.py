@@ -422,6 +422,7 @@ def run_setup(ctx, setup: Setup) -> list[dict[str, Any]]:
             continue
         systems = _measure_systems(setup, resolution, ctx.device)
         rows += rows_for(systems, resolution, setup)
+        ctx.progress(rows)
         for system in systems:
             if system.check_ms is not None:
                 ctx.note(f"{resolution} px: " + system.check_note())

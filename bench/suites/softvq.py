@@ -112,8 +112,10 @@ def run(ctx) -> list[dict]:
         ctx.note(f"1-minute load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
                  "(other processes slow every backend alike; ratios are of interleaved medians)")
     rows = _measure(ctx, *sizes["main"], with_compile=True)
+    ctx.progress(rows)
     for batch, K in sizes["sweep"]:  # without torch.compile: its compile time would dominate the suite
         rows += _measure(ctx, batch, K, with_compile=False)
+        ctx.progress(rows)
     ctx.note(
         "peak_mib: peak memory allocated during the call above what was allocated before it. "
         "x_exp_limit: forward time / (3 exponentials per logit at 16 per clock per SM at the max SM clock). "

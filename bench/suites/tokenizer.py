@@ -123,6 +123,7 @@ def run(ctx) -> list[dict]:
             model = SoftVQVAE.from_preset(name)
         for precision in precisions:
             rows += _measure(ctx, model, name, batch, precision)
+            ctx.progress(rows)
         del model
     for case in dict.fromkeys(r["case"] for r in rows if r["precision"] == "fp32"):
         fp32 = [r for r in rows if r["case"] == case and r["precision"] == "fp32"]
