@@ -8,7 +8,7 @@
 # image lacks into .whl/; carry that folder along and they are installed first.)
 # 1. installs the package in editable mode (so `softvq_fast.kernels` resolves) and builds
 #    softvq_fast._C with its CUDA kernels (MAX_JOBS=16; CUDA_HOME from the
-#    environment, else from nvcc on PATH, else /usr/local/cuda; architectures
+#    environment, else /usr/local/cuda if it has nvcc, else from nvcc on PATH; architectures
 #    SOFTVQ_FAST_CUDA_ARCHS, default 9.0 here to halve the compile),
 # 2. runs the CUDA tests (`-m cuda`: attention kernels, Triton soft-VQ and LayerNorm-modulate
 #    kernels, CUDA-graph sampling, tokenizer on CUDA),
@@ -58,7 +58,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [[ -z "${CUDA_HOME:-}" ]]; then
-  if command -v nvcc > /dev/null; then CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); else CUDA_HOME=/usr/local/cuda; fi
+  # /usr/local/cuda first: an nvcc on PATH may be a wrapper script outside the toolkit.
+  if [[ -x /usr/local/cuda/bin/nvcc ]] || ! command -v nvcc > /dev/null; then CUDA_HOME=/usr/local/cuda
+  else CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
 fi
 export CUDA_HOME
 export MAX_JOBS=${MAX_JOBS:-16}

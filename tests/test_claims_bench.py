@@ -132,3 +132,16 @@ def test_gpu_telemetry_accounts_spans_with_a_fake_nvml(monkeypatch):
     whole = telemetry.summary()
     assert whole["energy_source"] == "counter" and whole["energy_j"] == 7.0  # 8 counter reads
     assert GpuTelemetry(torch.device("cpu")).summary() == {"telemetry": "no GPU telemetry on cpu"}
+
+
+def test_progress_keeps_the_finished_rows(tmp_path):
+    # bench/gpu_check.sh stops a suite at its time limit; what it finished must be on disk.
+    import json
+
+    from bench.harness import partial_path
+
+    ctx = Context(device=torch.device("cpu"), quick=True, out_dir=str(tmp_path), suite="claims")
+    ctx.note("a note")
+    ctx.progress([{"case": 1, "median_ms": 2.0}])
+    saved = json.loads(open(partial_path(str(tmp_path), "claims")).read())
+    assert saved == {"partial": True, "suites": {"claims": {"rows": [{"case": 1, "median_ms": 2.0}], "notes": ["a note"]}}}
