@@ -24,6 +24,8 @@
 #include <xmmintrin.h>
 #endif
 
+#include "cpu/register_block.h"
+
 namespace softvq_fast::cpu::SOFTVQ_CPU_ISA {
 namespace {
 
@@ -93,46 +95,15 @@ inline void over_dim_chunks(int64_t Dp, F&& f) {
 
 // s[r * kBlock + j] = sum_{d < D} rows[r * Dp + d] * et[d * Kp + j], kRows rows x kBlock codes.
 inline void scores(const float* rows, int64_t Dp, int64_t D, const float* et, int64_t Kp, float* s) {
-  constexpr int64_t kVecs = 4;
-  for (int64_t j0 = 0; j0 < kBlock; j0 += kVecs * kLanes) {
-    Vec acc[kRows][kVecs];
-    for (int64_t r = 0; r < kRows; ++r)
-      for (int64_t v = 0; v < kVecs; ++v) acc[r][v] = Vec(0.f);
-    for (int64_t d = 0; d < D; ++d) {
-      Vec col[kVecs];
-      for (int64_t v = 0; v < kVecs; ++v) col[v] = Vec::loadu(et + d * Kp + j0 + v * kLanes);
-      for (int64_t r = 0; r < kRows; ++r) {
-        const Vec zb(rows[r * Dp + d]);
-        for (int64_t v = 0; v < kVecs; ++v) acc[r][v] = at::vec::fmadd(zb, col[v], acc[r][v]);
-      }
-    }
-    for (int64_t r = 0; r < kRows; ++r)
-      for (int64_t v = 0; v < kVecs; ++v) acc[r][v].store(s + r * kBlock + j0 + v * kLanes);
-  }
+  for (int64_t j0 = 0; j0 < kBlock; j0 += 4 * kLanes)
+    register_block<Vec, kRows, 4>(rows, Dp, et + j0, Kp, D, s + j0, kBlock, Into::kOverwrite);
 }
 
-// acc[r * Dp + :] += sum_{j < n} w[r * kBlock + j] * e[j * Dp + :] for the kRows rows. The block's
-// sum is formed on its own, then added: two-level summation keeps float32 error at ~(kBlock + K /
-// kBlock) ulp instead of K ulp.
+// acc[r * Dp + :] += sum_{j < n} w[r * kBlock + j] * e[j * Dp + :] for the kRows rows, the block's
+// sum formed on its own, then added (two-level summation, see Into::kAddSum).
 inline void weighted_codes(const float* w, const float* e, int64_t Dp, int64_t n, float* acc) {
   over_dim_chunks(Dp, [&](auto nv, int64_t d0) {
-    constexpr int NV = decltype(nv)::value;
-    Vec a[kRows][NV];
-    for (int64_t r = 0; r < kRows; ++r)
-      for (int v = 0; v < NV; ++v) a[r][v] = Vec(0.f);
-    for (int64_t j = 0; j < n; ++j) {
-      Vec ev[NV];
-      for (int v = 0; v < NV; ++v) ev[v] = Vec::loadu(e + j * Dp + d0 + v * kLanes);
-      for (int64_t r = 0; r < kRows; ++r) {
-        const Vec wb(w[r * kBlock + j]);
-        for (int v = 0; v < NV; ++v) a[r][v] = at::vec::fmadd(wb, ev[v], a[r][v]);
-      }
-    }
-    for (int64_t r = 0; r < kRows; ++r)
-      for (int v = 0; v < NV; ++v) {
-        float* out = acc + r * Dp + d0 + v * kLanes;
-        (Vec::loadu(out) + a[r][v]).store(out);
-      }
+    register_block<Vec, kRows, decltype(nv)::value>(w, kBlock, e + d0, Dp, n, acc + d0, Dp, Into::kAddSum);
   });
 }
 
