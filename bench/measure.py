@@ -77,6 +77,18 @@ def time_round_robin(
     return samples
 
 
+def _cpu_profile(fn: Callable[[], Any], profile_memory: bool = False) -> "torch.profiler.profile":
+    """One call of `fn()` under torch.profiler, CPU activity only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # Kineto otherwise prints start/stop lines (and, without a GPU, a device-count error) on
+    # every call; read when the profiler first starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=profile_memory) as prof:
+        fn()
+    return prof
+
+
 def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated by one call of `fn()` above the allocation level before it."""
     if device.type == "cuda":
@@ -86,13 +98,7 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-
-    # Kineto otherwise prints start/stop lines (and, without a GPU, a device-count error) on
-    # every call; read when the profiler first starts.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    prof = _cpu_profile(fn, profile_memory=True)
     events = sorted(
         (event.start_ns(), event.nbytes())
         for event in prof.profiler.kineto_results.events()
@@ -108,12 +114,7 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 def cpu_op_share_ms(fn: Callable[[], Any], op_names: frozenset[str]) -> tuple[float, float]:
     """(self CPU time of the ops named `op_names`, self CPU time of all ops) in ms, for one call
     of `fn()` under the profiler (CPU work only; its overhead inflates both a little)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    averages = prof.key_averages()
+    averages = _cpu_profile(fn).key_averages()
     chosen = sum(event.self_cpu_time_total for event in averages if event.key in op_names)
     return chosen / 1e3, sum(event.self_cpu_time_total for event in averages) / 1e3
 
