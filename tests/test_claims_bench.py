@@ -65,6 +65,27 @@ def test_quick_mode_rows_at_a_tiny_size(reference_dir, tmp_path):
     assert (tmp_path / "claims.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("settle_below_ms, short_calls", [(10.0, 1 + 2 * 3), (0.0, 1 + 3)])
+def test_round_robin_runs_short_workloads_once_untimed_before_each_timed_call(settle_below_ms, short_calls):
+    import dataclasses
+    import time
+
+    calls = {"short": 0, "long": 0}
+
+    def short():
+        calls["short"] += 1
+
+    def long():
+        calls["long"] += 1
+        time.sleep(0.02)
+
+    setup = dataclasses.replace(claims.quick_setup(), warmup=1, repeats=3, max_seconds=0.0, settle_below_ms=settle_below_ms)
+    measured = claims._round_robin({"short": short, "long": long}, torch.device("cpu"), setup)
+    assert calls == {"short": short_calls, "long": 1 + 3}  # warm-up, then per round: (untimed,) timed
+    assert measured["long"].timing.repeats == measured["short"].timing.repeats == 3
+    assert measured["long"].timing.median_ms >= 20
+
+
 def test_a_local_sd_vae_checkpoint_replaces_random_weights(tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
 
