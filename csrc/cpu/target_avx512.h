@@ -5,7 +5,7 @@
 // not define the ISA macros for a target pragma in C++, and at::vec and sleef.h test them, so
 // they are defined here. GCC on x86-64 only.
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prfchw")
 #define __AVX__ 1
 #define __AVX2__ 1
 #define __FMA__ 1
