@@ -18,11 +18,20 @@ namespace {
 // rows x cols block of src (row stride lds) into dst (row stride ldd) transposed; zero past rows.
 inline void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
                             int64_t dst_cols) {
-  for (int64_t j = 0; j < cols; ++j) {
-    for (int64_t i = 0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
-    std::fill(dst + j * ldd + rows, dst + j * ldd + dst_cols, 0.f);
-  }
+  at::vec::transpose_mxn<float>(src, lds, dst, ldd, rows, cols);
+  for (int64_t j = 0; j < cols; ++j) std::fill(dst + j * ldd + rows, dst + j * ldd + dst_cols, 0.f);
 }
+
+// sum_x a[x] * b[x] over n floats, n a multiple of kLanes.
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  for (int64_t x = 0; x < n; x += kLanes) acc = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc);
+  return at::vec::vec_reduce_all<float>([](Vec& u, Vec& w) { return u + w; }, acc);
+}
+
+// Rows ahead of the one being read or written whose cache lines are requested (prefetch_rows):
+// enough to cover a miss to memory at a few hundred cycles a row.
+constexpr int64_t kAhead = 4;
 
 template <typename scalar_t>
 void backward(const AttentionGradParams& g) {
@@ -45,7 +54,7 @@ void backward(const AttentionGradParams& g) {
     std::vector<float> qbuf(rows_pad * dpad, 0.f), gbuf(rows_pad * dpad, 0.f), delta(rows_pad, 0.f),
         lse(rows_pad, 0.f), kt(D * ldk), krows(keys_rows * dpad, 0.f), vt(D * ldk), vrows(Sk * dpad),
         dqacc(rows_pad * dpad), dkacc(keys_rows * dpad), dvacc(keys_rows * dpad), pblock(rows_pad * ldb),
-        dsblock(rows_pad * ldb), pt(block_rows * rows_pad), dst(block_rows * rows_pad), obuf(D);
+        dsblock(rows_pad * ldb), pt(block_rows * rows_pad), dst(block_rows * rows_pad), obuf(dpad, 0.f);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % H, b = task / H;
       const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[2];
@@ -53,21 +62,29 @@ void backward(const AttentionGradParams& g) {
       const scalar_t* vh = v + b * p.v_stride[0] + h * p.v_stride[2];
       for (int64_t i = 0; i < Sq; ++i) {
         const int64_t row = (b * Sq + i) * H + h;
+        if (i + kAhead < Sq) {
+          prefetch_rows<false>(qh + (i + kAhead) * p.q_stride[1], 0, 1, D);
+          prefetch_rows<false>(grad_out + (row + kAhead * H) * D, 0, 1, D);
+          prefetch_rows<false>(out + (row + kAhead * H) * D, 0, 1, D);
+        }
         to_float(qh + i * p.q_stride[1], &qbuf[i * dpad], D);
         to_float(grad_out + row * D, &gbuf[i * dpad], D);
         to_float(out + row * D, obuf.data(), D);
-        delta[i] = 0.f;
-        for (int64_t x = 0; x < D; ++x) delta[i] += obuf[x] * gbuf[i * dpad + x];
+        delta[i] = dot(obuf.data(), &gbuf[i * dpad], dpad);  // both zero past D
         lse[i] = p.lse[(b * H + h) * Sq + i];
       }
-      // kt holds k scaled (scores come out scaled), krows k unscaled, vt v transposed.
-      pack_keys(kh, p.k_stride[1], Sk, D, p.scale, kt.data(), ldk, vrows.data(), dpad);
-      pack_values(vh, p.v_stride[1], Sk, D, vrows.data(), dpad);
+      // krows holds k, vrows v (fp32 rows), kt k transposed and scaled (scores come out scaled), vt v
+      // transposed.
       for (int64_t j = 0; j < Sk; ++j) {
+        if (j + kAhead < Sk) {
+          prefetch_rows<false>(kh + (j + kAhead) * p.k_stride[1], 0, 1, D);
+          prefetch_rows<false>(vh + (j + kAhead) * p.v_stride[1], 0, 1, D);
+        }
         to_float(kh + j * p.k_stride[1], &krows[j * dpad], D);
-        for (int64_t x = 0; x < D; ++x) vt[x * ldk + j] = vrows[j * dpad + x];
+        to_float(vh + j * p.v_stride[1], &vrows[j * dpad], D);
       }
-      for (int64_t x = 0; x < D; ++x) std::fill(&vt[x * ldk + Sk], &vt[(x + 1) * ldk], 0.f);
+      pack_keys(krows.data(), dpad, Sk, D, p.scale, kt.data(), ldk, nullptr, dpad);
+      transpose_block(vrows.data(), dpad, Sk, D, vt.data(), ldk, ldk);
       std::fill(dqacc.begin(), dqacc.end(), 0.f);
       std::fill(dkacc.begin(), dkacc.end(), 0.f);
       std::fill(dvacc.begin(), dvacc.end(), 0.f);
@@ -112,11 +129,16 @@ void backward(const AttentionGradParams& g) {
 
       for (int64_t i = 0; i < Sq; ++i) {
         scalar_t* row = dq + ((b * Sq + i) * H + h) * D;
+        if (i + kAhead < Sq) prefetch_rows<true>(row + kAhead * H * D, 0, 1, D);
         for (int64_t x = 0; x < D; ++x) row[x] = static_cast<scalar_t>(dqacc[i * dpad + x] * p.scale);
       }
       for (int64_t j = 0; j < Sk; ++j) {
         scalar_t* krow = dk + ((b * Sk + j) * H + h) * D;
         scalar_t* vrow = dv + ((b * Sk + j) * H + h) * D;
+        if (j + kAhead < Sk) {
+          prefetch_rows<true>(krow + kAhead * H * D, 0, 1, D);
+          prefetch_rows<true>(vrow + kAhead * H * D, 0, 1, D);
+        }
         for (int64_t x = 0; x < D; ++x) {
           krow[x] = static_cast<scalar_t>(dkacc[j * dpad + x] * p.scale);
           vrow[x] = static_cast<scalar_t>(dvacc[j * dpad + x]);
