@@ -6,7 +6,8 @@
 //   dV = Pᵀ·dO,   dS = P ∘ (dO·Vᵀ − delta),   dQ = dS·K·scale,   dK = dSᵀ·Q·scale.
 // One task per (batch, head): it packs the head's q, dO (rows), k transposed (scaled), k, v
 // transposed in fp32, then walks key blocks; per block it forms P and dS for all query rows (kRows at
-// a time, through rows_times_matrix), transposes them, and accumulates dV, dK (rows = keys) and dQ.
+// a time, through rows_times_matrix) and accumulates dQ, then dV and dK (rows = keys, read from the
+// columns of P and dS without a transposed copy).
 // Memory per thread is O(S x D + S x key block), no S x S buffer.
 #ifndef SOFTVQ_CPU_ISA
 #error "define SOFTVQ_CPU_ISA before including attention_backward_kernel.h"
@@ -40,7 +41,6 @@ void backward(const AttentionGradParams& g) {
   const int64_t dpad = round_up(D, kLanes), ldk = round_up(Sk, kLanes), block_keys = key_block(Sk, dpad);
   const int64_t rows_pad = round_up(Sq, kRows), keys_rows = round_up(Sk, kRows);
   const int64_t ldb = round_up(block_keys, kLanes);       // row stride of the P / dS blocks
-  const int64_t block_rows = round_up(block_keys, kRows);  // rows of their transposes
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
@@ -54,7 +54,7 @@ void backward(const AttentionGradParams& g) {
     std::vector<float> qbuf(rows_pad * dpad, 0.f), gbuf(rows_pad * dpad, 0.f), delta(rows_pad, 0.f),
         lse(rows_pad, 0.f), kt(D * ldk), krows(keys_rows * dpad, 0.f), vt(D * ldk), vrows(Sk * dpad),
         dqacc(rows_pad * dpad), dkacc(keys_rows * dpad), dvacc(keys_rows * dpad), pblock(rows_pad * ldb),
-        dsblock(rows_pad * ldb), pt(block_rows * rows_pad), dst(block_rows * rows_pad), obuf(dpad, 0.f);
+        dsblock(rows_pad * ldb), obuf(dpad, 0.f);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % H, b = task / H;
       const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[2];
@@ -116,14 +116,10 @@ void backward(const AttentionGradParams& g) {
           // dQ rows += dS · K (unscaled; scale applied at the end)
           rows_times_matrix(ds, ldb, &krows[j0 * dpad], dpad, keys, &dqacc[r0 * dpad], dpad, dpad, true);
         }
-        // dV, dK for this block's keys: rows are keys, depth is the query rows.
-        transpose_block(pblock.data(), ldb, Sq, round_up(keys, kRows), pt.data(), rows_pad, rows_pad);
-        transpose_block(dsblock.data(), ldb, Sq, round_up(keys, kRows), dst.data(), rows_pad, rows_pad);
+        // dV, dK for this block's keys: rows are keys (the columns of P and dS), depth is the query rows.
         for (int64_t kr = 0; kr < keys; kr += kRows) {
-          rows_times_matrix(&pt[kr * rows_pad], rows_pad, gbuf.data(), dpad, Sq, &dvacc[(j0 + kr) * dpad], dpad, dpad,
-                            true);
-          rows_times_matrix(&dst[kr * rows_pad], rows_pad, qbuf.data(), dpad, Sq, &dkacc[(j0 + kr) * dpad], dpad,
-                            dpad, true);
+          rows_times_matrix<true>(&pblock[kr], ldb, gbuf.data(), dpad, Sq, &dvacc[(j0 + kr) * dpad], dpad, dpad, true);
+          rows_times_matrix<true>(&dsblock[kr], ldb, qbuf.data(), dpad, Sq, &dkacc[(j0 + kr) * dpad], dpad, dpad, true);
         }
       }
 

@@ -54,18 +54,19 @@ inline void to_float(const scalar_t* src, float* dst, int64_t n) {
 }
 
 // c[r][0 : width] = (accumulate ? c[r][...] : 0) + a[r][0 : depth] . b[0 : depth][0 : width] for
-// kRows rows, width a multiple of kLanes, in register blocks of at most kVecs vectors; one vector
+// kRows rows (a's rows stored as columns with kAColumns), width a multiple of kLanes, in register blocks of at most kVecs vectors; one vector
 // left over after a full block is merged into a split (5 = 3 + 2), because a single-vector block
 // keeps too few independent accumulators in flight.
+template <bool kAColumns = false>
 inline void rows_times_matrix(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c,
                               int64_t ldc, int64_t width, bool accumulate) {
   const Into into = accumulate ? Into::kAccumulate : Into::kOverwrite;
   for (int64_t x0 = 0, left = width / kLanes; left > 0;) {
     const int64_t step = left == kVecs + 1 ? (left + 1) / 2 : std::min(left, kVecs);
     switch (step) {
-      case 3: register_block<Vec, kRows, 3>(a, lda, b + x0, ldb, depth, c + x0, ldc, into); break;
-      case 2: register_block<Vec, kRows, 2>(a, lda, b + x0, ldb, depth, c + x0, ldc, into); break;
-      default: register_block<Vec, kRows, 1>(a, lda, b + x0, ldb, depth, c + x0, ldc, into); break;
+      case 3: register_block<Vec, kRows, 3, kAColumns>(a, lda, b + x0, ldb, depth, c + x0, ldc, into); break;
+      case 2: register_block<Vec, kRows, 2, kAColumns>(a, lda, b + x0, ldb, depth, c + x0, ldc, into); break;
+      default: register_block<Vec, kRows, 1, kAColumns>(a, lda, b + x0, ldb, depth, c + x0, ldc, into); break;
     }
     x0 += step * kLanes;
     left -= step;

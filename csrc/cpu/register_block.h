@@ -1,6 +1,8 @@
 // The register-blocked product at the heart of the CPU kernels: for ROWS rows of a and NV vectors
 // of b,
 //   p[r][0 : NV * lanes] = sum_{x < depth} a[r * lda + x] * b[x * ldb + 0 : NV * lanes],
+// or, with kAColumns, a[x * lda + r] (a's rows stored as columns: a product with a transposed
+// matrix needs no transposed copy),
 // with the ROWS x NV accumulators in registers (broadcast-a x vector-b FMAs), written into c (row
 // stride ldc) as `into` says. Include it inside a kernel's target region (after cpu/target_*.h)
 // so that Vec is that region's at::vec width; the instantiations of different regions are
@@ -17,7 +19,7 @@ enum class Into {
                 // summation keeps float32 error at ~(depth + blocks) ulp instead of the total length
 };
 
-template <typename Vec, int64_t ROWS, int64_t NV>
+template <typename Vec, int64_t ROWS, int64_t NV, bool kAColumns = false>
 inline void register_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c,
                            int64_t ldc, Into into) {
   constexpr int64_t kLanes = Vec::size();
@@ -29,7 +31,7 @@ inline void register_block(const float* a, int64_t lda, const float* b, int64_t 
     Vec col[NV];
     for (int64_t v = 0; v < NV; ++v) col[v] = Vec::loadu(b + x * ldb + v * kLanes);
     for (int64_t r = 0; r < ROWS; ++r) {
-      const Vec ar(a[r * lda + x]);
+      const Vec ar(kAColumns ? a[x * lda + r] : a[r * lda + x]);
       for (int64_t v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, col[v], acc[r][v]);
     }
   }
