@@ -10,7 +10,9 @@ from conftest import rel_err
 from softvq_fast._extension import extension_available, extension_has_cuda
 from softvq_fast.dispatch import NoBackendError
 from softvq_fast.ops.attention import (
+    CPU_BF16_SOFTVQ_FIRST_MAX_LEN,
     CPU_SOFTVQ_FIRST_MAX_LEN,
+    CPU_SOFTVQ_TRAINING_MIN_LEN,
     OPS,
     TRAINING_OPS,
     _describe,
@@ -203,9 +205,15 @@ def test_auto_order_and_environment_override(monkeypatch):
     assert OPS.select(inputs).name == ours  # measured fastest in CPU float32 (module docstring)
     assert _ops_for(inputs, needs_grad=False).select(inputs).name == ours
     long_inputs = inputs._replace(kv_len=CPU_SOFTVQ_FIRST_MAX_LEN + 1)
-    for sdpa_faster in (long_inputs, inputs._replace(dtype=torch.bfloat16)):
+    long_bf16 = inputs._replace(dtype=torch.bfloat16, kv_len=CPU_BF16_SOFTVQ_FIRST_MAX_LEN + 1)
+    for sdpa_faster in (long_inputs, long_bf16):
         assert _ops_for(sdpa_faster, needs_grad=False).select(sdpa_faster).name == "sdpa"
-    assert _ops_for(inputs, needs_grad=True).select(inputs).name == "sdpa"
+    short_bf16 = long_bf16._replace(kv_len=CPU_BF16_SOFTVQ_FIRST_MAX_LEN)
+    assert _ops_for(short_bf16, needs_grad=False).select(short_bf16).name == ours
+    assert _ops_for(inputs, needs_grad=True).select(inputs).name == "sdpa"  # 5 keys: SDPA trains faster
+    training = inputs._replace(kv_len=CPU_SOFTVQ_TRAINING_MIN_LEN)
+    assert _ops_for(training, needs_grad=True).select(training).name == ours
+    assert _ops_for(long_inputs, needs_grad=True).select(long_inputs).name == "sdpa"
     assert [b for b in TRAINING_OPS.auto_order("cuda")][:2] == ["flash_attn", "sdpa"]  # native backwards first
     monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", "math")
     assert OPS.select(inputs).name == "math" and TRAINING_OPS.select(inputs).name == "math"

@@ -17,15 +17,17 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
 
 `backend="auto"` takes the first backend of the device's order that supports the inputs:
   cpu:  softvq, sdpa, math        measured with bench/suites/attention.py on the CI CPU (Xeon,
-                                  AVX-512, 2 cores): ours is at 1.10-1.37x of SDPA in float32 for
+                                  AVX-512, 2 cores): ours is at 1.14-1.30x of SDPA in float32 for
                                   kv lengths up to 321. SDPA goes first (sdpa, softvq, math) for
-                                  kv lengths over 512 (level at 1089), in bfloat16 (SDPA uses AMX
-                                  there, up to 1.8x faster) and with gradients (our forward+backward
-                                  is at 0.73-0.98x of SDPA's).
+                                  kv lengths over 512 (level at 1089), in bfloat16 over 32 keys
+                                  (SDPA's AMX kernels: 1.3-2.5x faster from 64 keys; ours 1.3-1.4x
+                                  faster at 32 keys, head dims 64 and 72) and with gradients below
+                                  64 keys (our forward+backward is at 0.91-0.99x of SDPA's at 32
+                                  keys, 1.02-1.21x from 64 to 321).
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
-When q, k or v needs a gradient, the order is cuda: flash_attn, sdpa, softvq, xformers, math
-(cpu: sdpa, softvq, math): our CUDA backward recomputes the forward through SDPA, an extra forward.
+When q, k or v needs a gradient, the CUDA order is flash_attn, sdpa, softvq, xformers, math: our
+CUDA backward recomputes the forward through SDPA, an extra forward.
 `SOFTVQ_FAST_ATTENTION=<name>` overrides "auto"; an explicit backend that cannot run raises
 `NoBackendError` listing the reasons.
 """
@@ -299,8 +301,7 @@ _AUTO_ORDER = {
 }
 # With gradients: on CUDA the softvq backward recomputes the forward through SDPA, so on top of
 # SDPA's forward and backward it costs its own forward: backends with a native backward go first.
-# On the CPU ours has its own backward, measured at 0.73-0.98x of SDPA's forward+backward. This
-# order also serves CPU forwards where SDPA was measured faster (see _ops_for).
+# On the CPU this order serves the inputs where SDPA was measured faster (see _ops_for).
 _TRAINING_ORDER = {
     "cpu": ("sdpa", "softvq", "math"),
     "cuda": ("flash_attn", "sdpa", "softvq", "xformers", "math"),
@@ -319,8 +320,11 @@ OPS = register_op(OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTEN
 TRAINING_OPS = OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _training_order)
 
 # Our CPU forward is measured faster than SDPA in float32 up to a few hundred keys (321), level
-# with it at 1089; in bfloat16 SDPA (AMX) is faster.
+# with it at 1089; in bfloat16 only up to 32 keys (SDPA's AMX kernels win beyond). Our
+# forward+backward is faster from 64 keys on, slower at 32.
 CPU_SOFTVQ_FIRST_MAX_LEN = 512
+CPU_BF16_SOFTVQ_FIRST_MAX_LEN = 32
+CPU_SOFTVQ_TRAINING_MIN_LEN = 64
 
 
 # Backends chosen so far, by (inputs, requested backend, SOFTVQ_FAST_ATTENTION, needs_grad). The
@@ -331,12 +335,16 @@ _CHOSEN_MAX = 4096
 
 
 def _ops_for(inputs: AttentionInputs, needs_grad: bool) -> OpBackends:
-    """The automatic order for these inputs: OPS, or TRAINING_OPS (SDPA first on the CPU) with
-    gradients and for the CPU forwards where SDPA is faster."""
-    sdpa_faster_on_cpu = inputs.device.type == "cpu" and (
-        inputs.dtype != torch.float32 or inputs.kv_len > CPU_SOFTVQ_FIRST_MAX_LEN
-    )
-    return TRAINING_OPS if needs_grad or sdpa_faster_on_cpu else OPS
+    """The automatic order for these inputs: OPS (ours first), or TRAINING_OPS (native backwards
+    first; SDPA first on the CPU) where that was measured faster."""
+    if inputs.device.type != "cpu":
+        return TRAINING_OPS if needs_grad else OPS
+    if needs_grad:
+        ours_faster = inputs.dtype == torch.float32 and CPU_SOFTVQ_TRAINING_MIN_LEN <= inputs.kv_len <= CPU_SOFTVQ_FIRST_MAX_LEN
+    else:
+        max_len = CPU_BF16_SOFTVQ_FIRST_MAX_LEN if inputs.dtype == torch.bfloat16 else CPU_SOFTVQ_FIRST_MAX_LEN
+        ours_faster = inputs.dtype in (torch.float32, torch.bfloat16) and inputs.kv_len <= max_len
+    return OPS if ours_faster else TRAINING_OPS
 
 
 def attention(
