@@ -17,13 +17,13 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
 
 `backend="auto"` takes the first backend of the device's order that supports the inputs:
   cpu:  softvq, sdpa, math        measured with bench/suites/attention.py on the CI CPU (Xeon,
-                                  AVX-512, 2 cores): ours is at 1.14-1.30x of SDPA in float32 for
+                                  AVX-512, 2 cores): ours is at 1.12-1.31x of SDPA in float32 for
                                   kv lengths up to 321. SDPA goes first (sdpa, softvq, math) for
                                   kv lengths over 512 (level at 1089), in bfloat16 over 32 keys
                                   (SDPA's AMX kernels: 1.3-2.5x faster from 64 keys; ours 1.3-1.4x
                                   faster at 32 keys, head dims 64 and 72) and with gradients below
                                   64 keys (our forward+backward is at 0.91-0.99x of SDPA's at 32
-                                  keys, 1.02-1.21x from 64 to 321).
+                                  keys, 0.99-1.15x at 64, 1.07-1.27x from 128 to 1089).
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
 When q, k or v needs a gradient, the CUDA order is flash_attn, sdpa, softvq, xformers, math: our
@@ -321,7 +321,7 @@ TRAINING_OPS = OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTIO
 
 # Our CPU forward is measured faster than SDPA in float32 up to a few hundred keys (321), level
 # with it at 1089; in bfloat16 only up to 32 keys (SDPA's AMX kernels win beyond). Our
-# forward+backward is faster from 64 keys on, slower at 32.
+# forward+backward is level with SDPA's at 64 keys, faster from 128, slower at 32.
 CPU_SOFTVQ_FIRST_MAX_LEN = 512
 CPU_BF16_SOFTVQ_FIRST_MAX_LEN = 32
 CPU_SOFTVQ_TRAINING_MIN_LEN = 64
