@@ -17,9 +17,10 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
 
 `backend="auto"` takes the first backend of the device's order that supports the inputs:
   cpu:  softvq, sdpa, math        measured with bench/suites/attention.py on the CI CPU (Xeon,
-                                  AVX-512, 2 cores): ours is at 1.12-1.31x of SDPA in float32 for
-                                  kv lengths up to 321. SDPA goes first (sdpa, softvq, math) for
-                                  kv lengths over 512 (level at 1089), in bfloat16 over 32 keys
+                                  AVX-512, 2 cores): ours is at 1.12-1.35x of SDPA in float32 for
+                                  kv lengths up to 321, 1.05-1.17x at 1024-1089. SDPA goes first
+                                  (sdpa, softvq, math) for kv lengths over 1200 (level at 1536,
+                                  0.94-0.98x from 2048), in bfloat16 over 32 keys
                                   (SDPA's AMX kernels: 1.3-2.5x faster from 64 keys; ours 1.3-1.4x
                                   faster at 32 keys, head dims 64 and 72) and with gradients below
                                   64 keys (our forward+backward is at 0.91-0.99x of SDPA's at 32
@@ -319,10 +320,10 @@ def _training_order(device_type: str) -> tuple[str, ...]:
 OPS = register_op(OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _auto_order))
 TRAINING_OPS = OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _training_order)
 
-# Our CPU forward is measured faster than SDPA in float32 up to a few hundred keys (321), level
-# with it at 1089; in bfloat16 only up to 32 keys (SDPA's AMX kernels win beyond). Our
-# forward+backward is level with SDPA's at 64 keys, faster from 128, slower at 32.
-CPU_SOFTVQ_FIRST_MAX_LEN = 512
+# Our CPU forward is measured faster than SDPA in float32 up to the tokenizer's 1089 keys, level
+# with it at 1536, slower from 2048; in bfloat16 only up to 32 keys (SDPA's AMX kernels win
+# beyond). Our forward+backward is level with SDPA's at 64 keys, faster from 128, slower at 32.
+CPU_SOFTVQ_FIRST_MAX_LEN = 1200
 CPU_BF16_SOFTVQ_FIRST_MAX_LEN = 32
 CPU_SOFTVQ_TRAINING_MIN_LEN = 64
 
