@@ -22,6 +22,23 @@ def test_generator_flop_model_matches_torch_flop_counter(tokens, patch, vae_1d):
     assert counted == expected
 
 
+def test_flop_counter_sees_cpu_sdpa_and_our_attention():
+    import torch.nn.functional as F
+
+    from softvq_fast import attention
+
+    claims._register_attention_flops()
+    claims._register_attention_flops()  # a second run in one process
+    q, kv = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 24, 16)
+    _, counted = claims.counted_flops(lambda: F.scaled_dot_product_attention(q, kv, kv))
+    assert counted == 4 * 2 * 3 * 40 * 24 * 16
+    for backend in ("softvq", "math"):
+        if backend == "softvq" and not hasattr(torch.ops.softvq_fast, "attention_fwd"):
+            continue
+        _, counted = claims.counted_flops(lambda: attention(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2), backend=backend))
+        assert counted == 4 * 2 * 3 * 40 * 24 * 16, backend
+
+
 def test_quick_mode_rows_at_a_tiny_size(reference_dir, tmp_path):
     tiny_tokenizer = ("tiny-8", lambda: SoftVQVAE.from_pretrained(reference_dir / "vectors" / "tokenizer_tiny"))
     setup = claims.Setup(

@@ -140,21 +140,26 @@ def generator_flops(depth: int, hidden: int, tokens: int, in_channels: int, patc
 
 
 def _register_attention_flops() -> None:
-    """Let torch's FLOP counter see softvq_fast's attention op (4 B H Sq Sk D)."""
-    from torch.utils.flop_counter import register_flop_formula
+    """Let torch's FLOP counter see the attention ops it misses, each 4 B H Sq Sk D: softvq_fast's,
+    and the CPU kernel SDPA dispatches to (aten._scaled_dot_product_flash_attention_for_cpu, which
+    torch counts as 0 FLOPs: the decoders' attention would drop out of the ideal ratios)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
 
-    if not hasattr(torch.ops.softvq_fast, "attention_fwd"):
-        return
-    op = torch.ops.softvq_fast.attention_fwd
-
-    def flops(q_shape, k_shape, *args, **kwargs) -> int:
+    def ours(q_shape, k_shape, *args, **kwargs) -> int:
         batch, q_len, heads, head_dim = q_shape
         return 4 * batch * heads * q_len * k_shape[1] * head_dim
 
-    try:
-        register_flop_formula(op)(flops)
-    except ValueError:  # already registered (a second run in one process)
-        pass
+    def sdpa_cpu(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    formulas = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = sdpa_cpu
+    if hasattr(torch.ops.softvq_fast, "attention_fwd"):
+        formulas[torch.ops.softvq_fast.attention_fwd] = ours
+    for op, formula in formulas.items():
+        if op not in flop_registry:  # once per process
+            register_flop_formula(op)(formula)
 
 
 def counted_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
