@@ -80,6 +80,17 @@ def _preset_factory(name: str) -> Callable[[], Any]:
     return build
 
 
+def _tokenizer_presets(size: str) -> dict[int, list[tuple[str, Callable[[], Any]]]]:
+    """The 32- and 64-token presets of one size ("s", "l", ...) at 256 and 512 px."""
+    return {
+        px: [
+            (f"SoftVQ-{size.upper()}-{tokens}", _preset_factory(f"softvq-{size}-{tokens}" + ("" if px == 256 else f"-{px}")))
+            for tokens in (32, 64)
+        ]
+        for px in (256, 512)
+    }
+
+
 def full_setup() -> Setup:
     return Setup(
         label="GPU full",
@@ -90,10 +101,7 @@ def full_setup() -> Setup:
         batch={256: 256, 512: 32},
         sd_vae_channels=(128, 256, 512, 512),
         sd_vae_groups=32,
-        tokenizers={
-            256: [("SoftVQ-L-32", _preset_factory("softvq-l-32")), ("SoftVQ-L-64", _preset_factory("softvq-l-64"))],
-            512: [("SoftVQ-L-32", _preset_factory("softvq-l-32-512")), ("SoftVQ-L-64", _preset_factory("softvq-l-64-512"))],
-        },
+        tokenizers=_tokenizer_presets("l"),
         stack_batches=(8, 256),
         time_budget_s=80.0,
         # bench/gpu_check.sh gives a suite 90 s: CUDA-graph capture already runs each step 3 times.
@@ -113,10 +121,7 @@ def quick_setup() -> Setup:
         batch={256: 1, 512: 1},
         sd_vae_channels=(128, 256, 512, 512),
         sd_vae_groups=32,
-        tokenizers={
-            256: [("SoftVQ-S-32", _preset_factory("softvq-s-32")), ("SoftVQ-S-64", _preset_factory("softvq-s-64"))],
-            512: [("SoftVQ-S-32", _preset_factory("softvq-s-32-512")), ("SoftVQ-S-64", _preset_factory("softvq-s-64-512"))],
-        },
+        tokenizers=_tokenizer_presets("s"),
         warmup=1,
         repeats=3,
         max_seconds=3.0,
