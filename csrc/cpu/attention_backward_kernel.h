@@ -16,13 +16,6 @@
 namespace softvq_fast::cpu::SOFTVQ_CPU_ISA {
 namespace {
 
-// rows x cols block of src (row stride lds) into dst (row stride ldd) transposed; zero past rows.
-inline void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
-                            int64_t dst_cols) {
-  at::vec::transpose_mxn<float>(src, lds, dst, ldd, rows, cols);
-  for (int64_t j = 0; j < cols; ++j) std::fill(dst + j * ldd + rows, dst + j * ldd + dst_cols, 0.f);
-}
-
 // sum_x a[x] * b[x] over n floats, n a multiple of kLanes.
 inline float dot(const float* a, const float* b, int64_t n) {
   Vec acc(0.f);
@@ -84,7 +77,7 @@ void backward(const AttentionGradParams& g) {
         to_float(vh + j * p.v_stride[1], &vrows[j * dpad], D);
       }
       pack_keys(krows.data(), dpad, Sk, D, p.scale, kt.data(), ldk, nullptr, dpad);
-      transpose_block(vrows.data(), dpad, Sk, D, vt.data(), ldk, ldk);
+      transpose_block(vrows.data(), dpad, Sk, D, vt.data(), ldk);
       std::fill(dqacc.begin(), dqacc.end(), 0.f);
       std::fill(dkacc.begin(), dkacc.end(), 0.f);
       std::fill(dvacc.begin(), dvacc.end(), 0.f);

@@ -38,7 +38,7 @@ constexpr int64_t kLanes = Vec::size();
 // AVX-512 even for two-vector blocks (32 keys).
 constexpr int64_t kRows = kLanes >= 16 ? 8 : 4;
 constexpr int64_t kVecs = kLanes >= 16 ? 3 : 2;
-constexpr int64_t kKeyBlock = 128;    // most keys per block: a multiple of kLanes on every ISA
+constexpr int64_t kKeyBlock = 128;    // most keys per L1-sized block: a multiple of kLanes on every ISA
 // Keys per block: all of a short sequence (one softmax pass); for longer ones few enough that
 // the packed k and v of a block (2 x keys x dpad floats) stay within 32 KiB, read from L1 by
 // every group of kRows query rows.
@@ -64,9 +64,9 @@ inline void to_float(const scalar_t* src, float* dst, int64_t n) {
 }
 
 // c[r][0 : width] = (accumulate ? c[r][...] : 0) + a[r][0 : depth] . b[0 : depth][0 : width] for
-// kRows rows (a's rows stored as columns with kAColumns), width a multiple of kLanes, in register blocks of at most kVecs vectors; one vector
-// left over after a full block is merged into a split (5 = 3 + 2), because a single-vector block
-// keeps too few independent accumulators in flight.
+// kRows rows (a's rows stored as columns with kAColumns), width a multiple of kLanes, in register
+// blocks of at most kVecs vectors; one vector left over after a full block is merged into a split
+// (5 = 3 + 2), because a single-vector block keeps too few independent accumulators in flight.
 template <bool kAColumns = false>
 inline void rows_times_matrix(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c,
                               int64_t ldc, int64_t width, bool accumulate) {
@@ -137,20 +137,26 @@ inline void store_log_sum_exp(const float* m, const float* l, int64_t n, float* 
 // Packs the keys of one head: kt[x][j] = k[j][x] * scale (row stride ldk, zero past `keys`; the
 // softmax scale is folded in here). bfloat16 rows are converted into `scratch` (keys x dpad floats)
 // before the transpose.
+// rows x cols of src (row stride lds) into dst (row stride ldd) transposed, each dst row zero from
+// column `rows` to ldd.
+inline void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  at::vec::transpose_mxn<float>(src, lds, dst, ldd, rows, cols);
+  for (int64_t j = 0; j < cols; ++j) std::fill(dst + j * ldd + rows, dst + (j + 1) * ldd, 0.f);
+}
+
 template <typename scalar_t>
 void pack_keys(const scalar_t* kh, int64_t k_row, int64_t keys, int64_t head_dim, float scale, float* kt,
                int64_t ldk, float* scratch, int64_t dpad) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    at::vec::transpose_mxn<float>(kh, k_row, kt, ldk, keys, head_dim);
+    transpose_block(kh, k_row, keys, head_dim, kt, ldk);
   } else {
     for (int64_t j = 0; j < keys; ++j) to_float(kh + j * k_row, scratch + j * dpad, head_dim);
-    at::vec::transpose_mxn<float>(scratch, dpad, kt, ldk, keys, head_dim);
+    transpose_block(scratch, dpad, keys, head_dim, kt, ldk);
   }
   const Vec vscale(scale);
   for (int64_t x = 0; x < head_dim; ++x) {
     float* row = kt + x * ldk;
     for (int64_t j = 0; j < keys; j += kLanes) (Vec::loadu(row + j) * vscale).store(row + j);
-    std::fill(row + keys, row + ldk, 0.f);
   }
 }
 
