@@ -9,16 +9,17 @@ import torch
 from conftest import rel_err
 from softvq_fast._extension import extension_available, extension_has_cuda
 from softvq_fast.dispatch import NoBackendError
+from softvq_fast.ops import attention as attention_module
 from softvq_fast.ops.attention import (
-    CPU_BF16_SOFTVQ_FIRST_MAX_LEN,
-    CPU_SOFTVQ_FIRST_MAX_LEN,
-    CPU_SOFTVQ_TRAINING_MIN_LEN,
+    AMX_CPU_RULES,
+    OTHER_CPU_RULES,
     OPS,
     TRAINING_OPS,
     _describe,
     _kernel_op_available,
     _ops_for,
     attention,
+    detect_cpu_order_rules,
 )
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
@@ -199,22 +200,53 @@ def test_compiles_without_graph_breaks():
     assert rel_err(got, want) <= 1e-6 and rel_err(grad_got, grad_want) <= 1e-6
 
 
+def _auto_choice(inputs, needs_grad: bool) -> str:
+    return _ops_for(inputs, needs_grad).select(inputs).name
+
+
+def test_auto_order_on_a_cpu_with_amx(monkeypatch):
+    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", AMX_CPU_RULES)
+    inputs = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
+    ours = "softvq" if _kernel_op_available() else "sdpa"
+    fp32_max, bf16_max = AMX_CPU_RULES.forward_max_len[torch.float32], AMX_CPU_RULES.forward_max_len[torch.bfloat16]
+    assert _auto_choice(inputs, needs_grad=False) == ours
+    long_inputs = inputs._replace(kv_len=fp32_max + 1)
+    long_bf16 = inputs._replace(dtype=torch.bfloat16, kv_len=bf16_max + 1)
+    for sdpa_faster in (long_inputs, long_bf16):
+        assert _auto_choice(sdpa_faster, needs_grad=False) == "sdpa"
+    assert _auto_choice(long_bf16._replace(kv_len=bf16_max), needs_grad=False) == ours
+    assert _auto_choice(inputs, needs_grad=True) == "sdpa"  # 5 keys: SDPA trains faster
+    training = inputs._replace(kv_len=AMX_CPU_RULES.training_lengths[torch.float32][0])
+    assert _auto_choice(training, needs_grad=True) == ours
+    assert _auto_choice(training._replace(dtype=torch.bfloat16), needs_grad=True) == "sdpa"
+    assert _auto_choice(long_inputs, needs_grad=True) == "sdpa"
+
+
+def test_auto_order_on_a_cpu_without_amx(monkeypatch):
+    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", OTHER_CPU_RULES)
+    ours = "softvq" if _kernel_op_available() else "sdpa"
+    for dtype in (torch.float32, torch.bfloat16):
+        for kv_len in (1, 5, 64, 1089, 4096):
+            inputs = _describe(*_qkv(1, 5, 5, 2, 16, dtype)[:3])._replace(kv_len=kv_len)
+            assert _auto_choice(inputs, needs_grad=False) == ours
+            assert _auto_choice(inputs, needs_grad=True) == ours
+    fp16 = _describe(*_qkv(1, 5, 5, 2, 16, torch.float16)[:3])  # our CPU kernel has no fp16
+    assert _auto_choice(fp16, needs_grad=False) == "sdpa" and _auto_choice(fp16, needs_grad=True) == "sdpa"
+
+
+def test_cpu_order_rules_follow_amx(monkeypatch):
+    for has_amx, rules in ((True, AMX_CPU_RULES), (False, OTHER_CPU_RULES)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda has_amx=has_amx: has_amx, raising=False)
+        assert detect_cpu_order_rules() is rules
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert detect_cpu_order_rules() is OTHER_CPU_RULES  # the private API gone: no AMX assumed
+
+
 def test_auto_order_and_environment_override(monkeypatch):
     inputs = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
     monkeypatch.delenv("SOFTVQ_FAST_ATTENTION", raising=False)
     ours = "softvq" if _kernel_op_available() else "sdpa"
     assert OPS.select(inputs).name == ours  # measured fastest in CPU float32 (module docstring)
-    assert _ops_for(inputs, needs_grad=False).select(inputs).name == ours
-    long_inputs = inputs._replace(kv_len=CPU_SOFTVQ_FIRST_MAX_LEN + 1)
-    long_bf16 = inputs._replace(dtype=torch.bfloat16, kv_len=CPU_BF16_SOFTVQ_FIRST_MAX_LEN + 1)
-    for sdpa_faster in (long_inputs, long_bf16):
-        assert _ops_for(sdpa_faster, needs_grad=False).select(sdpa_faster).name == "sdpa"
-    short_bf16 = long_bf16._replace(kv_len=CPU_BF16_SOFTVQ_FIRST_MAX_LEN)
-    assert _ops_for(short_bf16, needs_grad=False).select(short_bf16).name == ours
-    assert _ops_for(inputs, needs_grad=True).select(inputs).name == "sdpa"  # 5 keys: SDPA trains faster
-    training = inputs._replace(kv_len=CPU_SOFTVQ_TRAINING_MIN_LEN)
-    assert _ops_for(training, needs_grad=True).select(training).name == ours
-    assert _ops_for(long_inputs, needs_grad=True).select(long_inputs).name == "sdpa"
     assert [b for b in TRAINING_OPS.auto_order("cuda")][:2] == ["flash_attn", "sdpa"]  # native backwards first
     monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", "math")
     assert OPS.select(inputs).name == "math" and TRAINING_OPS.select(inputs).name == "math"

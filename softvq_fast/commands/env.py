@@ -45,6 +45,7 @@ def _devices() -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from softvq_fast.dispatch import registered_ops
+    from softvq_fast.ops.attention import CPU_ORDER_RULES
 
     for key, value in _versions():
         print(f"{key:<12} {value}")
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         for backend in op.backends:
             reason = backend.unavailable_reason()
             print(f"    {backend.name:<12} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"attention auto order on this CPU: the rules for CPUs {CPU_ORDER_RULES.cpu}")
     return 0
 
 

@@ -16,15 +16,20 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
   math        plain PyTorch (softmax in fp32 or better); the reference.
 
 `backend="auto"` takes the first backend of the device's order that supports the inputs:
-  cpu:  softvq, sdpa, math        measured with bench/suites/attention.py on the CI CPU (Xeon,
-                                  AVX-512, 2 cores): ours is at 1.12-1.35x of SDPA in float32 for
-                                  kv lengths up to 321, 1.05-1.17x at 1024-1089. SDPA goes first
-                                  (sdpa, softvq, math) for kv lengths over 1200 (level at 1536,
-                                  0.94-0.98x from 2048), in bfloat16 over 32 keys
-                                  (SDPA's AMX kernels: 1.3-2.5x faster from 64 keys; ours 1.3-1.4x
-                                  faster at 32 keys, head dims 64 and 72) and with gradients below
-                                  64 keys (our forward+backward is at 0.91-0.99x of SDPA's at 32
-                                  keys, 0.99-1.15x at 64, 1.07-1.27x from 128 to 1089).
+  cpu:  softvq, sdpa, math        but where SDPA was measured faster, sdpa, softvq, math: the
+                                  rules depend on the CPU (CpuOrderRules, below; measured with
+                                  bench/suites/attention.py and 2 cores). With AMX (measured on a
+                                  Xeon): ours at 1.12-1.35x of SDPA in float32 for kv lengths up to
+                                  321, 1.05-1.17x at 1024-1089, so SDPA first over 1200 (level at
+                                  1536, 0.94-0.98x from 2048), in bfloat16 over 32 keys (SDPA's AMX
+                                  kernels 1.3-2.5x faster from 64 keys; ours 1.3-1.4x at 32) and
+                                  with gradients below 64 keys or in bfloat16 (our forward+backward
+                                  0.91-0.99x of SDPA's at 32 keys, 0.99-1.15x at 64, 1.07-1.27x
+                                  from 128 to 1089). Without AMX (measured on an AMD EPYC, Zen 4,
+                                  AVX-512) ours first everywhere: forward 1.1-2.2x of SDPA in
+                                  float32 and 1.3-1.8x in bfloat16 from 32 to 4096 keys,
+                                  forward+backward 1.1-1.4x in float32 and 1.2-2.6x in bfloat16
+                                  from 32 to 2048 keys (level, 0.95-1.12x, at 8-16 keys).
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
 When q, k or v needs a gradient, the CUDA order is flash_attn, sdpa, softvq, xformers, math: our
@@ -320,13 +325,43 @@ def _training_order(device_type: str) -> tuple[str, ...]:
 OPS = register_op(OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _auto_order))
 TRAINING_OPS = OpBackends("attention", ATTENTION_BACKENDS, "SOFTVQ_FAST_ATTENTION", _training_order)
 
-# Our CPU forward is measured faster than SDPA in float32 up to the tokenizer's 1089 keys, level
-# with it at 1536, slower from 2048; in bfloat16 only up to 32 keys (SDPA's AMX kernels win
-# beyond). Our forward+backward is level with SDPA's at 64 keys, faster from 128, slower at 32.
-CPU_SOFTVQ_FIRST_MAX_LEN = 1200
-CPU_BF16_SOFTVQ_FIRST_MAX_LEN = 32
-CPU_SOFTVQ_TRAINING_MIN_LEN = 64
 
+class CpuOrderRules(NamedTuple):
+    """Where `auto` puts our CPU kernels before SDPA, by dtype: in the forward up to
+    `forward_max_len` keys, with gradients from `training_lengths[0]` to `training_lengths[1]`
+    keys (inclusive). A dtype left out puts SDPA first."""
+
+    cpu: str
+    forward_max_len: dict[torch.dtype, float]
+    training_lengths: dict[torch.dtype, tuple[float, float]]
+
+
+# Measured on a Xeon with AMX (module docstring): SDPA's bfloat16 kernels use the AMX tiles, and
+# its float32 ones win at long lengths and at short ones with gradients.
+AMX_CPU_RULES = CpuOrderRules(
+    "with AMX (measured on a Xeon)",
+    forward_max_len={torch.float32: 1200, torch.bfloat16: 32},
+    training_lengths={torch.float32: (64, 1200)},
+)
+# Measured on an AMD EPYC (Zen 4, AVX-512 without AMX): ours faster at every length measured.
+OTHER_CPU_RULES = CpuOrderRules(
+    "without AMX (measured on an AMD EPYC, Zen 4)",
+    forward_max_len={torch.float32: math.inf, torch.bfloat16: math.inf},
+    training_lengths={torch.float32: (0, math.inf), torch.bfloat16: (0, math.inf)},
+)
+
+
+def detect_cpu_order_rules() -> CpuOrderRules:
+    """The rules for this machine's CPU: AMX_CPU_RULES where the CPU has AMX tiles."""
+    try:
+        has_amx = bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # private API: absent from some torch versions
+        has_amx = False
+    return AMX_CPU_RULES if has_amx else OTHER_CPU_RULES
+
+
+# Read once: torch.compile does not trace into the feature query.
+CPU_ORDER_RULES = detect_cpu_order_rules()
 
 # Backends chosen so far, by (inputs, requested backend, SOFTVQ_FAST_ATTENTION, needs_grad). The
 # attention backends' availability does not change within a process, so choosing again would
@@ -337,14 +372,15 @@ _CHOSEN_MAX = 4096
 
 def _ops_for(inputs: AttentionInputs, needs_grad: bool) -> OpBackends:
     """The automatic order for these inputs: OPS (ours first), or TRAINING_OPS (native backwards
-    first; SDPA first on the CPU) where that was measured faster."""
+    first; SDPA first on the CPU) where that was measured faster (CPU_ORDER_RULES)."""
     if inputs.device.type != "cpu":
         return TRAINING_OPS if needs_grad else OPS
+    rules = CPU_ORDER_RULES
     if needs_grad:
-        ours_faster = inputs.dtype == torch.float32 and CPU_SOFTVQ_TRAINING_MIN_LEN <= inputs.kv_len <= CPU_SOFTVQ_FIRST_MAX_LEN
+        low, high = rules.training_lengths.get(inputs.dtype, (1, 0))
+        ours_faster = low <= inputs.kv_len <= high
     else:
-        max_len = CPU_BF16_SOFTVQ_FIRST_MAX_LEN if inputs.dtype == torch.bfloat16 else CPU_SOFTVQ_FIRST_MAX_LEN
-        ours_faster = inputs.dtype in (torch.float32, torch.bfloat16) and inputs.kv_len <= max_len
+        ours_faster = inputs.kv_len <= rules.forward_max_len.get(inputs.dtype, 0)
     return OPS if ours_faster else TRAINING_OPS
 
 
