@@ -107,12 +107,12 @@ void backward(const AttentionGradParams& g) {
             std::fill(dsrow + keys, dsrow + keys_pad, 0.f);
           }
           // dQ rows += dS · K (unscaled; scale applied at the end)
-          rows_times_matrix(ds, ldb, &krows[j0 * dpad], dpad, keys, &dqacc[r0 * dpad], dpad, dpad, true);
+          rows_times_matrix(ds, ldb, &krows[j0 * dpad], dpad, keys, &dqacc[r0 * dpad], dpad, D, true);
         }
         // dV, dK for this block's keys: rows are keys (the columns of P and dS), depth is the query rows.
         for (int64_t kr = 0; kr < keys; kr += kRows) {
-          rows_times_matrix<true>(&pblock[kr], ldb, gbuf.data(), dpad, Sq, &dvacc[(j0 + kr) * dpad], dpad, dpad, true);
-          rows_times_matrix<true>(&dsblock[kr], ldb, qbuf.data(), dpad, Sq, &dkacc[(j0 + kr) * dpad], dpad, dpad, true);
+          rows_times_matrix<true>(&pblock[kr], ldb, gbuf.data(), dpad, Sq, &dvacc[(j0 + kr) * dpad], dpad, D, true);
+          rows_times_matrix<true>(&dsblock[kr], ldb, qbuf.data(), dpad, Sq, &dkacc[(j0 + kr) * dpad], dpad, D, true);
         }
       }
 
