@@ -28,8 +28,9 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
                                   from 128 to 1089). Without AMX (measured on an AMD EPYC, Zen 4,
                                   AVX-512) ours first everywhere: forward 1.1-2.2x of SDPA in
                                   float32 and 1.3-1.8x in bfloat16 from 32 to 4096 keys,
-                                  forward+backward 1.1-1.4x in float32 and 1.2-2.6x in bfloat16
-                                  from 32 to 2048 keys (level, 0.95-1.12x, at 8-16 keys).
+                                  forward+backward 1.2-1.45x in float32 from 64 to 2048 keys and
+                                  0.95-1.34x from 8 to 32 keys, 1.2-2.6x in bfloat16 from 32 to
+                                  1089 keys.
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
 When q, k or v needs a gradient, the CUDA order is flash_attn, sdpa, softvq, xformers, math: our
