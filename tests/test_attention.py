@@ -74,6 +74,8 @@ CPU_SHAPES = [
     (1, 1089, 1089, 1, 64),
     (1, 1100, 61, 1, 32),
     (1, 67, 1033, 1, 128),  # k and v past the forward's single-block bound: 32-key blocks, online softmax
+    (2, 45, 50, 2, 40),  # with 72: AVX-512 register blocks that end in a half vector (2.5, 4.5, 5.5)
+    (1, 70, 70, 2, 88),
 ]
 
 
