@@ -12,7 +12,9 @@ from softvq_fast.dispatch import NoBackendError
 from softvq_fast.ops import attention as attention_module
 from softvq_fast.ops.attention import (
     AMX_CPU_RULES,
-    OTHER_CPU_RULES,
+    AVX2_CPU_RULES,
+    AVX512_CPU_RULES,
+    UNMEASURED_CPU_RULES,
     OPS,
     TRAINING_OPS,
     _describe,
@@ -224,8 +226,8 @@ def test_auto_order_on_a_cpu_with_amx(monkeypatch):
     assert _auto_choice(long_inputs, needs_grad=True) == "sdpa"
 
 
-def test_auto_order_on_a_cpu_without_amx(monkeypatch):
-    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", OTHER_CPU_RULES)
+def test_auto_order_on_a_cpu_with_avx512_and_no_amx(monkeypatch):
+    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", AVX512_CPU_RULES)
     ours = "softvq" if _kernel_op_available() else "sdpa"
     for dtype in (torch.float32, torch.bfloat16):
         for kv_len in (1, 5, 64, 1089, 4096):
@@ -236,12 +238,38 @@ def test_auto_order_on_a_cpu_without_amx(monkeypatch):
     assert _auto_choice(fp16, needs_grad=False) == "sdpa" and _auto_choice(fp16, needs_grad=True) == "sdpa"
 
 
-def test_cpu_order_rules_follow_amx(monkeypatch):
-    for has_amx, rules in ((True, AMX_CPU_RULES), (False, OTHER_CPU_RULES)):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda has_amx=has_amx: has_amx, raising=False)
-        assert detect_cpu_order_rules() is rules
+def test_auto_order_on_a_cpu_with_avx2_only(monkeypatch):
+    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", AVX2_CPU_RULES)
+    ours = "softvq" if _kernel_op_available() else "sdpa"
+    fp32 = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
+    bf16 = fp32._replace(dtype=torch.bfloat16)
+    expected = {  # (inputs, needs_grad) -> backend
+        (fp32._replace(kv_len=64), False): ours, (fp32._replace(kv_len=65), False): "sdpa",
+        (fp32._replace(kv_len=32), True): "sdpa", (fp32._replace(kv_len=64), True): ours,
+        (fp32._replace(kv_len=321), True): "sdpa", (bf16._replace(kv_len=1089), False): ours,
+        (bf16._replace(kv_len=32), True): ours, (bf16._replace(kv_len=1089), True): "sdpa",
+    }
+    assert {key: _auto_choice(*key) for key in expected} == expected
+
+
+def test_unmeasured_cpus_put_sdpa_first(monkeypatch):
+    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", UNMEASURED_CPU_RULES)
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = _describe(*_qkv(1, 5, 5, 2, 16, dtype)[:3])
+        assert _auto_choice(inputs, needs_grad=False) == "sdpa" and _auto_choice(inputs, needs_grad=True) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "has_amx, capability, rules",
+    [(True, "AVX512", AMX_CPU_RULES), (False, "AVX512", AVX512_CPU_RULES), (False, "AVX2", AVX2_CPU_RULES),
+     (False, "DEFAULT", UNMEASURED_CPU_RULES), (False, "SVE256", UNMEASURED_CPU_RULES)],
+)
+def test_cpu_order_rules_follow_the_cpu(monkeypatch, has_amx, capability, rules):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert detect_cpu_order_rules() is rules
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert detect_cpu_order_rules() is OTHER_CPU_RULES  # the private API gone: no AMX assumed
+    assert detect_cpu_order_rules() is (AVX512_CPU_RULES if rules is AMX_CPU_RULES else rules)  # API gone: no AMX
 
 
 def test_auto_order_and_environment_override(monkeypatch):

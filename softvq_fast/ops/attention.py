@@ -18,19 +18,26 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
 `backend="auto"` takes the first backend of the device's order that supports the inputs:
   cpu:  softvq, sdpa, math        but where SDPA was measured faster, sdpa, softvq, math: the
                                   rules depend on the CPU (CpuOrderRules, below; measured with
-                                  bench/suites/attention.py and 2 cores). With AMX (measured on a
-                                  Xeon): ours at 1.12-1.35x of SDPA in float32 for kv lengths up to
-                                  321, 1.05-1.17x at 1024-1089, so SDPA first over 1200 (level at
-                                  1536, 0.94-0.98x from 2048), in bfloat16 over 32 keys (SDPA's AMX
-                                  kernels 1.3-2.5x faster from 64 keys; ours 1.3-1.4x at 32) and
-                                  with gradients below 64 keys or in bfloat16 (our forward+backward
-                                  0.91-0.99x of SDPA's at 32 keys, 0.99-1.15x at 64, 1.07-1.27x
-                                  from 128 to 1089). Without AMX (measured on an AMD EPYC, Zen 4,
-                                  AVX-512) ours first everywhere: forward 1.1-2.2x of SDPA in
+                                  bench/suites/attention.py or its shapes, 2 cores). With AMX
+                                  (measured on a Xeon): ours at 1.12-1.35x of SDPA in float32 for
+                                  kv lengths up to 321, 1.05-1.17x at 1024-1089, so SDPA first over
+                                  1200 (level at 1536, 0.94-0.98x from 2048), in bfloat16 over 32
+                                  keys (SDPA's AMX kernels 1.3-2.5x faster from 64 keys; ours
+                                  1.3-1.4x at 32) and with gradients below 64 keys or in bfloat16
+                                  (our forward+backward 0.91-0.99x of SDPA's at 32 keys, 0.99-1.15x
+                                  at 64, 1.07-1.27x from 128 to 1089). With AVX-512 and no AMX (measured on an AMD
+                                  EPYC, Zen 4) ours first everywhere: forward 1.1-2.2x of SDPA in
                                   float32 and 1.3-1.8x in bfloat16 from 32 to 4096 keys,
                                   forward+backward 1.2-1.45x in float32 from 64 to 2048 keys and
                                   0.95-1.34x from 8 to 32 keys, 1.2-2.6x in bfloat16 from 32 to
-                                  1089 keys.
+                                  1089 keys. With AVX2 only (emulated: that EPYC with torch, MKL
+                                  and our kernels held to AVX2): float32 forward 1.03-1.17x at 32
+                                  keys, 0.97-0.99x at 64, 0.87-0.96x at 128, 0.81-0.89x at 1089
+                                  (but 1.12-1.15x at 321), so ours first up to 64 keys; bfloat16
+                                  forward 1.03-1.95x to 1089 keys; forward+backward 0.85-0.89x at
+                                  32 keys, 1.08-1.09x at 64-128, 0.89-0.99x from 321 in float32,
+                                  1.27-2.73x in bfloat16 to 321 keys. Elsewhere (not measured)
+                                  SDPA first.
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
 When q, k or v needs a gradient, the CUDA order is flash_attn, sdpa, softvq, xformers, math: our
@@ -345,20 +352,34 @@ AMX_CPU_RULES = CpuOrderRules(
     training_lengths={torch.float32: (64, 1200)},
 )
 # Measured on an AMD EPYC (Zen 4, AVX-512 without AMX): ours faster at every length measured.
-OTHER_CPU_RULES = CpuOrderRules(
-    "without AMX (measured on an AMD EPYC, Zen 4)",
+AVX512_CPU_RULES = CpuOrderRules(
+    "with AVX-512 but no AMX (measured on an AMD EPYC, Zen 4)",
     forward_max_len={torch.float32: math.inf, torch.bfloat16: math.inf},
     training_lengths={torch.float32: (0, math.inf), torch.bfloat16: (0, math.inf)},
 )
+# Emulated: the same EPYC with torch's kernels (ATEN_CPU_CAPABILITY), MKL's and ours held to AVX2.
+AVX2_CPU_RULES = CpuOrderRules(
+    "with AVX2 but no AVX-512 (emulated on an AMD EPYC, Zen 4, held to AVX2)",
+    forward_max_len={torch.float32: 64, torch.bfloat16: 1200},
+    training_lengths={torch.float32: (64, 128), torch.bfloat16: (0, 400)},
+)
+# Not measured (other instruction sets, other architectures): SDPA first.
+UNMEASURED_CPU_RULES = CpuOrderRules("not measured (SDPA first)", forward_max_len={}, training_lengths={})
 
 
 def detect_cpu_order_rules() -> CpuOrderRules:
-    """The rules for this machine's CPU: AMX_CPU_RULES where the CPU has AMX tiles."""
+    """The rules for this machine's CPU: by AMX tiles, then by the vector instruction set torch's
+    own CPU kernels (SDPA's among them) run, which ATEN_CPU_CAPABILITY can lower."""
     try:
         has_amx = bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):  # private API: absent from some torch versions
         has_amx = False
-    return AMX_CPU_RULES if has_amx else OTHER_CPU_RULES
+    if has_amx:
+        return AMX_CPU_RULES
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return AVX512_CPU_RULES
+    return AVX2_CPU_RULES if capability == "AVX2" else UNMEASURED_CPU_RULES
 
 
 # Read once: torch.compile does not trace into the feature query.
