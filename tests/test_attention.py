@@ -244,10 +244,10 @@ def test_auto_order_on_a_cpu_with_avx2_only(monkeypatch):
     fp32 = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
     bf16 = fp32._replace(dtype=torch.bfloat16)
     expected = {  # (inputs, needs_grad) -> backend
-        (fp32._replace(kv_len=64), False): ours, (fp32._replace(kv_len=65), False): "sdpa",
-        (fp32._replace(kv_len=32), True): "sdpa", (fp32._replace(kv_len=64), True): ours,
-        (fp32._replace(kv_len=321), True): "sdpa", (bf16._replace(kv_len=1089), False): ours,
-        (bf16._replace(kv_len=32), True): ours, (bf16._replace(kv_len=1089), True): "sdpa",
+        (fp32._replace(kv_len=1200), False): ours, (fp32._replace(kv_len=1201), False): "sdpa",
+        (fp32._replace(kv_len=32), True): ours, (fp32._replace(kv_len=2048), True): "sdpa",
+        (bf16._replace(kv_len=1089), False): ours, (bf16._replace(kv_len=1089), True): ours,
+        (bf16._replace(kv_len=4096), False): "sdpa",
     }
     assert {key: _auto_choice(*key) for key in expected} == expected
 

@@ -33,11 +33,13 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 // Query rows and vectors (along keys or head dim) per register block: kRows x kVecs accumulators
-// plus kVecs operands and a broadcast fit the 32 registers of AVX-512 (8 x 3) and the 16 of AVX2
-// (4 x 2). Eight rows halve the operand loads per FMA and keep 16 or more FMAs in flight on
-// AVX-512 even for two-vector blocks (32 keys).
+// plus kVecs operands and a broadcast fit the 32 registers of AVX-512 (8 x 3) and exactly the 16
+// of AVX2 (4 x 3). Eight rows halve the operand loads per FMA and keep 16 or more FMAs in flight on
+// AVX-512 even for two-vector blocks (32 keys). On AVX2, 12 accumulators instead of 4 x 2 = 8 cover
+// the FMA latency of two pipes: forward and forward+backward 6-15% faster (the AVX2 build on a
+// Zen 4, one thread). kRows divides kLanes: the backward reads kRows columns of P at a time.
 constexpr int64_t kRows = kLanes >= 16 ? 8 : 4;
-constexpr int64_t kVecs = kLanes >= 16 ? 3 : 2;
+constexpr int64_t kVecs = 3;
 constexpr int64_t kKeyBlock = 128;    // most keys per L1-sized block: a multiple of kLanes on every ISA
 // Keys per block: all of a short sequence (one softmax pass); for longer ones few enough that
 // the packed k and v of a block (2 x keys x dpad floats) stay within 32 KiB, read from L1 by

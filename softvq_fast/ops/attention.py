@@ -31,13 +31,12 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
                                   forward+backward 1.2-1.45x in float32 from 64 to 2048 keys and
                                   0.95-1.34x from 8 to 32 keys, 1.2-2.6x in bfloat16 from 32 to
                                   1089 keys. With AVX2 only (emulated: that EPYC with torch, MKL
-                                  and our kernels held to AVX2): float32 forward 1.03-1.17x at 32
-                                  keys, 0.97-0.99x at 64, 0.87-0.96x at 128, 0.81-0.89x at 1089
-                                  (but 1.12-1.15x at 321), so ours first up to 64 keys; bfloat16
-                                  forward 1.03-1.95x to 1089 keys; forward+backward 0.85-0.89x at
-                                  32 keys, 1.08-1.09x at 64-128, 0.89-0.99x from 321 in float32,
-                                  1.27-2.73x in bfloat16 to 321 keys. Elsewhere (not measured)
-                                  SDPA first.
+                                  and our kernels held to AVX2) ours first up to 1200 keys: float32
+                                  forward 0.93-1.24x from 32 to 1089 keys (level, 0.95-0.99x, at
+                                  1089; 0.80x at 2048), bfloat16 1.09-1.51x to 1089 (1.00x at
+                                  2048); forward+backward 0.97-1.10x in float32 to 1089 keys
+                                  (0.86x at 2048), 0.98-2.98x in bfloat16. Elsewhere (not
+                                  measured) SDPA first.
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
 When q, k or v needs a gradient, the CUDA order is flash_attn, sdpa, softvq, xformers, math: our
@@ -360,8 +359,8 @@ AVX512_CPU_RULES = CpuOrderRules(
 # Emulated: the same EPYC with torch's kernels (ATEN_CPU_CAPABILITY), MKL's and ours held to AVX2.
 AVX2_CPU_RULES = CpuOrderRules(
     "with AVX2 but no AVX-512 (emulated on an AMD EPYC, Zen 4, held to AVX2)",
-    forward_max_len={torch.float32: 64, torch.bfloat16: 1200},
-    training_lengths={torch.float32: (64, 128), torch.bfloat16: (0, 400)},
+    forward_max_len={torch.float32: 1200, torch.bfloat16: 1200},
+    training_lengths={torch.float32: (0, 1200), torch.bfloat16: (0, 1200)},
 )
 # Not measured (other instruction sets, other architectures): SDPA first.
 UNMEASURED_CPU_RULES = CpuOrderRules("not measured (SDPA first)", forward_max_len={}, training_lengths={})
