@@ -32,7 +32,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kRows = 4;        // rows per register block
-constexpr int64_t kBlock = kSoftVQCodeBlock;  // codes per step, a multiple of 4 * kLanes
+constexpr int64_t kBlock = kSoftVQCodeBlock;  // codes per step, a multiple of kLanes
 constexpr int64_t kRowTask = 32;    // rows per row task, a multiple of kRows
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLowest = std::numeric_limits<float>::lowest();
@@ -80,36 +80,46 @@ inline float hmax(const Vec& v) {  // NaN wins, as in torch.max
   return m;
 }
 
-// Calls f(std::integral_constant<int, NV>, d0) over [0, Dp) in chunks of NV <= 4 vectors.
+// Most vectors per register block: kRows x kMaxVecs accumulators (or held rows) plus the operands
+// fit the 32 registers of AVX-512 (4 x 4) and the 16 of AVX2 (4 x 3; 4 x 4 spilled there).
+constexpr int kMaxVecs = kLanes >= 16 ? 4 : 3;
+
+// Calls f(std::integral_constant<int, NV>, x0) over [0, width) in blocks of NV <= kMaxVecs vectors
+// (width a multiple of kLanes); one vector left over after a full block is merged into a split
+// (4 = 2 + 2 on AVX2), since a single-vector block keeps too few accumulators in flight.
 template <typename F>
-inline void over_dim_chunks(int64_t Dp, F&& f) {
-  int64_t d0 = 0;
-  for (; d0 + 4 * kLanes <= Dp; d0 += 4 * kLanes) f(std::integral_constant<int, 4>{}, d0);
-  switch ((Dp - d0) / kLanes) {
-    case 3: f(std::integral_constant<int, 3>{}, d0); break;
-    case 2: f(std::integral_constant<int, 2>{}, d0); break;
-    case 1: f(std::integral_constant<int, 1>{}, d0); break;
-    default: break;
+inline void over_vector_blocks(int64_t width, F&& f) {
+  for (int64_t x0 = 0, left = width / kLanes; left > 0;) {
+    const int64_t step = left == kMaxVecs + 1 ? (left + 1) / 2 : std::min<int64_t>(left, kMaxVecs);
+    switch (step) {
+      case 4: if constexpr (kMaxVecs >= 4) f(std::integral_constant<int, 4>{}, x0); break;
+      case 3: f(std::integral_constant<int, 3>{}, x0); break;
+      case 2: f(std::integral_constant<int, 2>{}, x0); break;
+      default: f(std::integral_constant<int, 1>{}, x0); break;
+    }
+    x0 += step * kLanes;
+    left -= step;
   }
 }
 
 // s[r * kBlock + j] = sum_{d < D} rows[r * Dp + d] * et[d * Kp + j], kRows rows x kBlock codes.
 inline void scores(const float* rows, int64_t Dp, int64_t D, const float* et, int64_t Kp, float* s) {
-  for (int64_t j0 = 0; j0 < kBlock; j0 += 4 * kLanes)
-    register_block<Vec, kRows, 4>(rows, Dp, et + j0, Kp, D, s + j0, kBlock, Into::kOverwrite);
+  over_vector_blocks(kBlock, [&](auto nv, int64_t j0) {
+    register_block<Vec, kRows, decltype(nv)::value>(rows, Dp, et + j0, Kp, D, s + j0, kBlock, Into::kOverwrite);
+  });
 }
 
 // acc[r * Dp + :] += sum_{j < n} w[r * kBlock + j] * e[j * Dp + :] for the kRows rows, the block's
 // sum formed on its own, then added (two-level summation, see Into::kAddSum).
 inline void weighted_codes(const float* w, const float* e, int64_t Dp, int64_t n, float* acc) {
-  over_dim_chunks(Dp, [&](auto nv, int64_t d0) {
+  over_vector_blocks(Dp, [&](auto nv, int64_t d0) {
     register_block<Vec, kRows, decltype(nv)::value>(w, kBlock, e + d0, Dp, n, acc + d0, Dp, Into::kAddSum);
   });
 }
 
 // acc[j * Dp + :] += sum_r w[r * kBlock + j] * rows[r * Dp + :] for j < n (codes gather rows).
 inline void weighted_rows(const float* w, const float* rows, int64_t Dp, int64_t n, float* acc) {
-  over_dim_chunks(Dp, [&](auto nv, int64_t d0) {
+  over_vector_blocks(Dp, [&](auto nv, int64_t d0) {
     constexpr int NV = decltype(nv)::value;
     Vec g[kRows][NV];
     for (int64_t r = 0; r < kRows; ++r)
