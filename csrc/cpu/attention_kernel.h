@@ -97,17 +97,16 @@ inline void register_block_with_half(bool half, const float* a, int64_t lda, con
 
 // c[r][0 : width] = (accumulate ? c[r][...] : 0) + a[r][0 : depth] . b[0 : depth][0 : width] for
 // kRows rows (a's rows stored as columns with kAColumns), in register blocks of at most kVecs
-// vectors; one vector left over after a full block is merged into a split (5 = 3 + 2), because a
-// single-vector block keeps too few independent accumulators in flight. A width of whole vectors
-// and a half (kHalfLanes) ends with a half vector in the last block; any other width is rounded up
-// to whole vectors (b and c must have those columns).
+// vectors (next_block_vectors). A width of whole vectors and a half (kHalfLanes) ends with a half
+// vector in the last block; any other width is rounded up to whole vectors (b and c must have
+// those columns).
 template <bool kAColumns = false>
 inline void rows_times_matrix(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c,
                               int64_t ldc, int64_t width, bool accumulate) {
   const Into into = accumulate ? Into::kAccumulate : Into::kOverwrite;
   const bool half = kHalfLanes > 0 && width > kLanes && width % kLanes == kHalfLanes;
   for (int64_t x0 = 0, left = half ? width / kLanes + 1 : (width + kLanes - 1) / kLanes; left > 0;) {
-    const int64_t step = left == kVecs + 1 ? (left + 1) / 2 : std::min(left, kVecs);
+    const int64_t step = next_block_vectors(left, kVecs);
     const bool with_half = half && step == left;  // the last block takes the half vector
     switch (step - with_half) {
       case 3: register_block_with_half<3, kAColumns>(with_half, a, lda, b + x0, ldb, depth, c + x0, ldc, into); break;

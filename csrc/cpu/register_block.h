@@ -20,6 +20,13 @@ enum class Into {
                 // summation keeps float32 error at ~(depth + blocks) ulp instead of the total length
 };
 
+// Vectors in the next register block when `left` vectors remain and a block takes at most `most`:
+// one vector left over after a full block is merged into a split (most + 1 = 3 + 2 or 2 + 2),
+// because a single-vector block keeps too few independent accumulators in flight.
+inline int64_t next_block_vectors(int64_t left, int64_t most) {
+  return left == most + 1 ? (left + 1) / 2 : (left < most ? left : most);
+}
+
 // No half-width vector: the Half argument of register_block when a block has none.
 struct NoHalf {};
 

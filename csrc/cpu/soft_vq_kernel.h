@@ -85,12 +85,11 @@ inline float hmax(const Vec& v) {  // NaN wins, as in torch.max
 constexpr int kMaxVecs = kLanes >= 16 ? 4 : 3;
 
 // Calls f(std::integral_constant<int, NV>, x0) over [0, width) in blocks of NV <= kMaxVecs vectors
-// (width a multiple of kLanes); one vector left over after a full block is merged into a split
-// (4 = 2 + 2 on AVX2), since a single-vector block keeps too few accumulators in flight.
+// (width a multiple of kLanes; next_block_vectors).
 template <typename F>
 inline void over_vector_blocks(int64_t width, F&& f) {
   for (int64_t x0 = 0, left = width / kLanes; left > 0;) {
-    const int64_t step = left == kMaxVecs + 1 ? (left + 1) / 2 : std::min<int64_t>(left, kMaxVecs);
+    const int64_t step = next_block_vectors(left, kMaxVecs);
     switch (step) {
       case 4: if constexpr (kMaxVecs >= 4) f(std::integral_constant<int, 4>{}, x0); break;
       case 3: f(std::integral_constant<int, 3>{}, x0); break;
