@@ -25,17 +25,17 @@ Backends (`softvq-fast env` lists them with the reasons each cannot run here):
                                   keys (SDPA's AMX kernels 1.3-2.5x faster from 64 keys; ours
                                   1.3-1.4x at 32) and with gradients below 64 keys or in bfloat16
                                   (our forward+backward 0.91-0.99x of SDPA's at 32 keys, 0.99-1.15x
-                                  at 64, 1.07-1.27x from 128 to 1089). With AVX-512 and no AMX (measured on an AMD
-                                  EPYC, Zen 4) ours first everywhere: forward 1.1-2.2x of SDPA in
-                                  float32 and 1.3-1.8x in bfloat16 from 32 to 4096 keys,
-                                  forward+backward 1.2-1.45x in float32 from 64 to 2048 keys and
-                                  0.95-1.34x from 8 to 32 keys, 1.2-2.6x in bfloat16 from 32 to
-                                  1089 keys. With AVX2 only (emulated: that EPYC with torch, MKL
-                                  and our kernels held to AVX2) ours first up to 1200 keys: float32
-                                  forward 0.93-1.24x from 32 to 1089 keys (level, 0.95-0.99x, at
-                                  1089; 0.80x at 2048), bfloat16 1.09-1.51x to 1089 (1.00x at
-                                  2048); forward+backward 0.97-1.10x in float32 to 1089 keys
-                                  (0.86x at 2048), 0.98-2.98x in bfloat16. Elsewhere (not
+                                  at 64, 1.07-1.27x from 128 to 1089). With AVX-512 and no AMX
+                                  (measured on an AMD EPYC, Zen 4) ours first everywhere: forward
+                                  1.1-2.2x of SDPA in float32 and 1.3-1.8x in bfloat16 from 32 to
+                                  4096 keys, forward+backward 1.2-1.45x in float32 from 64 to 2048
+                                  keys and 0.95-1.34x from 8 to 32 keys, 1.2-2.6x in bfloat16 from
+                                  32 to 1089 keys. With AVX2 only (emulated: that EPYC with torch,
+                                  MKL and our kernels held to AVX2) ours first up to 1200 keys:
+                                  float32 forward 0.93-1.24x from 32 to 1089 keys (level,
+                                  0.95-0.99x, at 1089; 0.80x at 2048), bfloat16 1.09-1.51x to 1089
+                                  (1.00x at 2048); forward+backward 0.97-1.10x in float32 to 1089
+                                  keys (0.86x at 2048), 0.98-2.98x in bfloat16. Elsewhere (not
                                   measured) SDPA first.
   cuda: softvq, flash_attn, sdpa, xformers, math   not yet measured on a GPU: ours first because
                                   it targets these shapes; bench/gpu_check.sh measures it.
