@@ -62,7 +62,7 @@ __all__ = ["attention", "ATTENTION_BACKENDS"]
 _FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
 _HALVES = frozenset({torch.bfloat16, torch.float16})
 
-# Kernel limits of csrc/ (keep in sync with csrc/cpu/attention.cpp and csrc/cuda/attention.cu).
+# Kernel limits of csrc/ (keep in sync with csrc/cpu/attention.cpp and csrc/cuda/attention_kernel.cuh).
 CPU_MAX_HEAD_DIM = 256
 CUDA_SHORT_MAX_LEN = 128
 CUDA_SHORT_HEAD_DIMS = (64, 72, 128)
