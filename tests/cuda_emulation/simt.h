@@ -160,13 +160,14 @@ float unpack(uint32_t word, int half) {
 }
 
 // Element (row, col) of the m16 x kK A operand and (k, n) of the kK x n8 B operand, from the
-// lanes' registers in the PTX fragment layouts of mma.m16n8k16 / m16n8k8 (row.col).
-template <typename T, int kK>
+// lanes' registers in the fragment layouts of mma.m16n8k16 / m16n8k8 (row.col) with .f16 / .bf16
+// operands, as the PTX ISA's "Matrix Fragments for mma.m16n8k16 with floating point type" gives them.
+template <typename T>
 float a_element(const std::array<LaneSlot, kWarpSize>& s, int row, int col) {
   const int reg = (row >= 8) + 2 * (col >= 8), group = row % 8, quad = col % 8 / 2;
   return unpack<T>(s[4 * group + quad].a[reg], col % 2);
 }
-template <typename T, int kK>
+template <typename T>
 float b_element(const std::array<LaneSlot, kWarpSize>& s, int k, int n) {
   return unpack<T>(s[4 * n + k % 8 / 2].b[k >= 8], k % 2);
 }
@@ -182,7 +183,7 @@ void mma(float (&c)[4], const LaneSlot& mine, Collective op) {
   for (int e = 0; e < 4; ++e) {
     const int row = group + 8 * (e / 2), col = 2 * quad + e % 2;
     float acc = c[e];
-    for (int k = 0; k < kK; ++k) acc += a_element<T, kK>(s, row, k) * b_element<T, kK>(s, k, col);
+    for (int k = 0; k < kK; ++k) acc += a_element<T>(s, row, k) * b_element<T>(s, k, col);
     result[e] = acc;
   }
   warp_done();
