@@ -12,12 +12,13 @@
 #    SOFTVQ_FAST_CUDA_ARCHS, default 9.0 here to halve the compile),
 # 2. runs the CUDA tests (`-m cuda`: attention kernels, Triton soft-VQ and LayerNorm-modulate
 #    kernels, CUDA-graph sampling, tokenizer on CUDA),
-# 3. runs every benchmark suite in full mode (the open issues' first: attention, claims, then
-#    soft-VQ and tokenizer), then the CPU tests with whatever time is left,
+# 3. runs the benchmark suites of the open issues in full mode (attention, claims), our CUDA
+#    attention kernel under compute-sanitizer (memcheck, racecheck) and Nsight Compute, the
+#    remaining suites (soft-VQ, tokenizer), then the CPU tests with whatever time is left,
 # 4. prints the stage statuses and a short attention table last.
 # $OUT receives at most 8 files (the device tool's limit): log.txt, summary.md,
 # bench_results.md and bench_results.json (every suite), and details.tar.gz (per-suite files,
-# PNG plots, junit XML). A
+# PNG plots, junit XML, the Nsight Compute report as text). A
 # failing or slow stage does not stop the others; each has a time limit and the whole script
 # stays within CHECK_SECONDS (default 470 s, under the 8 minutes a session allows).
 set -u
@@ -74,10 +75,32 @@ run_stage build 200 bash -c "$PYTHON -m pip install -q --no-build-isolation --no
   || { echo 'editable install failed: building in place (softvq_fast.kernels will not resolve)'; $PYTHON setup.py build_ext --inplace; }"
 run_stage extension 30 $PYTHON -c "import softvq_fast, softvq_fast._extension as e; print(e.extension_status()); assert e.extension_has_cuda()"
 run_stage tests-cuda 120 $PYTHON -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/bench/junit-cuda.xml" --durations=10 tests
-for suite_limit in attention:70 claims:150 softvq:70 tokenizer:60; do
-  suite=${suite_limit%%:*}
-  run_stage "bench-$suite" "${suite_limit##*:}" $PYTHON -m bench --full --suite "$suite" --out "$OUT/bench/$suite"
-done
+# bench_suites SUITE:LIMIT...: the benchmark suites in full mode.
+bench_suites() {
+  local suite_limit suite
+  for suite_limit in "$@"; do
+    suite=${suite_limit%%:*}
+    run_stage "bench-$suite" "${suite_limit##*:}" $PYTHON -m bench --full --suite "$suite" --out "$OUT/bench/$suite"
+  done
+}
+bench_suites attention:70 claims:150
+# Our CUDA attention kernel under compute-sanitizer (out-of-bounds or misaligned accesses; shared
+# memory races) at the CUDA tests' bf16 shapes, then under Nsight Compute at the benchmark shapes
+# (clocks left alone; one profiled launch per shape).
+SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
+SANITIZE=("$SANITIZER" --error-exitcode 1 --kernel-name kns=attention_forward)
+SANITIZE_TESTS=($PYTHON -m pytest -q -x -p no:cacheprovider tests/test_attention_cuda.py)
+run_stage sanitize-memcheck 45 "${SANITIZE[@]}" --tool memcheck "${SANITIZE_TESTS[@]}" \
+  -k "unaligned or (matches_float64 and dtype0)"
+run_stage sanitize-racecheck 45 "${SANITIZE[@]}" --tool racecheck "${SANITIZE_TESTS[@]}" \
+  -k "matches_float64 and dtype0 and (x17x17x or x129x129x or x50x700x or x200x77x)"
+run_stage ncu-attention 45 bash -c "'$NCU' --clock-control none --kernel-name regex:attention_forward \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+  --section WarpStateStats $PYTHON -m bench.cuda_attention_runs > '$OUT/bench/ncu_attention.txt' 2>&1; rc=\$?; \
+  grep -E 'attention_forward|Duration|Memory Throughput|Compute \\(SM\\) Throughput|Achieved Occupancy|Registers Per' \
+  '$OUT/bench/ncu_attention.txt'; exit \$rc"
+bench_suites softvq:70 tokenizer:60
 run_stage tests-rest 120 $PYTHON -m pytest -q -m "not cuda" -p no:cacheprovider --junitxml="$OUT/bench/junit-rest.xml" tests
 
 {

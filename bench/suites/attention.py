@@ -25,7 +25,8 @@ GENERATOR = [(s, d) for d in (72, 64) for s in (32, 64, 128)]
 TOKENIZER = [(321, 64), (1089, 64)]
 
 
-def _cases(quick: bool) -> list[tuple[str, int, int, int]]:
+def cases(quick: bool) -> list[tuple[str, int, int, int]]:
+    """(case, batch, seq, head_dim) of every shape the suite times."""
     gen_batch, tok_batch = (8, 1) if quick else (512, 64)
     return [("generator", gen_batch, s, d) for s, d in GENERATOR] + [
         ("tokenizer", tok_batch, s, d) for s, d in TOKENIZER
@@ -54,7 +55,7 @@ def run(ctx) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rounds, repeats, max_seconds = (5, 10, 0.5) if ctx.quick else (3, 10, 1.0)
     rows = []
-    for case, batch, seq, head_dim in _cases(ctx.quick):
+    for case, batch, seq, head_dim in cases(ctx.quick):
         qkv = torch.randn(batch, seq, 3, HEADS, head_dim, device=device, dtype=dtype)
         inputs = _describe(*qkv.unbind(2))
         backends = [b.name for b in OPS.backends if not b.not_supported_reasons(inputs)]
