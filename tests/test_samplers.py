@@ -121,6 +121,10 @@ def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
         return sample_diffusion(noisy, noise, steps=10, sampler=sampler, generator=torch.Generator().manual_seed(seed))
 
     torch.testing.assert_close(run("ddim", 0), run("ddim", 1), rtol=0, atol=0)
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    sample_diffusion(noisy, noise, steps=10, sampler="ddim", generator=generator)
+    assert torch.equal(generator.get_state(), state), "eta = 0 draws no noise"
     assert not torch.equal(run("ddpm", 0), run("ddpm", 1))
     torch.testing.assert_close(run("ddpm", 5), run("ddpm", 5), rtol=0, atol=0)
 

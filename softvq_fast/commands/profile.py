@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.inference_mode():
         step(x, t)  # warm-up (kernel selection, Triton compilation, graph capture)
-        with GpuTelemetry(device) as telemetry, profile(activities=activities) as prof:
+        # Telemetry inside the profiler: its seconds and energy cover the steps, not the profiler's
+        # start-up and final flush.
+        with profile(activities=activities) as prof, GpuTelemetry(device) as telemetry:
             for _ in range(args.steps):
                 with record_function("sampling_step"):
                     step(x, t)

@@ -13,25 +13,35 @@ ModelCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class CapturedCall:
     """`fn(x, t)` recorded once as a CUDA graph for fixed shapes and replayed on copies of the
-    inputs: one launch per sampling step instead of hundreds of kernel launches."""
+    inputs: one launch per sampling step instead of hundreds of kernel launches. Runs without
+    autograd, on x's device whichever device is current."""
 
     def __init__(self, fn: ModelCall, x: torch.Tensor, t: torch.Tensor) -> None:
-        self.static_x, self.static_t = x.clone(), t.clone()
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # warm-up: compiles Triton kernels, sets up cuBLAS workspaces
-            for _ in range(2):
-                fn(self.static_x, self.static_t)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = fn(self.static_x, self.static_t)
+        with torch.inference_mode(), torch.cuda.device(x.device):
+            self.static_x, self.static_t = x.clone(), t.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles Triton kernels, sets up cuBLAS workspaces
+                for _ in range(2):
+                    fn(self.static_x, self.static_t)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # A capture stream of our own on x's device: torch.cuda.graph's default one is created
+            # once per process, on whichever device was current then.
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):
+                self.static_out = fn(self.static_x, self.static_t)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.static_x.copy_(x)
-        self.static_t.copy_(t)
-        self.graph.replay()
-        return self.static_out.clone()
+        if x.shape != self.static_x.shape or t.shape != self.static_t.shape:
+            raise ValueError(
+                f"CUDA graph captured for x {tuple(self.static_x.shape)}, t {tuple(self.static_t.shape)}; "
+                f"got x {tuple(x.shape)}, t {tuple(t.shape)}"
+            )
+        with torch.inference_mode(), torch.cuda.device(self.static_x.device):
+            self.static_x.copy_(x)
+            self.static_t.copy_(t)
+            self.graph.replay()
+            return self.static_out.clone()
 
 
 class ConditionalModel:

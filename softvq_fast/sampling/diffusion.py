@@ -10,6 +10,8 @@ between the posterior variance (v = -1) and beta (v = 1); without one the varian
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -103,13 +105,14 @@ def sample_diffusion(
         x0 = schedule.predict_x0(x, eps, i)
         if sampler == "ddpm":
             mean = float(schedule.posterior_mean_coef1[i]) * x0 + float(schedule.posterior_mean_coef2[i]) * x
-            std = torch.exp(0.5 * torch.as_tensor(schedule.log_variance(logits, i), dtype=x.dtype, device=x.device))
+            log_variance = schedule.log_variance(logits, i)
+            # A Python float unless the variance is learned: no host-to-device copy (and wait) a step.
+            std = (0.5 * log_variance).exp() if isinstance(log_variance, torch.Tensor) else math.exp(0.5 * log_variance)
         else:
             cumprod, previous = float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i])
-            sigma = eta * ((1 - previous) / (1 - cumprod) * (1 - cumprod / previous)) ** 0.5
-            mean = x0 * previous**0.5 + (1 - previous - sigma**2) ** 0.5 * eps
-            std = torch.tensor(sigma, dtype=x.dtype, device=x.device)
-        if i > 0:
+            std = eta * ((1 - previous) / (1 - cumprod) * (1 - cumprod / previous)) ** 0.5
+            mean = x0 * previous**0.5 + (1 - previous - std**2) ** 0.5 * eps
+        if i > 0 and not (isinstance(std, float) and std == 0.0):
             x = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         else:
             x = mean
