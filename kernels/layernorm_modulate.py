@@ -92,10 +92,11 @@ def layernorm_modulate_forward(x, scale, shift, eps: float):
     mean = torch.empty(B * S, device=x.device, dtype=torch.float32)
     rstd = torch.empty(B * S, device=x.device, dtype=torch.float32)
     block_d = _block_d(D)
-    _forward_kernel[(B * S,)](
-        x, scale, shift, y, mean, rstd, S, D, scale.stride(0), eps,
-        BLOCK_D=block_d, num_warps=_num_warps(block_d),
-    )
+    with torch.cuda.device_of(x):  # Triton launches on the current device, which may be another
+        _forward_kernel[(B * S,)](
+            x, scale, shift, y, mean, rstd, S, D, scale.stride(0), eps,
+            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
     return y, mean, rstd
 
 
@@ -107,8 +108,9 @@ def layernorm_modulate_backward(dy, x, scale, mean, rstd, rows_per_program: int 
     dscale_part = torch.empty(B, num_chunks, D, device=x.device, dtype=torch.float32)
     dshift_part = torch.empty_like(dscale_part)
     block_d = _block_d(D)
-    _backward_kernel[(B, num_chunks)](
-        dy, x, scale, mean, rstd, dx, dscale_part, dshift_part, S, D, scale.stride(0), rows_per_program,
-        BLOCK_D=block_d, num_warps=_num_warps(block_d),
-    )
+    with torch.cuda.device_of(x):
+        _backward_kernel[(B, num_chunks)](
+            dy, x, scale, mean, rstd, dx, dscale_part, dshift_part, S, D, scale.stride(0), rows_per_program,
+            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
     return dx, dscale_part.sum(1), dshift_part.sum(1)

@@ -24,7 +24,10 @@ import triton.language as tl
 
 BLOCK_M = 64  # rows per program (row-major kernels), rows per step (code-major kernels)
 BLOCK_K = 64  # codes per step (row-major kernels), codes per program (code-major kernels)
-NUM_WARPS = 4
+# 8 warps: with 4, the compiled gradient kernels keep their tiles on the stack (local memory):
+# grad_z 7.0 KB a thread in float32 at D = 32, 0.8 KB in bf16 (sm_90, triton 3.8; tests/triton_aot.py
+# reports it).
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -135,7 +138,7 @@ def _grad_z_kernel(
         e_tile, e_ok, codes, code_ok = _tile(c, k0, K, D, BLOCK_K, BLOCK_D)
         e = tl.load(E + e_tile, mask=e_ok, other=0.0)
         # dlogits sum to ~0 over codes (softmax): their products with E cancel, so they meet E in
-        # float32, never rounded to half precision
+        # float32, never rounded to half precision (TF32, where the caller allowed it)
         e32 = e.to(tl.float32)
         s = tl.dot(z, tl.trans(e), input_precision=PRECISION) - m[:, None]
         p = tl.exp(s * inv_tau - log_l[:, None])
@@ -184,7 +187,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-FP32_D256_SHARED_BYTES = 168_448
+# Shared memory the grad-codebook kernel (the largest) needs in float32 with the blocks chosen
+# before any shrinking for the device, AOT-compiled with 8 warps for sm_80 and sm_90, the larger of
+# the two (triton 3.8; tests/triton_aot.py compiles these configurations): {(BLOCK_D, precision):
+# bytes}. Where a device allows less, the blocks halve again.
+FP32_SHARED_BYTES = {(128, "ieee"): 156_672, (128, "tf32"): 230_400, (256, "ieee"): 150_016, (256, "tf32"): 168_448}
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,18 +206,21 @@ def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
     C, M, D = z.shape
     precision = "tf32" if allow_tf32 and z.dtype == torch.float32 else "ieee"
     block_d = max(16, triton.next_power_of_2(D))
+    # float32 without TF32 multiplies on the CUDA cores, each thread holding its share of the
+    # operand tiles in registers: with 32-code blocks grad_z's stack at D = 32 is 48 bytes a thread
+    # (sm_90, 8 warps; 808 with 64-code blocks).
+    block_k = BLOCK_K // 2 if z.dtype == torch.float32 and precision == "ieee" else BLOCK_K
     # D = 256 at 64 x 64 blocks needs ~340 KB of shared memory in the grad-codebook kernel (sm_90
-    # has 227 KB): halve the row and code blocks there. In float32 even 32 x 32 blocks take
-    # 168,448 bytes (AOT-compiled for sm_80 with triton 3.6 and 3.8), over sm_80's 166,912: quarter
-    # them on devices with less than that (83,200 bytes).
-    shrink = 1
-    if block_d > 128:
-        shrink = 4 if z.dtype == torch.float32 and _shared_memory_per_block(z.device) < FP32_D256_SHARED_BYTES else 2
+    # has 227 KB): halve the row and code blocks there, and again in float32 where the device
+    # allows less than FP32_SHARED_BYTES (sm_80: 166,912 bytes).
+    shrink = 2 if block_d > 128 else 1
+    if z.dtype == torch.float32 and FP32_SHARED_BYTES.get((block_d, precision), 0) > _shared_memory_per_block(z.device):
+        shrink *= 2
     block_m = max(16, BLOCK_M // shrink)
     # row-major kernels run one program per row block: keep at least two per multiprocessor
     while block_m > 16 and C * triton.cdiv(M, block_m) < 2 * _multiprocessors(z.device):
         block_m //= 2
-    return dict(BLOCK_M=block_m, BLOCK_K=max(16, BLOCK_K // shrink), BLOCK_D=block_d, PRECISION=precision,
+    return dict(BLOCK_M=block_m, BLOCK_K=max(16, block_k // shrink), BLOCK_D=block_d, PRECISION=precision,
                 num_warps=NUM_WARPS)
 
 
@@ -229,14 +239,15 @@ def forward(
     column_sum = torch.zeros(C, K, device=z.device, dtype=torch.float32)
     indices = torch.zeros(C, M, device=z.device, dtype=torch.long)
     config = _config(z, allow_tf32)
-    _forward_kernel[(triton.cdiv(M, config["BLOCK_M"]), C)](
-        z, codebook, z_q, row_stats, indices, M, K, D, 1.0 / tau, 1.0 / entropy_temperature,
-        WITH_STATS=with_stats, WITH_ENTROPY=with_entropy, **config,
-    )
-    if with_entropy:
-        _column_sum_kernel[(triton.cdiv(K, config["BLOCK_K"]), C)](
-            z, codebook, row_stats, column_sum, M, K, D, 1.0 / entropy_temperature, **config
+    with torch.cuda.device_of(z):  # Triton launches on the current device, which may be another
+        _forward_kernel[(triton.cdiv(M, config["BLOCK_M"]), C)](
+            z, codebook, z_q, row_stats, indices, M, K, D, 1.0 / tau, 1.0 / entropy_temperature,
+            WITH_STATS=with_stats, WITH_ENTROPY=with_entropy, **config,
         )
+        if with_entropy:
+            _column_sum_kernel[(triton.cdiv(K, config["BLOCK_K"]), C)](
+                z, codebook, row_stats, column_sum, M, K, D, 1.0 / entropy_temperature, **config
+            )
     return z_q, row_stats, column_sum, indices
 
 
@@ -260,11 +271,12 @@ def backward(
     grad_z = torch.empty_like(z)
     grad_codebook = torch.empty_like(codebook)
     config = _config(z, allow_tf32)
-    _grad_z_kernel[(triton.cdiv(M, config["BLOCK_M"]), C)](
-        grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats, grad_z, M, K, D,
-        1.0 / tau, 1.0 / entropy_temperature, WITH_ENTROPY=with_entropy, **config,
-    )
-    _grad_codebook_kernel[(triton.cdiv(K, config["BLOCK_K"]), C)](
-        grad_z_q, z, codebook, row_stats, grad_codebook, M, K, D, 1.0 / tau, **config
-    )
+    with torch.cuda.device_of(z):
+        _grad_z_kernel[(triton.cdiv(M, config["BLOCK_M"]), C)](
+            grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats, grad_z, M, K, D,
+            1.0 / tau, 1.0 / entropy_temperature, WITH_ENTROPY=with_entropy, **config,
+        )
+        _grad_codebook_kernel[(triton.cdiv(K, config["BLOCK_K"]), C)](
+            grad_z_q, z, codebook, row_stats, grad_codebook, M, K, D, 1.0 / tau, **config
+        )
     return grad_z, grad_codebook

@@ -34,6 +34,22 @@ def test_triton_float32_matches_float64(small_blocks, shape):
     assert_matches_float64(make_problem(*shape, device=DEVICE), "triton", torch.float32)
 
 
+def test_tf32_setting_read_through_the_new_api(small_blocks):
+    """allow_tf32=None follows torch's setting; torch >= 2.9 raises on reading the legacy
+    allow_tf32 flag once the new fp32_precision API has set TF32."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision")
+    z, codebook = torch.randn(2, 8, 16, device=DEVICE), torch.randn(2, 32, 16, device=DEVICE)
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        out = soft_vq(z, codebook, tau=TAU, backend="triton")
+    finally:
+        matmul.fp32_precision = before
+    assert rel_err(out, soft_vq(z.double(), codebook.double(), tau=TAU, backend="reference")) <= 1e-2
+
+
 def test_triton_entropy_gradient_where_the_regulariser_is_soft(small_blocks):
     problem = make_problem(2, 12, 2, 29, 16, True, device=DEVICE, scale=0.02)
     assert_matches_float64(problem, "triton", torch.float32, entropy_weight=50.0)
@@ -104,11 +120,15 @@ def test_triton_custom_op_passes_opcheck(small_blocks):
 
 
 def test_block_sizes_fit_the_shared_memory_of_the_device(monkeypatch):
-    # float32 at D = 256: 32 x 32 blocks need 168,448 bytes in the grad-codebook kernel, which an
-    # H100/H200 (232,448 opt-in) has and an A100 (166,912) has not.
-    z = torch.zeros(1, 64, 256)
+    """float32 code blocks halve again where the device allows less than FP32_SHARED_BYTES: an
+    A100 (166,912 bytes opt-in) with TF32 at D = 128 and 256, not an H100/H200 (232,448)."""
     blocks = {}
     for gpu, shared in (("a100", 166_912), ("h200", 232_448)):
         monkeypatch.setattr(kernels, "_shared_memory_per_block", lambda device, shared=shared: shared)
-        blocks[gpu] = kernels._config(z, allow_tf32=False)["BLOCK_K"], kernels._config(z.bfloat16(), False)["BLOCK_K"]
-    assert blocks == {"a100": (16, 32), "h200": (32, 32)}
+        blocks[gpu] = {(str(dtype)[6:], dim, tf32): kernels._config(torch.zeros(1, 64, dim, dtype=dtype), tf32)["BLOCK_K"]
+                       for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False))
+                       for dim in (128, 256)}
+    common = {("float32", 128, False): 32, ("float32", 256, False): 16, ("bfloat16", 128, False): 64,
+              ("bfloat16", 256, False): 32}
+    assert blocks == {"a100": {**common, ("float32", 128, True): 32, ("float32", 256, True): 16},
+                      "h200": {**common, ("float32", 128, True): 64, ("float32", 256, True): 32}}

@@ -1,6 +1,7 @@
 """Compiles every Triton kernel ahead of time (no GPU needed) for an A100 (sm_80) and an
-H100/H200 (sm_90) with the block sizes our launchers choose, and prints the shared memory each
-needs as JSON. tests/test_triton_compile.py runs it as a script in a process without
+H100/H200 (sm_90) with the block sizes our launchers choose at the benchmark sizes and the
+alignment specialisation Triton applies at run time, and prints the shared memory and the stack
+(local memory: spilled registers) each needs as JSON. tests/test_triton_compile.py runs it as a script in a process without
 TRITON_INTERPRET: once the interpreter is on, triton.jit gives kernels that cannot be compiled."""
 from __future__ import annotations
 
@@ -10,24 +11,36 @@ import torch
 
 # name -> (compute capability, opt-in shared memory per block in bytes)
 GPUS = {"sm80": (80, 166_912), "sm90": (90, 232_448)}
-# name -> (dtype, codebook dim D, allow_tf32)
-SOFT_VQ_CASES = {"fp32-D32-tf32": (torch.float32, 32, True), "fp32-D256": (torch.float32, 256, False),
-                 "bf16-D64": (torch.bfloat16, 64, False)}
+# name -> (dtype, codebook dim D, allow_tf32); the released tokenizers have D = 32 (float32 unless
+# autocast). 4 codebooks x 16,384 rows: the benchmark's row blocks.
+SOFT_VQ_CASES = {"fp32-D32": (torch.float32, 32, False), "fp32-D32-tf32": (torch.float32, 32, True),
+                 "bf16-D32": (torch.bfloat16, 32, False), "fp16-D64": (torch.float16, 64, False),
+                 "bf16-D64": (torch.bfloat16, 64, False), "fp32-D128": (torch.float32, 128, False),
+                 "fp32-D128-tf32": (torch.float32, 128, True), "fp32-D256": (torch.float32, 256, False),
+                 "fp32-D256-tf32": (torch.float32, 256, True)}
+SOFT_VQ_ROWS = 16_384
 LAYERNORM_DIMS = (1152, 4608)  # SiT-XL width; a wide one (16 warps)
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _SCALARS = {"M": "i32", "K": "i32", "D": "i32", "S": "i32", "mod_stride": "i32", "ROWS_PER_PROGRAM": "i32",
             "inv_tau": "fp32", "inv_t": "fp32", "eps": "fp32"}
 _FLOAT32_BUFFERS = {"STATS", "GH", "GC", "COLSUM", "mean_ptr", "rstd_ptr", "dscale_part_ptr", "dshift_part_ptr"}
 
 
-def _shared_bytes(kernel, dtype: str, constants: dict, num_warps: int, capability: int) -> int:
+def _resources(kernel, dtype: str, constants: dict, num_warps: int, capability: int) -> dict:
+    """{"shared": bytes, "stack": bytes a thread} of the compiled kernel. Pointers and the sizes
+    M, K, D are marked divisible by 16, as Triton specialises them at run time for our tensors."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
         if name in constants:
             signature[name] = "constexpr"
         elif name in _SCALARS:
@@ -36,9 +49,16 @@ def _shared_bytes(kernel, dtype: str, constants: dict, num_warps: int, capabilit
             signature[name] = "*i64"
         else:
             signature[name] = "*fp32" if name in _FLOAT32_BUFFERS else f"*{dtype}"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants),
+        if signature[name].startswith("*") or name in ("M", "K", "D"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
-    return compiled.metadata.shared
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    return {"shared": compiled.metadata.shared, "stack": int(re.search(r"STACK:(\d+)", usage).group(1))}
 
 
 def main() -> dict:
@@ -50,19 +70,21 @@ def main() -> dict:
         sv._shared_memory_per_block = lambda device, limit=shared_limit: limit
         sv._multiprocessors = lambda device: 132
         for case, (dtype, dim, allow_tf32) in SOFT_VQ_CASES.items():
-            config = sv._config(torch.zeros(4, 4096, dim, dtype=dtype), allow_tf32)
+            config = sv._config(torch.empty(4, SOFT_VQ_ROWS, dim, dtype=dtype, device="meta"), allow_tf32)
             num_warps = config.pop("num_warps")
             kernels = {"forward": (sv._forward_kernel, dict(config, WITH_STATS=True, WITH_ENTROPY=True)),
+                       "forward-plain": (sv._forward_kernel, dict(config, WITH_STATS=False, WITH_ENTROPY=False)),
                        "column_sum": (sv._column_sum_kernel, config),
                        "grad_z": (sv._grad_z_kernel, dict(config, WITH_ENTROPY=True)),
+                       "grad_z-plain": (sv._grad_z_kernel, dict(config, WITH_ENTROPY=False)),
                        "grad_codebook": (sv._grad_codebook_kernel, config)}
             results[f"soft_vq-{case}-{gpu}"] = {
-                name: _shared_bytes(kernel, _TRITON_DTYPES[dtype], constants, num_warps, capability)
+                name: _resources(kernel, _TRITON_DTYPES[dtype], constants, num_warps, capability)
                 for name, (kernel, constants) in kernels.items()}
         for dim in LAYERNORM_DIMS:
             block_d = ln._block_d(dim)
             results[f"layernorm_modulate-D{dim}-{gpu}"] = {
-                name: _shared_bytes(kernel, "bf16", {"BLOCK_D": block_d}, ln._num_warps(block_d), capability)
+                name: _resources(kernel, "bf16", {"BLOCK_D": block_d}, ln._num_warps(block_d), capability)
                 for name, kernel in (("forward", ln._forward_kernel), ("backward", ln._backward_kernel))}
     return results
 

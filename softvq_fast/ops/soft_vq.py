@@ -193,7 +193,17 @@ def _fused_parts(
     z_q, row_stats, column_sum, indices = soft_vq_forward(
         z.contiguous(), codebook.contiguous(), tau, entropy_temperature, with_stats, with_entropy, backend, allow_tf32
     )
-    return SoftVQParts(z_q, row_stats[3], column_sum, torch.exp(-row_stats[1]), indices)
+    # max_prob is a statistic, without gradient (the op's backward drops row_stats' gradients)
+    return SoftVQParts(z_q, row_stats[3], column_sum, torch.exp(-row_stats[1]).detach(), indices)
+
+
+@torch.compiler.assume_constant_result  # a global setting; dynamo cannot trace the new getter
+def _matmul_allows_tf32() -> bool:
+    """torch's setting for float32 CUDA matmuls, read the way it was set: torch >= 2.9 raises on
+    reading the legacy `allow_tf32` flag once the new `fp32_precision` API has set TF32."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return bool(matmul.allow_tf32) if precision is None else precision == "tf32"
 
 
 # ----------------------------------------------------------------------------- public API
@@ -273,8 +283,10 @@ def soft_vq(
     the S tokens (N rows) split into C contiguous segments; segment c uses codebook c.
     Returns z_q shaped like z, and with `return_stats` also a SoftVQStats; `entropy=False` skips
     the regulariser (about half the forward work of the stats; evaluation needs no loss).
-    `allow_tf32` (fp32 inputs, triton backend): tensor-core TF32 dot products (~3e-4 relative
-    error); default torch.backends.cuda.matmul.allow_tf32.
+    `allow_tf32` (fp32 inputs, triton backend): tensor-core TF32 dot products (logits to ~3e-4
+    relative; z_q and the entropy terms less exact, as the logits are divided by tau); default:
+    torch's float32 matmul setting (`torch.backends.cuda.matmul.fp32_precision`, or `allow_tf32`
+    before torch 2.9).
     """
     _check_inputs(z, codebook, tau)
     z3 = z if z.dim() == 3 else z.unsqueeze(0)
@@ -292,7 +304,10 @@ def soft_vq(
     if chosen.name == "reference":
         parts = reference_parts(z_rows, codebooks, tau, entropy_temperature, return_stats, with_entropy)
     else:
-        tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
+        if chosen.name != "triton":  # TF32 is a tensor-core format: the CPU kernels have none
+            tf32 = False
+        else:
+            tf32 = _matmul_allows_tf32() if allow_tf32 is None else allow_tf32
         parts = _fused_parts(z_rows, codebooks, tau, entropy_temperature, return_stats, with_entropy,
                              chosen.name, tf32)
     z_q = parts.z_q.reshape(C, B, segment, D).transpose(0, 1).reshape(z.shape)
