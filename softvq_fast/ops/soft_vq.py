@@ -197,13 +197,14 @@ def _fused_parts(
     return SoftVQParts(z_q, row_stats[3], column_sum, torch.exp(-row_stats[1]).detach(), indices)
 
 
-@torch.compiler.assume_constant_result  # a global setting; dynamo cannot trace the new getter
 def _matmul_allows_tf32() -> bool:
-    """torch's setting for float32 CUDA matmuls, read the way it was set: torch >= 2.9 raises on
-    reading the legacy `allow_tf32` flag once the new `fp32_precision` API has set TF32."""
+    """torch's setting for float32 CUDA matmuls. The legacy flag first (dynamo traces it); torch
+    >= 2.9 raises on reading it once the new `fp32_precision` API has set TF32."""
     matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    return bool(matmul.allow_tf32) if precision is None else precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return matmul.fp32_precision == "tf32"
 
 
 # ----------------------------------------------------------------------------- public API
