@@ -158,6 +158,23 @@ def files_digest(files: list[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    """A killed run leaves the old file or the new one, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def check_same_files(out: Path, files: list[str]) -> None:
+    """Raise unless `files` is the list the manifest in `out` was started with."""
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    if manifest["files_sha256"] != files_digest(files):
+        raise ValueError(
+            f"images: this process lists {len(files)} images, not the {manifest['num_images']} of "
+            f"{out / FILES_NAME} that rank 0 listed; every rank must see the same image folder"
+        )
+
+
 def write_manifest_start(out: Path, settings: dict, files: list[str]) -> None:
     """Create files.txt and manifest.json, or check that an existing manifest has the same
     settings and file list (a resumed run must not mix two datasets in one folder)."""
@@ -171,10 +188,10 @@ def write_manifest_start(out: Path, settings: dict, files: list[str]) -> None:
             raise ValueError(
                 f"out: {out} holds a run with different settings ({', '.join(changed)}); use a new output folder"
             )
-        manifest_path.write_text(json.dumps({**previous, "complete": False}, indent=1) + "\n")
+        _write_text_atomic(manifest_path, json.dumps({**previous, "complete": False}, indent=1) + "\n")
         return
-    (out / FILES_NAME).write_text("\n".join(files) + "\n")
-    manifest_path.write_text(json.dumps({**settings, "complete": False}, indent=1) + "\n")
+    _write_text_atomic(out / FILES_NAME, "\n".join(files) + "\n")
+    _write_text_atomic(manifest_path, json.dumps({**settings, "complete": False}, indent=1) + "\n")
 
 
 def finish_manifest(out: Path, plan: ShardPlan) -> dict:
@@ -200,7 +217,7 @@ def finish_manifest(out: Path, plan: ShardPlan) -> dict:
         latent_std=max(total_sq / count - mean * mean, 0.0) ** 0.5,
         complete=True,
     )
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    _write_text_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

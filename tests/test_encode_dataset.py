@@ -115,6 +115,22 @@ def test_changed_settings_are_refused(setup, tmp_path):
                   "--out", str(tmp_path), "--shard-size", "3", "--num-workers", "0", "--device", "cpu"])
 
 
+def test_bf16_switch_is_refused_on_resume(setup, tmp_path):
+    root, _ = setup
+    _run(root, tmp_path)
+    with pytest.raises(ValueError, match="different settings \\(bf16\\)"):
+        _run(root, tmp_path, "--bf16")
+
+
+def test_a_rank_with_another_image_list_is_refused(setup, tmp_path):
+    root, _ = setup
+    _run(root, tmp_path)
+    files = (tmp_path / data.FILES_NAME).read_text().splitlines()
+    data.check_same_files(tmp_path, files)
+    with pytest.raises(ValueError, match=f"lists {len(files) - 1} images, not the {len(files)}"):
+        data.check_same_files(tmp_path, files[:-1])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -112,7 +112,7 @@ __device__ void load_q_fragments(uint32_t (&qa)[(D + 15) / 16][4], const T* q, i
 // One thread's share of a key/value tile: PER 16-byte chunks of k and of v, chunk i being number
 // first + i * blockDim.x of the tile (row-major, D / 8 chunks a row); rows at or past `rows` are
 // zeros, so that the masked columns of P meet zeros in V. Rows are read as 16-byte chunks
-// (attention_fwd_cuda guarantees 16-byte aligned rows).
+// (prepare_cuda_attention guarantees 16-byte aligned rows).
 template <typename T, int D, int KEYS, int PER>
 struct KVChunks {
   static constexpr int kChunks = D / 8;

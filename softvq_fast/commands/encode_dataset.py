@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,9 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
     parser.add_argument("--hflip", action="store_true", help="also store latents of the horizontally flipped images")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
-    parser.add_argument("--device", default=None, help="default: this process's GPU if there is one, else cpu")
+    parser.add_argument("--device", default=None, help="default: this process's GPU (LOCAL_RANK) if there is one, else cpu")
     parser.add_argument("--bf16", action="store_true", help="run the encoder under bf16 autocast")
     parser.set_defaults(func=run)
+
+
+# The ranks only meet at barriers (they exchange no tensors): gloo, on the CPU, with a timeout
+# long enough for a rank that finishes its shards hours before the slowest one (NCCL's watchdog
+# would end it after 10 minutes).
+BARRIER_TIMEOUT = timedelta(days=7)
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -39,8 +46,22 @@ def _distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend="gloo", timeout=BARRIER_TIMEOUT)
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(requested: str | None, local_rank: int) -> torch.device:
+    """--device, else this process's GPU if there is one, else the CPU. A CUDA device without an
+    index is the GPU of LOCAL_RANK (modulo the visible GPUs: a launcher may show each process
+    only its own); it becomes the current device."""
+    if requested is None and not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device(requested or "cuda")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.images.is_dir():
         raise SystemExit(f"--images: {args.images} is not a folder")
     rank, world, local_rank = _distributed()
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device, local_rank)
     model = SoftVQVAE.from_pretrained(args.model, device=device)
     config = model.config
     files, labels = data.list_images(args.images)
@@ -61,12 +82,14 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model.resolve()), "image_size": config.image_size, "hflip": args.hflip,
         "shard_size": args.shard_size, "num_images": len(files), "labels": labels is not None,
         "latent_shape": [config.num_latent_tokens, config.codebook_embed_dim],
-        "vq_mean": config.vq_mean, "vq_std": config.vq_std, "normalized": False,
+        "vq_mean": config.vq_mean, "vq_std": config.vq_std, "normalized": False, "bf16": args.bf16,
     }
     if rank == 0:
         data.write_manifest_start(args.out, settings, files)
     if world > 1:
         dist.barrier()
+        if rank != 0:  # shards hold image indices into rank 0's list: every rank must see it
+            data.check_same_files(args.out, files)
     pending = [s for s in plan.owned(rank, world) if not data.shard_complete(data.shard_path(args.out, s))]
     sampler = data.DistributedShardSampler(plan, pending, args.batch_size)
     dataset = data.ImageFolderDataset(args.images, files, labels, config.image_size)
