@@ -296,6 +296,19 @@ def test_choice_follows_the_environment_between_calls(monkeypatch):
     assert calls == ["math", "sdpa", "math"]
 
 
+def test_a_package_that_fails_to_import_is_an_unavailable_backend(tmp_path, monkeypatch):
+    from softvq_fast.ops.attention import _package_problem
+
+    (tmp_path / "broken_attention_pkg").mkdir()
+    (tmp_path / "broken_attention_pkg" / "__init__.py").write_text("raise ImportError('built for another torch')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _package_problem("broken_attention_pkg") == (
+        "package broken_attention_pkg is installed but fails to import (ImportError: built for another torch)"
+    )
+    assert _package_problem("no_such_attention_pkg") == "package no_such_attention_pkg is not installed"
+    assert _package_problem("json") is None
+
+
 def test_explicit_backend_that_cannot_run_lists_reasons():
     q, k, v, _ = _qkv(1, 5, 5, 2, 16, torch.float64)
     with pytest.raises(NoBackendError, match=r"'flash_attn'.*device cpu not supported"):

@@ -168,11 +168,20 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scale = scale
 
 
+NO_DOUBLE_BACKWARD = (
+    "attention: the softvq backend has no double backward; use backend='sdpa' or 'math' for higher-order gradients"
+)
+
+
 def _fwd_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     if q.device.type == "cpu":
         dq, dk, dv = torch.ops.softvq_fast.attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
     else:
+        # Grad mode is on here only under create_graph=True: the recompute below would hand back
+        # gradients detached from q, k, v, so higher-order terms would be silently dropped.
+        if torch.is_grad_enabled():
+            raise RuntimeError(NO_DOUBLE_BACKWARD)
         dq, dk, dv = _backward_by_recompute(grad_out, q, k, v, ctx.scale)
     return dq, dk, dv, None
 
@@ -182,10 +191,7 @@ def _bwd_fake(grad_out, q, k, v, out, lse, scale):
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "attention: the softvq backend has no double backward; use backend='sdpa' or 'math' for "
-        "higher-order gradients"
-    )
+    raise RuntimeError(NO_DOUBLE_BACKWARD)
 
 
 def _kernel_op_available() -> bool:
@@ -250,12 +256,22 @@ class _AttentionBackend(Backend):
         self.name, self.devices, self.dtypes, self.fn, self.package = name, frozenset(devices), dtypes, fn, package
         # Looked up once: torch.compile traces backend selection, and torch 2.11's dynamo refuses
         # to trace importlib.util.find_spec (fullgraph=True fails on the graph break).
-        self.package_missing = bool(package) and importlib.util.find_spec(package) is None
+        self.package_problem = _package_problem(package) if package else None
 
     def unavailable_reason(self) -> str | None:
-        if self.package_missing:
-            return f"package {self.package} is not installed"
-        return None
+        return self.package_problem
+
+
+def _package_problem(package: str) -> str | None:
+    """Why `package` cannot serve (not installed, or installed but failing to import, e.g. built
+    for another torch), or None."""
+    if importlib.util.find_spec(package) is None:
+        return f"package {package} is not installed"
+    try:
+        importlib.import_module(package)
+    except Exception as exc:  # noqa: BLE001  (any import failure makes the backend unusable)
+        return f"package {package} is installed but fails to import ({type(exc).__name__}: {exc})"
+    return None
 
 
 class _SoftVQBackend(_AttentionBackend):
