@@ -12,9 +12,9 @@
 #    SOFTVQ_FAST_CUDA_ARCHS, default 9.0 here to halve the compile),
 # 2. runs the CUDA tests (`-m cuda`: attention kernels, Triton soft-VQ and LayerNorm-modulate
 #    kernels, CUDA-graph sampling, tokenizer on CUDA),
-# 3. runs the benchmark suites of the open issues in full mode (attention, claims), our CUDA
-#    attention kernel under compute-sanitizer (memcheck, racecheck) and Nsight Compute, the
-#    remaining suites (soft-VQ, tokenizer), then the CPU tests with whatever time is left,
+# 3. runs the benchmark suites in full mode (the open issues' first: attention, claims, then
+#    soft-VQ and tokenizer), our CUDA attention kernel under compute-sanitizer (memcheck,
+#    racecheck) and Nsight Compute, then the CPU tests with whatever time is left,
 # 4. prints the stage statuses and a short attention table last.
 # $OUT receives at most 8 files (the device tool's limit): log.txt, summary.md,
 # bench_results.md and bench_results.json (every suite), and details.tar.gz (per-suite files,
@@ -70,7 +70,9 @@ export SOFTVQ_FAST_CUDA_ARCHS=${SOFTVQ_FAST_CUDA_ARCHS:-9.0}
 
 run_stage environment 30 bash -c "nvidia-smi; '$CUDA_HOME/bin/nvcc' --version | tail -2; nproc; \
   $PYTHON -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name())'; \
-  $PYTHON -c 'import triton; print(\"triton\", triton.__version__)'"
+  $PYTHON -c 'import triton; print(\"triton\", triton.__version__)'; \
+  $PYTHON -c 'import diffusers; print(\"diffusers\", diffusers.__version__)' \
+  || echo 'NO DIFFUSERS: the claims suite (SD-VAE baselines) will fail; carry .whl from bench/gpu_wheels.sh'"
 run_stage build 200 bash -c "$PYTHON -m pip install -q --no-build-isolation --no-deps --no-index -e . \
   || { echo 'editable install failed: building in place (softvq_fast.kernels will not resolve)'; $PYTHON setup.py build_ext --inplace; }"
 run_stage extension 30 $PYTHON -c "import softvq_fast, softvq_fast._extension as e; print(e.extension_status()); assert e.extension_has_cuda()"
@@ -83,10 +85,10 @@ bench_suites() {
     run_stage "bench-$suite" "${suite_limit##*:}" $PYTHON -m bench --full --suite "$suite" --out "$OUT/bench/$suite"
   done
 }
-bench_suites attention:70 claims:150
-# Our CUDA attention kernel under compute-sanitizer (out-of-bounds or misaligned accesses; shared
-# memory races) at the CUDA tests' bf16 shapes, then under Nsight Compute at the benchmark shapes
-# (clocks left alone; one profiled launch per shape).
+bench_suites attention:70 claims:150 softvq:70 tokenizer:60
+# Then our CUDA attention kernel under compute-sanitizer (out-of-bounds or misaligned accesses;
+# shared memory races) at the CUDA tests' bf16 shapes, and under Nsight Compute at the benchmark
+# shapes (clocks left alone; one profiled launch per shape).
 SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
 SANITIZE=("$SANITIZER" --error-exitcode 1 --kernel-name kns=attention_forward)
@@ -100,7 +102,6 @@ run_stage ncu-attention 45 bash -c "'$NCU' --clock-control none --kernel-name re
   --section WarpStateStats $PYTHON -m bench.cuda_attention_runs > '$OUT/bench/ncu_attention.txt' 2>&1; rc=\$?; \
   grep -E 'attention_forward|Duration|Memory Throughput|Compute \\(SM\\) Throughput|Achieved Occupancy|Registers Per' \
   '$OUT/bench/ncu_attention.txt'; exit \$rc"
-bench_suites softvq:70 tokenizer:60
 run_stage tests-rest 120 $PYTHON -m pytest -q -m "not cuda" -p no:cacheprovider --junitxml="$OUT/bench/junit-rest.xml" tests
 
 {

@@ -44,9 +44,11 @@ class Context:
         that a suite stopped by a time limit (bench/gpu_check.sh) still leaves what it measured.
         The harness removes the file once the suite's results are written."""
         if self.suite:
-            with open(partial_path(self.out_dir, self.suite), "w") as f:
+            path = partial_path(self.out_dir, self.suite)
+            with open(path + ".tmp", "w") as f:  # then renamed: a kill mid-write leaves the last whole file
                 json.dump({"partial": True, "suites": {self.suite: {"rows": rows, "notes": self.notes}}}, f, indent=1,
                           default=str)
+            os.replace(path + ".tmp", path)
 
 
 def partial_path(out_dir: str, suite: str) -> str:

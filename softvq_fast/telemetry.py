@@ -24,6 +24,11 @@ class Samples:
     energy_j: float = 0.0  # spans only: summed counter deltas
     energy_complete: bool = True  # False when a counter read failed
     spans: int = 0
+    seconds: float = 0.0  # spans only: their summed duration
+
+
+# Shortest mean span over which a label's energy is reported.
+MIN_ENERGY_SPAN_S = 0.5
 
 
 def _mean(values: list[float]) -> float | None:
@@ -124,12 +129,14 @@ class GpuTelemetry:
             return
         torch.cuda.synchronize(self.device)
         start = self._energy_mj()
+        began = time.perf_counter()
         self._label = label
         try:
             yield
             torch.cuda.synchronize(self.device)
         finally:
             self._label = None
+        samples.seconds += time.perf_counter() - began
         end = self._energy_mj()
         if start is None or end is None:
             samples.energy_complete = False
@@ -138,8 +145,9 @@ class GpuTelemetry:
 
     def summary(self, label: str | None = None) -> dict[str, float | str | None]:
         """For the whole run, or the spans of `label`: energy_j (counter; for the whole run
-        power x time if the counter is unsupported), energy_per_span_j (labels), mean_power_w,
-        peak_memory_gib (device-wide), mean_sm_clock_mhz, mean_utilization_pct."""
+        power x time if the counter is unsupported; for labels None unless their spans last
+        MIN_ENERGY_SPAN_S on average), energy_per_span_j (labels), mean_power_w, peak_memory_gib
+        (device-wide memory in use), mean_sm_clock_mhz, mean_utilization_pct."""
         if self.unavailable is not None:
             return {"telemetry": self.unavailable}
         samples = self.samples if label is None else self.labelled[label]
@@ -151,7 +159,10 @@ class GpuTelemetry:
                 energy, source = mean_power * self.seconds, "sampled power x time"
             result.update(energy_j=energy, energy_source=source)
         else:
-            energy = samples.energy_j if samples.energy_complete else None
+            # The energy counter advances in steps of the power sensor's updates (tens of ms on
+            # recent GPUs): over shorter spans its differences are mostly quantisation.
+            measurable = samples.energy_complete and samples.seconds >= MIN_ENERGY_SPAN_S * samples.spans
+            energy = samples.energy_j if measurable else None
             result.update(energy_j=energy, energy_per_span_j=energy / samples.spans if energy is not None else None)
         result.update(
             mean_power_w=mean_power,

@@ -154,6 +154,7 @@ def test_gpu_telemetry_accounts_spans_with_a_fake_nvml(monkeypatch):
     import sys
     import time
 
+    from softvq_fast import telemetry as telemetry_module
     from softvq_fast.telemetry import GpuTelemetry
 
     fake = _FakeNvml()
@@ -164,6 +165,8 @@ def test_gpu_telemetry_accounts_spans_with_a_fake_nvml(monkeypatch):
         for _ in range(3):
             with telemetry.span("work"):
                 time.sleep(0.01)
+    assert telemetry.summary("work")["energy_j"] is None  # 10 ms spans: the counter's steps, not energy
+    monkeypatch.setattr(telemetry_module, "MIN_ENERGY_SPAN_S", 0.005)
     work = telemetry.summary("work")
     assert work["energy_j"] == 3.0 and work["energy_per_span_j"] == 1.0  # one 1 J counter step per span
     assert work["mean_power_w"] == 300 and work["mean_sm_clock_mhz"] == 1980 and work["peak_memory_gib"] == 3

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from bench.measure import Timing, synchronize
+from softvq_fast.telemetry import MIN_ENERGY_SPAN_S
 
 TITLE = "Paper claims: SiT throughput on SoftVQ 1-D tokens vs SD-VAE latents"
 PAPER_CLAIMS = {(256, 32): 18.0, (512, 64): 55.0}
@@ -466,7 +467,14 @@ def run_setup(ctx, setup: Setup) -> list[dict[str, Any]]:
         "ideal_*: the FLOP ratio; e2e_eff_* = measured / ideal. paper_x: the paper's claim (18x at 256 px "
         "with 32 tokens, 55x at 512 px with 64 tokens)."
     )
-    if ctx.device.type != "cuda":
+    if ctx.device.type == "cuda":
+        ctx.note(
+            "NVML telemetry: img_per_j from the energy counter over each workload's timed calls where they last "
+            f"{MIN_ENERGY_SPAN_S} s or more on average ('-' otherwise: the counter advances in steps of the power "
+            "sensor's updates); step_w, step_sm_mhz, step_util_pct: samples during the timed steps; peak_mem_gib: "
+            "device-wide memory in use (every model and CUDA-graph pool alive counts), not the workload's own peak."
+        )
+    else:
         ctx.note("No GPU: NVML telemetry (energy, power, clock, utilisation, images per joule) is not recorded.")
         load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
         ctx.note(f"CPU load average (1, 5, 15 min) at the end: {load} on {os.cpu_count()} cores; other processes skew CPU timings.")

@@ -69,14 +69,15 @@ def _exp_limit_ms(device: torch.device, logits: int, exps_per_logit: int) -> flo
     return logits * exps_per_logit / (sms * EXP_PER_CLOCK_PER_SM * clock_hz) * 1e3
 
 
-def _measure(ctx, batch: int, K: int, with_compile: bool) -> list[dict]:
+def _measure(ctx, rows: list[dict], batch: int, K: int, with_compile: bool) -> None:
+    """Appends the case's rows to `rows`, saving them after each pass (a run stopped by a time
+    limit keeps what it finished)."""
     device = ctx.device
     generator = torch.Generator(device=device).manual_seed(0)
     z = torch.randn(batch, TOKENS, DIM, device=device, generator=generator).requires_grad_()
     codebook = torch.randn(CODEBOOKS, K, DIM, device=device, generator=generator).div_(DIM**0.5).requires_grad_()
     rounds = 3 if ctx.quick else 7
     case = f"B{batch}x{TOKENS} C{CODEBOOKS} K{K} D{DIM} fp32"
-    rows = []
     for pass_name in ("fwd", "fwd+bwd"):
         fns, peaks = {}, {}
         for label, backend_fn in _backends(device, with_compile).items():
@@ -103,7 +104,7 @@ def _measure(ctx, batch: int, K: int, with_compile: bool) -> list[dict]:
                 "memory_vs_reference": peaks[label] / max(peaks["reference"], 1),
                 "x_exp_limit": medians[label] / limit if limit and pass_name == "fwd" else "",
             })
-    return rows
+        ctx.progress(rows)
 
 
 def run(ctx) -> list[dict]:
@@ -111,11 +112,10 @@ def run(ctx) -> list[dict]:
     if ctx.device.type == "cpu":
         ctx.note(f"1-minute load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
                  "(other processes slow every backend alike; ratios are of interleaved medians)")
-    rows = _measure(ctx, *sizes["main"], with_compile=True)
-    ctx.progress(rows)
+    rows: list[dict] = []
+    _measure(ctx, rows, *sizes["main"], with_compile=True)
     for batch, K in sizes["sweep"]:  # without torch.compile: its compile time would dominate the suite
-        rows += _measure(ctx, batch, K, with_compile=False)
-        ctx.progress(rows)
+        _measure(ctx, rows, batch, K, with_compile=False)
     ctx.note(
         "peak_mib: peak memory allocated during the call above what was allocated before it. "
         "x_exp_limit: forward time / (3 exponentials per logit at 16 per clock per SM at the max SM clock). "
