@@ -309,6 +309,21 @@ def test_a_package_that_fails_to_import_is_an_unavailable_backend(tmp_path, monk
     assert _package_problem("json") is None
 
 
+def test_cuda_kernels_refuse_gpus_before_ampere(monkeypatch):
+    """Without a GPU: an sm_75 GPU (no bf16 mma.sync) is a reason, an sm_90 one is not."""
+    import softvq_fast.ops.attention as ops
+
+    monkeypatch.setattr(ops, "extension_has_cuda", lambda: True)
+    inputs = ops.AttentionInputs(torch.device("cuda", 0), torch.float16, 2, 4, 64, 64, 64, True)
+    softvq = next(b for b in ops.ATTENTION_BACKENDS if b.name == "softvq")
+    monkeypatch.setattr(ops, "_cuda_capability", lambda index: (7, 5))
+    assert softvq.input_reasons(inputs) == [
+        "cuda kernels need compute capability >= 8.0 (bf16/fp16 mma.sync), this GPU has 7.5"
+    ]
+    monkeypatch.setattr(ops, "_cuda_capability", lambda index: (9, 0))
+    assert softvq.input_reasons(inputs) == []
+
+
 def test_explicit_backend_that_cannot_run_lists_reasons():
     q, k, v, _ = _qkv(1, 5, 5, 2, 16, torch.float64)
     with pytest.raises(NoBackendError, match=r"'flash_attn'.*device cpu not supported"):

@@ -6,10 +6,25 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <set>
+#include <utility>
+
 #include "attention_kernel.cuh"
 
 namespace softvq_fast::cuda {
 namespace {
+
+// The shared-memory opt-in, once per kernel and device: it persists, and setting it on every launch
+// costs microseconds next to kernels that take tens at short lengths.
+void allow_shared_memory(const LaunchPlan& plan, int device) {
+  static std::mutex mutex;
+  static std::set<std::pair<void (*)(AttentionParams), int>> done;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({plan.kernel, device})) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(plan.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem_bytes));
+  done.insert({plan.kernel, device});
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, double scale) {
@@ -19,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   if (out.numel() == 0) return {out, lse};
   const LaunchPlan plan = q.scalar_type() == at::kBFloat16 ? plan_launch<__nv_bfloat16>(params)
                                                            : plan_launch<__half>(params);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(plan.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem_bytes));
+  allow_shared_memory(plan, q.get_device());
   plan.kernel<<<plan.grid, plan.threads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};

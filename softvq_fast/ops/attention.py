@@ -6,10 +6,10 @@ Inputs may be non-contiguous as long as the last dimension has stride 1; the `so
 them in place. The output is (B, Sq, H, D) contiguous, so `.flatten(2)` is free.
 
 Backends (`softvq-fast env` lists them with the reasons each cannot run here):
-  softvq      ours, from csrc/: CPU fp32/bf16 (any length, head dim <= 256); CUDA bf16/fp16
-              (S <= 128 with head dims 64/72/128, any S with head dim 64). Backward: ours on
-              the CPU (from the saved log-sum-exp); on CUDA it recomputes the forward through
-              torch SDPA and differentiates that.
+  softvq      ours, from csrc/: CPU fp32/bf16 (any length, head dim <= 256); CUDA bf16/fp16 on
+              compute capability >= 8.0 (S <= 128 with head dims 64/72/128, any S with head dim
+              64). Backward: ours on the CPU (from the saved log-sum-exp); on CUDA it recomputes
+              the forward through torch SDPA and differentiates that.
   flash_attn  flash_attn.flash_attn_func, when the package is importable (CUDA, bf16/fp16).
   xformers    xformers.ops.memory_efficient_attention, when importable (CUDA).
   sdpa        torch.nn.functional.scaled_dot_product_attention.
@@ -46,6 +46,7 @@ CUDA backward recomputes the forward through SDPA, an extra forward.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -295,6 +296,10 @@ class _SoftVQBackend(_AttentionBackend):
         elif inputs.device.type == "cuda":
             if not extension_has_cuda():
                 reasons.append("extension was built without its CUDA kernels")
+            # (not under torch.compile, which may not trace the device query; eager calls come first)
+            elif not torch.compiler.is_compiling() and _cuda_capability(inputs.device.index or 0) < (8, 0):
+                major, minor = _cuda_capability(inputs.device.index or 0)
+                reasons.append(f"cuda kernels need compute capability >= 8.0 (bf16/fp16 mma.sync), this GPU has {major}.{minor}")
             if inputs.dtype not in _HALVES:
                 reasons.append(f"cuda kernels take bfloat16 or float16, got {inputs.dtype}")
             short = s <= CUDA_SHORT_MAX_LEN and d in CUDA_SHORT_HEAD_DIMS
@@ -304,6 +309,11 @@ class _SoftVQBackend(_AttentionBackend):
                     f"or head_dim in {CUDA_TILED_HEAD_DIMS} for any length, got head_dim {d}, kv length {s}"
                 )
         return reasons
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 class _FlashAttnBackend(_AttentionBackend):
