@@ -6,7 +6,8 @@ Environment switches (flash-attention style):
                               torch are present; 1 forces them (fails clearly if impossible);
                               0 skips them (CPU kernels only).
   SOFTVQ_FAST_NO_EXTENSION=1  build no extension at all (the package falls back to PyTorch paths).
-  SOFTVQ_FAST_CUDA_ARCHS      semicolon list of compute capabilities, default "8.0;9.0".
+  SOFTVQ_FAST_CUDA_ARCHS      semicolon list of compute capabilities, default "8.0;9.0+PTX"
+                              (+PTX: also PTX, which the driver compiles for newer GPUs).
   MAX_JOBS                    parallel compile jobs (honoured by torch's ninja build).
   CUDA_HOME                   CUDA toolkit root (torch may guess wrong: set it explicitly).
 """
@@ -20,7 +21,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _log(msg: str) -> None:

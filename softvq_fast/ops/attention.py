@@ -296,7 +296,8 @@ class _SoftVQBackend(_AttentionBackend):
         elif inputs.device.type == "cuda":
             if not extension_has_cuda():
                 reasons.append("extension was built without its CUDA kernels")
-            # (not under torch.compile, which may not trace the device query; eager calls come first)
+            # Newer GPUs run the PTX of the default build. (Not under torch.compile, which may not
+            # trace the device query; eager calls come first.)
             elif not torch.compiler.is_compiling() and _cuda_capability(inputs.device.index or 0) < (8, 0):
                 major, minor = _cuda_capability(inputs.device.index or 0)
                 reasons.append(f"cuda kernels need compute capability >= 8.0 (bf16/fp16 mma.sync), this GPU has {major}.{minor}")
