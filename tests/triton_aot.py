@@ -1,11 +1,16 @@
 """Compiles every Triton kernel ahead of time (no GPU needed) for an A100 (sm_80) and an
 H100/H200 (sm_90) with the block sizes our launchers choose at the benchmark sizes and the
 alignment specialisation Triton applies at run time, and prints the shared memory and the stack
-(local memory: spilled registers) each needs as JSON. tests/test_triton_compile.py runs it as a script in a process without
-TRITON_INTERPRET: once the interpreter is on, triton.jit gives kernels that cannot be compiled."""
+(local memory: spilled registers) each needs as JSON. tests/test_triton_compile.py runs it as a
+script in a process without TRITON_INTERPRET: once the interpreter is on, triton.jit gives kernels
+that cannot be compiled."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import tempfile
 
 import torch
 
@@ -30,11 +35,6 @@ _FLOAT32_BUFFERS = {"STATS", "GH", "GC", "COLSUM", "mean_ptr", "rstd_ptr", "dsca
 def _resources(kernel, dtype: str, constants: dict, num_warps: int, capability: int) -> dict:
     """{"shared": bytes, "stack": bytes a thread} of the compiled kernel. Pointers and the sizes
     M, K, D are marked divisible by 16, as Triton specialises them at run time for our tensors."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

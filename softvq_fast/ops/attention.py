@@ -298,9 +298,12 @@ class _SoftVQBackend(_AttentionBackend):
                 reasons.append("extension was built without its CUDA kernels")
             # Newer GPUs run the PTX of the default build. (Not under torch.compile, which may not
             # trace the device query; eager calls come first.)
-            elif not torch.compiler.is_compiling() and _cuda_capability(inputs.device.index or 0) < (8, 0):
+            elif not torch.compiler.is_compiling():
                 major, minor = _cuda_capability(inputs.device.index or 0)
-                reasons.append(f"cuda kernels need compute capability >= 8.0 (bf16/fp16 mma.sync), this GPU has {major}.{minor}")
+                if major < 8:
+                    reasons.append(
+                        f"cuda kernels need compute capability >= 8.0 (bf16/fp16 mma.sync), this GPU has {major}.{minor}"
+                    )
             if inputs.dtype not in _HALVES:
                 reasons.append(f"cuda kernels take bfloat16 or float16, got {inputs.dtype}")
             short = s <= CUDA_SHORT_MAX_LEN and d in CUDA_SHORT_HEAD_DIMS

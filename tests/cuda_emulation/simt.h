@@ -124,12 +124,8 @@ inline void release(Barrier& barrier) {
 inline void wait(Barrier& barrier) {
   Block& b = *active_block();
   const int me = b.current;
-  if (++barrier.arrived == barrier.expected) {
-    barrier.waiting.push_back(me);
-    release(barrier);
-  } else {
-    barrier.waiting.push_back(me);
-  }
+  barrier.waiting.push_back(me);
+  if (++barrier.arrived == barrier.expected) release(barrier);
   swapcontext(&b.fibers[me].context, &b.scheduler);
 }
 
