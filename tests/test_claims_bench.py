@@ -11,10 +11,14 @@ from bench.suites import claims
 from softvq_fast.models import SiT, SoftVQVAE
 
 
+@pytest.mark.parametrize("linear", [
+    "torch", pytest.param("onednn", marks=pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")),
+])
 @pytest.mark.parametrize("tokens, patch, vae_1d", [(7, 1, True), (8, 2, False)])
-def test_generator_flop_model_matches_torch_flop_counter(tokens, patch, vae_1d):
+def test_generator_flop_model_matches_torch_flop_counter(tokens, patch, vae_1d, linear):
+    claims._register_flop_formulas()
     shape = dict(input_size=tokens, in_channels=4, vae_1d=vae_1d, patch_size=patch)
-    model = SiT(depth=2, hidden_size=48, num_heads=3, num_classes=5, **shape).set_backends(attention="math")
+    model = SiT(depth=2, hidden_size=48, num_heads=3, num_classes=5, **shape).set_backends(attention="math", linear=linear)
     x = torch.randn(1, *model.latent_shape)
     with torch.no_grad():
         _, counted = claims.counted_flops(lambda: model(x, torch.rand(1), torch.tensor([1])))
@@ -27,8 +31,8 @@ def test_flop_counter_sees_cpu_sdpa_and_our_attention():
 
     from softvq_fast import attention
 
-    claims._register_attention_flops()
-    claims._register_attention_flops()  # a second run in one process
+    claims._register_flop_formulas()
+    claims._register_flop_formulas()  # a second run in one process
     q, kv = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 24, 16)
     _, counted = claims.counted_flops(lambda: F.scaled_dot_product_attention(q, kv, kv))
     assert counted == 4 * 2 * 3 * 40 * 24 * 16

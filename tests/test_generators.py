@@ -27,10 +27,13 @@ def _vectors(reference_dir, name):
     return directory, load_file(str(directory / "expected.safetensors"))
 
 
+@pytest.mark.parametrize("linear", [
+    "torch", pytest.param("onednn", marks=pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")),
+])
 @pytest.mark.parametrize("cls, name", [(SiT, "sit_tiny"), (DiT, "dit_tiny")])
-def test_conformance_vectors(reference_dir, cls, name):
+def test_conformance_vectors(reference_dir, cls, name, linear):
     directory, expected = _vectors(reference_dir, name)
-    model = cls.from_pretrained(directory)
+    model = cls.from_pretrained(directory).set_backends(linear=linear)
     with torch.no_grad():
         out = model(expected["x"], expected["t"], expected["y"])
     assert out.shape == expected["output"].shape

@@ -32,16 +32,21 @@ def reference(reference_dir):
     return model, load_file(str(reference_dir / TINY / "expected.safetensors"))
 
 
-@pytest.mark.parametrize("backends", [("auto", "auto"), ("math", "reference")])
+ONEDNN = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.mark.parametrize("backends", [
+    ("auto", "auto", "auto"), pytest.param(("auto", "auto", "onednn"), marks=ONEDNN), ("math", "reference", "torch"),
+])
 def test_conformance_vectors(reference, backends):
     model, expected = reference
-    model.set_backends(attention=backends[0], soft_vq=backends[1])
+    model.set_backends(attention=backends[0], soft_vq=backends[1], linear=backends[2])
     with torch.no_grad():
         latents = model.encode(expected["images"])
         assert rel_err(latents, expected["latents"]) <= 1e-5
         assert rel_err(model.decode(expected["latents"]), expected["reconstruction"]) <= 1e-5
         assert rel_err(model(expected["images"]), expected["reconstruction"]) <= 1e-5
-    model.set_backends(attention="auto", soft_vq="auto")
+    model.set_backends(attention="auto", soft_vq="auto", linear="auto")
 
 
 def test_depth_follows_checkpoint(reference):

@@ -145,10 +145,11 @@ def generator_flops(depth: int, hidden: int, tokens: int, in_channels: int, patc
     return depth * per_block + embed + final
 
 
-def _register_attention_flops() -> None:
-    """Let torch's FLOP counter see the attention ops it misses, each 4 B H Sq Sk D: softvq_fast's,
-    and the CPU kernel SDPA dispatches to (aten._scaled_dot_product_flash_attention_for_cpu, which
-    torch counts as 0 FLOPs: the decoders' attention would drop out of the ideal ratios)."""
+def _register_flop_formulas() -> None:
+    """Let torch's FLOP counter see the ops it misses: attention, 4 B H Sq Sk D, softvq_fast's and
+    the CPU kernel SDPA dispatches to (aten._scaled_dot_product_flash_attention_for_cpu, which
+    torch counts as 0 FLOPs: the decoders' attention would drop out of the ideal ratios), and
+    softvq_fast's oneDNN linear layers, 2 x rows x in x out."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
 
     def ours(q_shape, k_shape, *args, **kwargs) -> int:
@@ -158,11 +159,16 @@ def _register_attention_flops() -> None:
     def sdpa_cpu(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
         return sdpa_flop_count(q_shape, k_shape, v_shape)
 
+    def linear(x_shape, weight_shape, *args, **kwargs) -> int:
+        return 2 * math.prod(x_shape) * weight_shape[0]
+
     formulas = {}
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         formulas[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = sdpa_cpu
     if hasattr(torch.ops.softvq_fast, "attention_fwd"):
         formulas[torch.ops.softvq_fast.attention_fwd] = ours
+    if hasattr(torch.ops.softvq_fast, "linear_onednn"):
+        formulas[torch.ops.softvq_fast.linear_onednn] = linear
     for op, formula in formulas.items():
         if op not in flop_registry:  # once per process
             register_flop_formula(op)(formula)
@@ -418,8 +424,9 @@ def rows_for(systems: list[System], resolution: int, setup: Setup) -> list[dict[
 # ------------------------------------------------------------------------ stack comparison
 def stack_comparison(setup: Setup, device: torch.device, batch: int, tokens: int = 64, channels: int = 32) -> str:
     """One sampling step of SiT/1 on `tokens` tokens: our stack (fused LayerNorm-modulate,
-    softvq_fast attention auto, CUDA graph on GPUs) against plain eager PyTorch (reference
-    LayerNorm, SDPA, no graph), same weights, dtype and batch, CFG on."""
+    softvq_fast attention and linear layers auto, CUDA graph on GPUs) against plain eager PyTorch
+    (reference LayerNorm, SDPA, torch's linear layers, no graph), same weights, dtype and batch,
+    CFG on."""
     from softvq_fast.sampling import ConditionalModel
 
     with torch.inference_mode():
@@ -428,7 +435,7 @@ def stack_comparison(setup: Setup, device: torch.device, batch: int, tokens: int
         x = torch.randn(batch, tokens, channels, device=device)
         plain_model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
         plain_model.load_state_dict(model.state_dict())
-        plain_model.set_backends(attention="sdpa", layernorm_modulate="reference")
+        plain_model.set_backends(attention="sdpa", layernorm_modulate="reference", linear="torch")
         calls = {
             "plain": ConditionalModel(plain_model, labels, cfg_scale=CFG_SCALE),
             "ours": ConditionalModel(model, labels, cfg_scale=CFG_SCALE, cuda_graph=device.type == "cuda"),
@@ -443,7 +450,7 @@ def stack_comparison(setup: Setup, device: torch.device, batch: int, tokens: int
 
 
 def run_setup(ctx, setup: Setup) -> list[dict[str, Any]]:
-    _register_attention_flops()
+    _register_flop_formulas()
     torch.manual_seed(0)
     rows = []
     started = time.perf_counter()

@@ -1,7 +1,8 @@
 """SoftVQ-VAE tokenizer: encode and decode throughput and peak memory of random-weight presets,
-our backends ("auto": softvq attention and soft-VQ kernels where they run, and each attention
-backend on its own) against the same model on the `math` attention and `reference` soft-VQ
-backends, with the relative difference of their outputs."""
+our backends ("auto": softvq attention and soft-VQ kernels where they run, oneDNN linear layers
+where faster, and each attention backend on its own) against the same model on the `math`
+attention, `reference` soft-VQ and `torch` linear backends, with the relative difference of their
+outputs. On the CPU a row "auto, torch linear" separates the linear layers' share of the gain."""
 from __future__ import annotations
 
 import statistics
@@ -16,19 +17,25 @@ from softvq_fast.models import SoftVQVAE
 
 TITLE = "Tokenizer encode/decode (SoftVQ-VAE presets, random weights)"
 
-# label -> (attention backend, soft-VQ backend). "auto" is what users get; each attention backend
+# label -> (attention, soft-VQ, linear backend). "auto" is what users get; each attention backend
 # is also shown on its own (where it cannot run the inputs, e.g. a bf16-only kernel in fp32, the
-# row is left out and a note says so); "math" is the baseline: math attention, reference soft VQ.
-QUICK_BACKENDS = {"auto": ("auto", "auto"), "sdpa": ("sdpa", "auto"), "math": ("math", "reference")}
-FULL_BACKENDS = {"auto": ("auto", "auto"), "softvq": ("softvq", "auto"), "flash_attn": ("flash_attn", "auto"),
-                 "sdpa": ("sdpa", "auto"), "xformers": ("xformers", "auto"), "math": ("math", "reference")}
+# row is left out and a note says so); "math" is the baseline: math attention, reference soft VQ,
+# torch's linear layers.
+QUICK_BACKENDS = {"auto": ("auto", "auto", "auto"), "auto, torch linear": ("auto", "auto", "torch"),
+                  "sdpa": ("sdpa", "auto", "auto"), "math": ("math", "reference", "torch")}
+FULL_BACKENDS = {"auto": ("auto", "auto", "auto"), "auto, torch linear": ("auto", "auto", "torch"),
+                 "softvq": ("softvq", "auto", "auto"), "flash_attn": ("flash_attn", "auto", "auto"),
+                 "sdpa": ("sdpa", "auto", "auto"), "xformers": ("xformers", "auto", "auto"),
+                 "math": ("math", "reference", "torch")}
+# Rows that differ from "auto" on the CPU only (on CUDA the linear layers' auto is torch).
+CPU_ONLY_LABELS = frozenset({"auto, torch linear"})
 
 # (preset, batch); quick mode fits the 2-core CI CPU in well under two minutes.
 QUICK = [("softvq-b-32", 2), ("softvq-s-32-512", 1)]
 # full mode is sized for about 90 s on one H200
 # The matrix products of the linear layers (patch embedding, qkv, proj, MLP, projections, pixel
-# head): the same work on every backend set.
-LINEAR_OPS = frozenset({"aten::addmm", "aten::mm"})
+# head): the same products on every backend set, through MKL (torch) or oneDNN.
+LINEAR_OPS = frozenset({"aten::addmm", "aten::mm", "mkldnn::_linear_pointwise"})
 FULL = [("softvq-s-32", 16), ("softvq-b-32", 16), ("softvq-b-64", 16), ("softvq-bl-64", 16), ("softvq-l-64", 16),
         ("softvq-bl-64-512", 4), ("softvq-l-32-512", 4)]
 
@@ -50,11 +57,12 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
     size = model.config.image_size
     images = torch.rand(batch, 3, size, size, device=device, generator=generator) * 2 - 1
     rounds = 5
-    backends = QUICK_BACKENDS if ctx.quick else FULL_BACKENDS
+    backends = {label: choice for label, choice in (QUICK_BACKENDS if ctx.quick else FULL_BACKENDS).items()
+                if device.type == "cpu" or label not in CPU_ONLY_LABELS}
 
     def use(label: str) -> None:
-        attention, soft_vq = backends[label]
-        model.set_backends(attention=attention, soft_vq=soft_vq)
+        attention, soft_vq, linear = backends[label]
+        model.set_backends(attention=attention, soft_vq=soft_vq, linear=linear)
 
     def run_with(label: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         use(label)
@@ -93,25 +101,26 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
                     "rel_err_vs_math": _relative_error(outputs[label], outputs["math"]),
                 })
         if device.type == "cpu" and precision is None:
-            _note_linear_floor(ctx, model, f"{name} {size}px b{batch}", images, backends)
-    model.set_backends(attention="auto", soft_vq="auto")
+            _note_time_split(ctx, model, f"{name} {size}px b{batch}", images, backends)
+    model.set_backends(attention="auto", soft_vq="auto", linear="auto")
     return rows
 
 
-def _note_linear_floor(ctx, model: SoftVQVAE, case: str, images: torch.Tensor, backends: dict) -> None:
-    """How much of an encode+decode the linear layers' matrix products take (one profiled run per
-    backend set), and so the most that faster attention and soft-VQ could gain: the math/reference
-    run's total over its own matrix-product time (the same products run on every backend set)."""
+def _note_time_split(ctx, model: SoftVQVAE, case: str, images: torch.Tensor, backends: dict) -> None:
+    """Where an encode+decode's time goes (one profiled run per backend set): the linear layers'
+    matrix products against everything else (attention, soft VQ, norms, ...), on math/reference
+    and on auto, so that the gain splits into the linear layers' and the rest's."""
     shares = {}
     for label in ("auto", "math"):
-        attention, soft_vq = backends[label]
-        model.set_backends(attention=attention, soft_vq=soft_vq)
+        attention, soft_vq, linear = backends[label]
+        model.set_backends(attention=attention, soft_vq=soft_vq, linear=linear)
         shares[label] = cpu_op_share_ms(lambda: model.decode(model.encode(images)), LINEAR_OPS)
     (auto_linear, auto_total), (math_linear, math_total) = shares["auto"], shares["math"]
-    ctx.note(f"{case}, fp32, profiled encode+decode: the linear layers' matrix products (addmm/mm) take "
-             f"{math_linear:.0f} of {math_total:.0f} ms on math/reference ({math_linear / math_total:.0%}), "
-             f"{auto_linear:.0f} of {auto_total:.0f} ms on auto ({auto_linear / auto_total:.0%}): with every other "
-             f"op free, encode+decode could be at most {math_total / math_linear:.2f}x the math/reference path")
+    ctx.note(f"{case}, fp32, profiled encode+decode: the linear layers' matrix products take {math_linear:.0f} of "
+             f"{math_total:.0f} ms on math/reference ({math_linear / math_total:.0%}) and {auto_linear:.0f} of "
+             f"{auto_total:.0f} ms on auto ({math_linear / auto_linear:.2f}x faster); the other ops "
+             f"{math_total - math_linear:.0f} vs {auto_total - auto_linear:.0f} ms "
+             f"({(math_total - math_linear) / (auto_total - auto_linear):.2f}x)")
 
 
 def run(ctx) -> list[dict]:

@@ -46,6 +46,7 @@ def _devices() -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from softvq_fast.dispatch import registered_ops
     from softvq_fast.ops.attention import CPU_ORDER_RULES
+    from softvq_fast.ops.linear import ONEDNN_FIRST_CPU, ONEDNN_MIN_MACS
 
     for key, value in _versions():
         print(f"{key:<12} {value}")
@@ -61,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
             reason = backend.unavailable_reason()
             print(f"    {backend.name:<12} {'available' if reason is None else 'unavailable: ' + reason}")
     print(f"attention auto order on this CPU: the rules for CPUs {CPU_ORDER_RULES.cpu}")
+    if ONEDNN_FIRST_CPU:
+        print(f"linear auto order on this CPU: onednn first from 2^{ONEDNN_MIN_MACS.bit_length() - 1} multiply-adds "
+              "(AVX-512, not an Intel CPU: MKL's float32 GEMM runs AVX2 code here)")
+    else:
+        print("linear auto order on this CPU: torch first")
     return 0
 
 

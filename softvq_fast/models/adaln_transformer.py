@@ -19,6 +19,7 @@ from torch import nn
 
 from softvq_fast.models.checkpoint import CONFIG_NAME, CheckpointError, check_keys, read_state_dict
 from softvq_fast.models.positions import sincos_1d, sincos_2d
+from softvq_fast.nn.linear import Linear, set_linear_backend
 from softvq_fast.nn.transformer import Attention, Mlp
 from softvq_fast.ops.layernorm_modulate import layernorm_modulate
 
@@ -47,7 +48,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(FREQUENCY_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(Linear(FREQUENCY_DIM, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
@@ -91,7 +92,7 @@ class AdaLNBlock(nn.Module):
         self.norm_backend = "auto"
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), approximate="tanh")
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
@@ -107,8 +108,8 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
         super().__init__()
         self.norm_backend = "auto"
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
@@ -156,7 +157,7 @@ class AdaLNTransformer(nn.Module):
         # The authors' 1-D models embed each token linearly whatever patch_size the config says.
         self.patch_size = 1 if vae_1d else patch_size
         if vae_1d:
-            self.x_embedder: nn.Module = nn.Linear(in_channels, hidden_size)
+            self.x_embedder: nn.Module = Linear(in_channels, hidden_size)
             num_tokens = input_size
         else:
             if input_size % patch_size:
@@ -215,8 +216,11 @@ class AdaLNTransformer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def set_backends(self, *, attention: str | None = None, layernorm_modulate: str | None = None) -> "AdaLNTransformer":
-        """Choose the attention and fused LayerNorm-modulate backends of every block ("auto" by default)."""
+    def set_backends(
+        self, *, attention: str | None = None, layernorm_modulate: str | None = None, linear: str | None = None
+    ) -> "AdaLNTransformer":
+        """Choose the attention, fused LayerNorm-modulate and linear-layer backends of every block
+        ("auto" by default)."""
         for block in self.blocks:
             if attention is not None:
                 block.attn.backend = attention
@@ -224,6 +228,8 @@ class AdaLNTransformer(nn.Module):
                 block.norm_backend = layernorm_modulate
         if layernorm_modulate is not None:
             self.final_layer.norm_backend = layernorm_modulate
+        if linear is not None:
+            set_linear_backend(self, linear)
         return self
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:

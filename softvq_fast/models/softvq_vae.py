@@ -24,6 +24,7 @@ from torch import nn
 from softvq_fast.models import checkpoint
 from softvq_fast.models.config import SoftVQConfig, preset_config, vit_spec
 from softvq_fast.models.vit import LatentDecoder, LatentEncoder
+from softvq_fast.nn.linear import Linear, set_linear_backend
 from softvq_fast.nn.soft_vq import SoftVectorQuantizer
 from softvq_fast.nn.transformer import Attention
 from softvq_fast.ops.soft_vq import soft_vq
@@ -35,11 +36,12 @@ class SoftVQVAE(nn.Module):
     """The SoftVQ-VAE tokenizer. Build with `from_pretrained(folder)` (release layout) or
     `from_preset(name)` (random weights of a released size, see `softvq_fast.models.PRESETS`).
 
-    `attention_backend` / `soft_vq_backend` are the op backends ("auto" picks the fastest that
-    runs the inputs); `set_backends` changes them later.
+    `attention_backend` / `soft_vq_backend` / `linear_backend` are the op backends ("auto" picks
+    the fastest that runs the inputs); `set_backends` changes them later.
     """
 
-    def __init__(self, config: SoftVQConfig, *, attention_backend: str = "auto", soft_vq_backend: str = "auto") -> None:
+    def __init__(self, config: SoftVQConfig, *, attention_backend: str = "auto", soft_vq_backend: str = "auto",
+                 linear_backend: str = "auto") -> None:
         super().__init__()
         config.validate()
         self.config = config
@@ -49,18 +51,19 @@ class SoftVQVAE(nn.Module):
             enc, config.encoder_depth or enc.depth, config.image_size, config.enc_patch_size,
             config.num_latent_tokens, config.base_image_size, attention_backend=attention_backend, **rope,
         )
-        self.quant_conv = nn.Linear(enc.width, config.codebook_embed_dim)
+        self.quant_conv = Linear(enc.width, config.codebook_embed_dim)
         # The usage buffer is training-only (ignored when loading), hence show_usage=False.
         self.quantize = SoftVectorQuantizer(
             config.codebook_size, config.codebook_embed_dim, config.entropy_loss_ratio, config.tau,
             config.num_codebooks, config.codebook_l2_norm, show_usage=False, backend=soft_vq_backend,
         )
-        self.post_quant_conv = nn.Linear(config.codebook_embed_dim, dec.width)
+        self.post_quant_conv = Linear(config.codebook_embed_dim, dec.width)
         self.decoder = LatentDecoder(
             dec, config.decoder_depth or dec.depth, config.image_size, config.dec_patch_size,
             config.num_latent_tokens, config.base_image_size, config.dec_cls_token, config.use_ape,
             attention_backend=attention_backend, **rope,
         )
+        set_linear_backend(self, linear_backend)
         self.load_report: checkpoint.LoadReport | None = None
         self.eval()
 
@@ -80,6 +83,7 @@ class SoftVQVAE(nn.Module):
         dtype: torch.dtype = torch.float32,
         attention_backend: str = "auto",
         soft_vq_backend: str = "auto",
+        linear_backend: str = "auto",
     ) -> "SoftVQVAE":
         """Load a release folder (`config.json` + `model.safetensors` or `pytorch_model.bin`).
 
@@ -93,7 +97,8 @@ class SoftVQVAE(nn.Module):
         config.encoder_depth = checkpoint.block_count(state, "encoder.model.blocks.")
         config.decoder_depth = checkpoint.block_count(state, "decoder.model.blocks.")
         with torch.device("meta"):
-            model = cls(config, attention_backend=attention_backend, soft_vq_backend=soft_vq_backend)
+            model = cls(config, attention_backend=attention_backend, soft_vq_backend=soft_vq_backend,
+                        linear_backend=linear_backend)
         checkpoint.check_keys(model.state_dict(), state, source)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
         model.load_report = checkpoint.LoadReport(ignored=ignored, weights_file=str(source))
@@ -105,14 +110,16 @@ class SoftVQVAE(nn.Module):
         """Write `config.json` + `model.safetensors` in the release layout."""
         checkpoint.write_release(Path(path), self.config, self.state_dict())
 
-    def set_backends(self, *, attention: str | None = None, soft_vq: str | None = None) -> None:
-        """Switch the attention and/or soft-VQ backend of every layer."""
+    def set_backends(self, *, attention: str | None = None, soft_vq: str | None = None, linear: str | None = None) -> None:
+        """Switch the attention, soft-VQ and/or linear-layer backend of every layer."""
         if attention is not None:
             for module in self.modules():
                 if isinstance(module, Attention):
                     module.backend = attention
         if soft_vq is not None:
             self.quantize.backend = soft_vq
+        if linear is not None:
+            set_linear_backend(self, linear)
 
     # ------------------------------------------------------------------------------------ API
     def encode(self, images: torch.Tensor, *, max_batch: int | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -16,7 +16,9 @@ from torch.nn import functional as F
 
 from softvq_fast.models import rope
 from softvq_fast.models.config import ViTSpec
+from softvq_fast.nn.linear import Linear
 from softvq_fast.nn.transformer import Attention, Mlp
+from softvq_fast.ops.linear import linear
 
 LAYER_NORM_EPS = 1e-6
 LAYER_SCALE_INIT = 1e-5
@@ -36,8 +38,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim // 2, dim)
+        self.fc1 = Linear(dim, hidden_dim)
+        self.fc2 = Linear(hidden_dim // 2, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
@@ -73,18 +75,19 @@ class PatchEmbed(nn.Module):
 
     `proj` is the checkpoint's Conv2d; it is applied as one matmul over the flattened patches
     (the same sums), which follows torch's matmul precision settings rather than cuDNN's TF32
-    default for convolutions."""
+    default for convolutions. `linear_backend` is that matmul's `softvq_fast.ops.linear` backend."""
 
     def __init__(self, patch_size: int, dim: int) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.linear_backend = "auto"
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, c, h, w = images.shape
         p = self.patch_size
         patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
-        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+        return linear(patches, self.proj.weight.flatten(1), self.proj.bias, backend=self.linear_backend)
 
 
 class Backbone(nn.Module):
@@ -183,7 +186,7 @@ class ToPixel(nn.Module):
     def __init__(self, dim: int, patch_size: int) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.model = nn.Linear(dim, 3 * patch_size * patch_size)
+        self.model = Linear(dim, 3 * patch_size * patch_size)
 
     def forward(self, x: torch.Tensor, grid: int) -> torch.Tensor:
         p = self.patch_size

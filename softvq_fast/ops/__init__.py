@@ -2,3 +2,4 @@
 from softvq_fast.ops import attention as _attention  # noqa: F401  (registers its backends)
 from softvq_fast.ops import soft_vq as _soft_vq  # noqa: F401  (registers its backends)
 from softvq_fast.ops import layernorm_modulate as _layernorm_modulate  # noqa: F401  (registers its backends)
+from softvq_fast.ops import linear as _linear  # noqa: F401  (registers its backends)
