@@ -21,7 +21,7 @@ import torch
 
 from bench.measure import device_name
 
-SUITES = ("softvq", "tokenizer", "claims", "attention")
+SUITES = ("softvq", "tokenizer", "claims", "attention", "linear")
 RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 

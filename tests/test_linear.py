@@ -13,7 +13,7 @@ import softvq_fast.ops.linear as linear_op
 from softvq_fast.dispatch import NoBackendError
 from softvq_fast.nn import Linear
 from softvq_fast.nn.linear import set_linear_backend
-from softvq_fast.ops.linear import linear
+from softvq_fast.ops.linear import linear, select_backend
 
 ONEDNN = torch.backends.mkldnn.is_available()
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
@@ -101,6 +101,7 @@ def test_auto_order(monkeypatch):
     monkeypatch.setattr(linear_op, "ONEDNN_FIRST_CPU", True)
     large = _inputs((2, 289, 768), 768)  # the tokenizer's attention projection at batch 2
     with torch.no_grad():
+        assert select_backend(*large).name == "onednn"
         linear(*large)
         assert recorder.calls == 1
         linear(*_inputs((2, 768), 768))  # below ONEDNN_MIN_MACS: torch
@@ -198,3 +199,18 @@ def test_cpu_rule_reads_the_vendor(monkeypatch):
     monkeypatch.setattr(linear_op, "open", cpuinfo("AuthenticAMD"), raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not linear_op._cpu_prefers_onednn()
+
+
+def test_benchmark_suite_rows(monkeypatch, tmp_path):
+    from bench.harness import Context
+    from bench.suites import linear as suite
+
+    monkeypatch.setattr(suite, "QUICK", [("big", 64, 128, 256, "gelu"), ("small", 2, 16, 8, "none")])
+    monkeypatch.setattr(linear_op, "ONEDNN_FIRST_CPU", True)
+    monkeypatch.delenv("SOFTVQ_FAST_LINEAR", raising=False)
+    rows = suite.run(Context(device=torch.device("cpu"), quick=True, out_dir=str(tmp_path)))
+    backends = ["onednn", "torch"] if ONEDNN else ["torch"]
+    assert [(r["case"], r["backend"]) for r in rows] == [(case, b) for case in ("big", "small") for b in backends]
+    assert [r["auto"] for r in rows] == ["onednn" if ONEDNN else "torch"] * len(backends) + ["torch"] * len(backends)
+    assert all(r["median_ms"] > 0 and r["gflop_s"] > 0 for r in rows)
+    assert suite.run(Context(device=torch.device("cuda"), quick=True, out_dir=str(tmp_path))) == []

@@ -1,12 +1,12 @@
 """Linear layers, y = activation(x·Wᵀ + b), with backend dispatch.
 
-Why an op of our own: on the CPU, torch's float32 `nn.Linear` runs MKL's sgemm, and on CPUs not
-made by Intel MKL runs its AVX2 code even where AVX-512 is there. oneDNN, which torch also
-carries, picks its kernels by instruction set. Measured on an AMD EPYC (Zen 4, AVX-512, 2
-threads, torch 2.14.1 with MKL 2024.2), float32, oneDNN's time against MKL's: 1.3-2.4x faster
-from 2^21 multiply-adds (the tokenizer's and the generators' layers: 1.7-2.4x), 0.2-1.0x below
-about 2^20 or with 16 input features (oneDNN sets up each call in about 15 us). With both held to
-AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2) the two are level (0.87-1.39x), so
+Why an op of our own: on the CPU, torch's float32 `nn.Linear` runs MKL's sgemm, which on CPUs not
+made by Intel leaves AVX-512 unused: on an AMD EPYC (Zen 4, AVX-512, 2 threads, torch 2.14.1 with
+MKL 2024.2) it ran at the same 160-175 GFLOP/s with and without MKL_ENABLE_INSTRUCTIONS=AVX2.
+oneDNN, which torch also carries, picks its kernels by instruction set. There, float32, oneDNN
+against MKL: 1.3-2.4x faster from 2^21 multiply-adds (the tokenizer's and the generators' layers:
+1.7-2.4x), 0.2-1.0x below about 2^20 or with 16 input features (oneDNN sets up each call in about
+15 us). With both held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 too) the two are level (0.87-1.39x), so
 the gain is AVX-512.
 
 Backends (the `backend` argument or `SOFTVQ_FAST_LINEAR` overrides `auto`):
@@ -20,14 +20,14 @@ features; torch first everywhere else (Intel CPUs: not measured; CUDA: cuBLAS).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from softvq_fast.dispatch import AUTO, Backend, OpBackends, register_op
 
-__all__ = ["linear", "LINEAR_BACKENDS", "ACTIVATIONS"]
+__all__ = ["linear", "select_backend", "LINEAR_BACKENDS", "ACTIVATIONS"]
 
 # activation -> (oneDNN post-op, its algorithm); GELU's approximate="none" is the erf form.
 ACTIVATIONS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
@@ -103,8 +103,9 @@ ONEDNN_FIRST = register_op(OpBackends(
 TORCH_FIRST = OpBackends("linear", LINEAR_BACKENDS, "SOFTVQ_FAST_LINEAR", lambda device_type: ("torch", "onednn"))
 
 
+# typing.Optional: the form torch's schema inference keys its table of argument types by.
 @torch.library.custom_op("softvq_fast::linear_onednn", mutates_args=())
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
     post_op, algorithm = ACTIVATIONS[activation]
     return torch.ops.mkldnn._linear_pointwise(x, weight.contiguous(), bias, post_op, [], algorithm)
 
@@ -128,6 +129,23 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
         raise ValueError(f"linear: bias must be (out_features,) = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
 
 
+def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   backend: str = AUTO) -> Backend:
+    """The backend `linear` runs these inputs on (`backend`, else SOFTVQ_FAST_LINEAR, else the
+    automatic order); raises NoBackendError with the reasons where the choice cannot run them."""
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    out_features, in_features = weight.shape
+    macs = x.numel() * out_features
+    inputs = LinearInputs(
+        x.device, x.dtype, weight.dtype, needs_grad,
+        x.device.type == "cpu" and torch.is_autocast_enabled("cpu"), macs, in_features,
+    )
+    large = macs >= ONEDNN_MIN_MACS and in_features >= ONEDNN_MIN_IN_FEATURES
+    return (ONEDNN_FIRST if large else TORCH_FIRST).select(inputs, backend)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -141,24 +159,13 @@ def linear(
     "gelu_tanh". Differentiable (inputs that need a gradient run on `torch`). See the module
     docstring for the backends and the automatic order."""
     _check(x, weight, bias, activation)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    out_features, in_features = weight.shape
-    macs = x.numel() * out_features
-    inputs = LinearInputs(
-        x.device, x.dtype, weight.dtype, needs_grad,
-        x.device.type == "cpu" and torch.is_autocast_enabled("cpu"), macs, in_features,
-    )
-    large = macs >= ONEDNN_MIN_MACS and in_features >= ONEDNN_MIN_IN_FEATURES
-    chosen = (ONEDNN_FIRST if large else TORCH_FIRST).select(inputs, backend)
-    if chosen.name == "onednn":
+    if select_backend(x, weight, bias, backend=backend).name == "onednn":
         return _onednn_linear(x, weight, bias, activation)
     y = F.linear(x, weight, bias)
     if activation == "none":
         return y
     approximate = "tanh" if activation == "gelu_tanh" else "none"
-    if needs_grad:
+    if torch.is_grad_enabled() and y.requires_grad:
         return F.gelu(y, approximate=approximate)
     # No autograd: GELU in place, so the layer's output is not allocated (and first touched) twice.
     return torch.ops.aten.gelu_(y, approximate=approximate)

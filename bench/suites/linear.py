@@ -1,0 +1,71 @@
+"""Linear layers on the CPU: `softvq_fast.ops.linear`'s oneDNN backend against torch's (MKL), float32,
+forward without autograd, at the layer shapes of the tokenizer and the generators, and which one
+`auto` takes.
+
+Shapes (rows M = batch x tokens): SoftVQ-B tokenizer at 256 px, batch 2 (578 rows: 256 patches +
+class + 32 latents, twice); SiT-S/1 on 64 tokens, batch 1 with CFG (128 rows), and its per-sample
+layers (2 rows: adaLN modulation, timestep MLP) and 32-channel token embedder; full mode adds
+SiT-XL/1 at the same batch. Backends are timed in alternation over a few rounds (median of the
+round medians). On CUDA there is nothing to compare (oneDNN is CPU-only; `auto` is torch).
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from bench.measure import time_round_robin
+from softvq_fast.ops.linear import LINEAR_BACKENDS, linear, select_backend
+
+TITLE = "Linear layers (oneDNN vs torch/MKL, float32, CPU)"
+
+# (case, rows, in_features, out_features, activation)
+QUICK = [
+    ("softvq-b-32 qkv", 578, 768, 2304, "none"),
+    ("softvq-b-32 proj", 578, 768, 768, "none"),
+    ("softvq-b-32 fc1+gelu", 578, 768, 3072, "gelu"),
+    ("softvq-b-32 fc2", 578, 3072, 768, "none"),
+    ("SiT-S qkv", 128, 384, 1152, "none"),
+    ("SiT-S fc1+gelu_tanh", 128, 384, 1536, "gelu_tanh"),
+    ("SiT-S fc2", 128, 1536, 384, "none"),
+    ("SiT-S adaLN", 2, 384, 2304, "none"),
+    ("SiT-S t_embedder", 2, 256, 384, "none"),
+    ("SiT-S x_embedder", 128, 32, 384, "none"),
+]
+FULL = QUICK + [
+    ("SiT-XL qkv", 128, 1152, 3456, "none"),
+    ("SiT-XL fc1+gelu_tanh", 128, 1152, 4608, "gelu_tanh"),
+    ("SiT-XL fc2", 128, 4608, 1152, "none"),
+    ("SiT-XL adaLN", 2, 1152, 6912, "none"),
+]
+
+
+def run(ctx) -> list[dict]:
+    if ctx.device.type != "cpu":
+        ctx.note("oneDNN is CPU-only: on CUDA the linear layers run on torch (cuBLAS); nothing to compare.")
+        return []
+    rows = []
+    rounds = 5
+    backends = [b.name for b in LINEAR_BACKENDS if b.unavailable_reason() is None]
+    with torch.no_grad():
+        for case, m, k, n, activation in QUICK if ctx.quick else FULL:
+            x = torch.randn(m, k)
+            weight, bias = torch.randn(n, k) / k**0.5, torch.randn(n)
+            calls = {name: (lambda name=name: linear(x, weight, bias, activation=activation, backend=name))
+                     for name in backends}
+            auto_backend = select_backend(x, weight, bias).name
+            samples = time_round_robin(calls, ctx.device, rounds=rounds, repeats=20, warmup=3, max_seconds=0.5,
+                                       uncounted_rounds=1)
+            medians = {name: statistics.median(values) for name, values in samples.items()}
+            for name in backends:
+                rows.append({
+                    "case": case, "M": m, "K": k, "N": n, "activation": activation, "backend": name,
+                    "median_ms": medians[name],
+                    "gflop_s": 2 * m * k * n / medians[name] / 1e6,
+                    "torch_ms / ms": medians["torch"] / medians[name],
+                    "auto": auto_backend,
+                })
+            ctx.progress(rows)
+    ctx.note(f"medians of {rounds} alternating rounds of up to 20 calls after an uncounted one; "
+             "'torch_ms / ms' > 1 means faster than torch's nn.Linear; 'auto' is the backend auto took.")
+    return rows
