@@ -2,12 +2,13 @@
 
 Why an op of our own: on the CPU, torch's float32 `nn.Linear` runs MKL's sgemm, which on CPUs not
 made by Intel leaves AVX-512 unused: on an AMD EPYC (Zen 4, AVX-512, 2 threads, torch 2.14.1 with
-MKL 2024.2) it ran at the same 160-175 GFLOP/s with and without MKL_ENABLE_INSTRUCTIONS=AVX2.
+MKL 2024.2) it ran at the same 150-177 GFLOP/s with and without MKL_ENABLE_INSTRUCTIONS=AVX2.
 oneDNN, which torch also carries, picks its kernels by instruction set. There, float32, oneDNN
-against MKL: 1.3-2.4x faster from 2^21 multiply-adds (the tokenizer's and the generators' layers:
-1.7-2.4x), 0.2-1.0x below about 2^20 or with 16 input features (oneDNN sets up each call in about
-15 us). With both held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 too) the two are level (0.87-1.39x), so
-the gain is AVX-512.
+against MKL (`python -m bench --suite linear`, bench/RESULTS.md): 1.6-2.2x faster at the
+tokenizer's and the generators' layer shapes, 0.5-1.1x for the per-sample layers (2 rows) and a
+32-feature embedder: oneDNN sets up each call in about 15 us. A sweep of shapes there put the
+break-even near 2^20-2^21 multiply-adds (1.3-2.4x above 2^21), hence ONEDNN_MIN_MACS. With both
+held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 too) the two were level (0.87-1.39x): the gain is AVX-512.
 
 Backends (the `backend` argument or `SOFTVQ_FAST_LINEAR` overrides `auto`):
   onednn  torch.ops.mkldnn._linear_pointwise with the activation in its epilogue: CPU, float32,
