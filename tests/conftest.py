@@ -67,3 +67,33 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     diff = torch.nan_to_num(out64 - ref64, nan=0.0)
     denom = torch.linalg.vector_norm(torch.nan_to_num(ref64, nan=0.0))
     return float(torch.linalg.vector_norm(diff) / denom.clamp_min(1e-300))
+
+
+class OneDNNCalls:
+    """The weights (by data pointer) that went through the oneDNN linear op, in order."""
+
+    def __init__(self) -> None:
+        self.weights: list[int] = []
+
+    def expect_every_linear_of(self, model: torch.nn.Module, *extra_weights: torch.Tensor) -> None:
+        """Every softvq_fast.nn.Linear of `model` (and `extra_weights`) ran on oneDNN."""
+        from softvq_fast.nn import Linear
+
+        expected = {m.weight.data_ptr() for m in model.modules() if isinstance(m, Linear)}
+        expected |= {w.data_ptr() for w in extra_weights}
+        assert expected and set(self.weights) == expected
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch) -> OneDNNCalls:
+    """Records the calls of the oneDNN linear op (softvq_fast.ops.linear._onednn_linear)."""
+    import softvq_fast.ops.linear as linear_op
+
+    calls, original = OneDNNCalls(), linear_op._onednn_linear
+
+    def record(x, weight, bias, activation):
+        calls.weights.append(weight.data_ptr())
+        return original(x, weight, bias, activation)
+
+    monkeypatch.setattr(linear_op, "_onednn_linear", record)
+    return calls

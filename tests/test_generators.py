@@ -31,13 +31,15 @@ def _vectors(reference_dir, name):
     "torch", pytest.param("onednn", marks=pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")),
 ])
 @pytest.mark.parametrize("cls, name", [(SiT, "sit_tiny"), (DiT, "dit_tiny")])
-def test_conformance_vectors(reference_dir, cls, name, linear):
+def test_conformance_vectors(reference_dir, cls, name, linear, onednn_calls):
     directory, expected = _vectors(reference_dir, name)
     model = cls.from_pretrained(directory).set_backends(linear=linear)
     with torch.no_grad():
         out = model(expected["x"], expected["t"], expected["y"])
     assert out.shape == expected["output"].shape
     assert rel_err(out, expected["output"]) <= 1e-5
+    if linear == "onednn":
+        onednn_calls.expect_every_linear_of(model)
 
 
 def test_conformance_with_the_fused_triton_layernorm(reference_dir):

@@ -38,7 +38,7 @@ ONEDNN = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="to
 @pytest.mark.parametrize("backends", [
     ("auto", "auto", "auto"), pytest.param(("auto", "auto", "onednn"), marks=ONEDNN), ("math", "reference", "torch"),
 ])
-def test_conformance_vectors(reference, backends):
+def test_conformance_vectors(reference, backends, onednn_calls):
     model, expected = reference
     model.set_backends(attention=backends[0], soft_vq=backends[1], linear=backends[2])
     with torch.no_grad():
@@ -46,6 +46,8 @@ def test_conformance_vectors(reference, backends):
         assert rel_err(latents, expected["latents"]) <= 1e-5
         assert rel_err(model.decode(expected["latents"]), expected["reconstruction"]) <= 1e-5
         assert rel_err(model(expected["images"]), expected["reconstruction"]) <= 1e-5
+    if backends[2] == "onednn":  # every linear layer, the encoder's patch embedding too
+        onednn_calls.expect_every_linear_of(model, model.encoder.model.patch_embed.proj.weight)
     model.set_backends(attention="auto", soft_vq="auto", linear="auto")
 
 

@@ -2,10 +2,10 @@
 forward without autograd, at the layer shapes of the tokenizer and the generators, and which one
 `auto` takes.
 
-Shapes (rows M = batch x tokens): SoftVQ-B tokenizer at 256 px, batch 2 (578 rows: 256 patches +
-class + 32 latents, twice); SiT-S/1 on 64 tokens, batch 1 with CFG (128 rows), and its per-sample
-layers (2 rows: adaLN modulation, timestep MLP) and 32-channel token embedder; full mode adds
-SiT-XL/1 at the same batch. Backends are timed in alternation over a few rounds (median of the
+Shapes (rows M = batch x tokens), the same in quick and full mode: SoftVQ-B tokenizer at 256 px,
+batch 2 (578 rows: 256 patches + class + 32 latents, twice); SiT-S/1 and SiT-XL/1 on 64 tokens,
+batch 1 with CFG (128 rows), and their per-sample layers (2 rows: adaLN modulation, timestep MLP)
+and 32-channel token embedder. Backends are timed in alternation over a few rounds (median of the
 round medians). On CUDA there is nothing to compare (oneDNN is CPU-only; `auto` is torch).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from softvq_fast.ops.linear import LINEAR_BACKENDS, linear, select_backend
 TITLE = "Linear layers (oneDNN vs torch/MKL, float32, CPU)"
 
 # (case, rows, in_features, out_features, activation)
-QUICK = [
+SHAPES = [
     ("softvq-b-32 qkv", 578, 768, 2304, "none"),
     ("softvq-b-32 proj", 578, 768, 768, "none"),
     ("softvq-b-32 fc1+gelu", 578, 768, 3072, "gelu"),
@@ -29,14 +29,13 @@ QUICK = [
     ("SiT-S fc1+gelu_tanh", 128, 384, 1536, "gelu_tanh"),
     ("SiT-S fc2", 128, 1536, 384, "none"),
     ("SiT-S adaLN", 2, 384, 2304, "none"),
-    ("SiT-S t_embedder", 2, 256, 384, "none"),
+    ("SiT-S t_embedder.mlp[0]", 2, 256, 384, "none"),
     ("SiT-S x_embedder", 128, 32, 384, "none"),
-]
-FULL = QUICK + [
     ("SiT-XL qkv", 128, 1152, 3456, "none"),
     ("SiT-XL fc1+gelu_tanh", 128, 1152, 4608, "gelu_tanh"),
     ("SiT-XL fc2", 128, 4608, 1152, "none"),
     ("SiT-XL adaLN", 2, 1152, 6912, "none"),
+    ("SiT-XL t_embedder.mlp[2]", 2, 1152, 1152, "none"),
 ]
 
 
@@ -48,7 +47,7 @@ def run(ctx) -> list[dict]:
     rounds = 5
     backends = [b.name for b in LINEAR_BACKENDS if b.unavailable_reason() is None]
     with torch.no_grad():
-        for case, m, k, n, activation in QUICK if ctx.quick else FULL:
+        for case, m, k, n, activation in SHAPES:
             x = torch.randn(m, k)
             weight, bias = torch.randn(n, k) / k**0.5, torch.randn(n)
             calls = {name: (lambda name=name: linear(x, weight, bias, activation=activation, backend=name))

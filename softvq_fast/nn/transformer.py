@@ -53,7 +53,7 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2 on the last dimension. `approximate` is GELU's ("none" or "tanh"); the
-    GELU runs fused into fc1 (`softvq_fast.ops.linear`)."""
+    GELU is fc1's activation (`softvq_fast.ops.linear`: fused where the backend allows)."""
 
     def __init__(self, dim: int, hidden_dim: int, approximate: str = "none") -> None:
         super().__init__()

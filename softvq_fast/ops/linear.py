@@ -2,18 +2,20 @@
 
 Why an op of our own: on the CPU, torch's float32 `nn.Linear` runs MKL's sgemm, which on CPUs not
 made by Intel leaves AVX-512 unused: on an AMD EPYC (Zen 4, AVX-512, 2 threads, torch 2.14.1 with
-MKL 2024.2) it ran at the same 150-177 GFLOP/s with and without MKL_ENABLE_INSTRUCTIONS=AVX2.
+MKL 2024.2) it ran as fast with MKL_ENABLE_INSTRUCTIONS=AVX2 as without (an exploratory timing).
 oneDNN, which torch also carries, picks its kernels by instruction set. There, float32, oneDNN
-against MKL (`python -m bench --suite linear`, bench/RESULTS.md): 1.6-2.2x faster at the
-tokenizer's and the generators' layer shapes, 0.5-1.1x for the per-sample layers (2 rows) and a
-32-feature embedder: oneDNN sets up each call in about 15 us. A sweep of shapes there put the
-break-even near 2^20-2^21 multiply-adds (1.3-2.4x above 2^21), hence ONEDNN_MIN_MACS. With both
-held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 too) the two were level (0.87-1.39x): the gain is AVX-512.
+against MKL: `python -m bench --suite linear` (bench/RESULTS.md) times both at the tokenizer's and
+the generators' layer shapes. An exploratory sweep outside the harness put the break-even near
+2^20-2^21 multiply-adds (oneDNN sets up each call in about 15 us), hence ONEDNN_MIN_MACS; with
+both held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 too) the two were level (0.87-1.39x): the gain is
+AVX-512.
 
 Backends (the `backend` argument or `SOFTVQ_FAST_LINEAR` overrides `auto`):
   onednn  torch.ops.mkldnn._linear_pointwise with the activation in its epilogue: CPU, float32,
-          forward only (inputs that need a gradient, or CPU autocast, go to `torch`)
-  torch   torch.nn.functional.linear, then the activation (in place when no gradient is needed)
+          forward only (inputs that need a gradient, forward-mode AD, torch.func transforms and
+          CPU autocast go to `torch`)
+  torch   torch.nn.functional.linear, then the activation (in place when no gradient is needed):
+          any device and dtype, as nn.Linear
 
 auto: on the CPU, onednn first where AVX-512 is there, the CPU is not Intel's and torch uses MKL
 (`ONEDNN_FIRST_CPU`, read once) for layers of at least 2^21 multiply-adds with 64 or more input
@@ -21,10 +23,12 @@ features; torch first everywhere else (Intel CPUs: not measured; CUDA: cuBLAS).
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from softvq_fast.dispatch import AUTO, Backend, OpBackends, register_op
 
@@ -32,7 +36,6 @@ __all__ = ["linear", "select_backend", "LINEAR_BACKENDS", "ACTIVATIONS"]
 
 # activation -> (oneDNN post-op, its algorithm); GELU's approximate="none" is the erf form.
 ACTIVATIONS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
-_FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
 # Below these, oneDNN's per-call set-up costs more than its faster kernel saves (module docstring).
 ONEDNN_MIN_MACS = 2**21
 ONEDNN_MIN_IN_FEATURES = 64
@@ -45,6 +48,7 @@ class LinearInputs(NamedTuple):
     dtype: torch.dtype
     weight_dtype: torch.dtype
     needs_grad: bool
+    transformed: bool  # inside forward-mode AD or a torch.func transform (vmap, grad, jvp)
     autocast: bool
     macs: int
     in_features: int
@@ -68,18 +72,25 @@ class OneDNNBackend(Backend):
             reasons.append(f"weight dtype {inputs.weight_dtype} differs from input dtype {inputs.dtype}")
         if inputs.needs_grad:
             reasons.append("an input needs a gradient (the oneDNN path is forward-only)")
+        if inputs.transformed:
+            reasons.append("forward-mode AD or a torch.func transform is active (the oneDNN op has no rules for them)")
         if inputs.autocast:
             reasons.append("CPU autocast is on (torch's linear computes in its lower precision)")
         return reasons
 
 
 class TorchBackend(Backend):
+    """F.linear: whatever nn.Linear runs (any device, dtype, autograd); torch raises its own errors."""
+
     name = "torch"
-    devices = frozenset({"cpu", "cuda"})
-    dtypes = _FLOATS
+
+    def not_supported_reasons(self, inputs: LinearInputs) -> list[str]:
+        return []
 
 
 LINEAR_BACKENDS: tuple[Backend, ...] = (OneDNNBackend(), TorchBackend())
+_TORCH = LINEAR_BACKENDS[1]
+ENV_VAR = "SOFTVQ_FAST_LINEAR"
 
 
 def _cpu_prefers_onednn() -> bool:
@@ -98,16 +109,18 @@ def _cpu_prefers_onednn() -> bool:
 ONEDNN_FIRST_CPU = _cpu_prefers_onednn()
 
 ONEDNN_FIRST = register_op(OpBackends(
-    "linear", LINEAR_BACKENDS, "SOFTVQ_FAST_LINEAR",
+    "linear", LINEAR_BACKENDS, ENV_VAR,
     lambda device_type: ("onednn", "torch") if device_type == "cpu" and ONEDNN_FIRST_CPU else ("torch", "onednn"),
 ))
-TORCH_FIRST = OpBackends("linear", LINEAR_BACKENDS, "SOFTVQ_FAST_LINEAR", lambda device_type: ("torch", "onednn"))
+TORCH_FIRST = OpBackends("linear", LINEAR_BACKENDS, ENV_VAR, lambda device_type: ("torch", "onednn"))
 
 
 # typing.Optional: the form torch's schema inference keys its table of argument types by.
 @torch.library.custom_op("softvq_fast::linear_onednn", mutates_args=())
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
     post_op, algorithm = ACTIVATIONS[activation]
+    # oneDNN reads weight and bias as dense (a strided bias, e.g. from torch.load, is misread).
+    bias = None if bias is None else bias.contiguous()
     return torch.ops.mkldnn._linear_pointwise(x, weight.contiguous(), bias, post_op, [], algorithm)
 
 
@@ -134,13 +147,16 @@ def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    backend: str = AUTO) -> Backend:
     """The backend `linear` runs these inputs on (`backend`, else SOFTVQ_FAST_LINEAR, else the
     automatic order); raises NoBackendError with the reasons where the choice cannot run them."""
+    if x.device.type != "cpu" and backend == AUTO and not os.environ.get(ENV_VAR):
+        return _TORCH  # what the order below gives off the CPU, without its per-call checks
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
+    transformed = forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
     out_features, in_features = weight.shape
     macs = x.numel() * out_features
     inputs = LinearInputs(
-        x.device, x.dtype, weight.dtype, needs_grad,
+        x.device, x.dtype, weight.dtype, needs_grad, transformed,
         x.device.type == "cpu" and torch.is_autocast_enabled("cpu"), macs, in_features,
     )
     large = macs >= ONEDNN_MIN_MACS and in_features >= ONEDNN_MIN_IN_FEATURES
