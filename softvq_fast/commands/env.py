@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"attention auto order on this CPU: the rules for CPUs {CPU_ORDER_RULES.cpu}")
     if ONEDNN_FIRST_CPU:
         print(f"linear auto order on this CPU: onednn first from 2^{ONEDNN_MIN_MACS.bit_length() - 1} multiply-adds "
-              "(AVX-512, not an Intel CPU: MKL's float32 GEMM runs AVX2 code here)")
+              "(AVX-512 on a CPU not made by Intel, where MKL's float32 GEMM leaves AVX-512 unused)")
     else:
         print("linear auto order on this CPU: torch first")
     return 0

@@ -5,11 +5,10 @@ made by Intel leaves AVX-512 unused: on an AMD EPYC (Zen 4, AVX-512, 2 threads, 
 MKL 2024.2) it ran as fast with MKL_ENABLE_INSTRUCTIONS=AVX2 as without (an exploratory timing).
 oneDNN, which torch also carries, picks its kernels by instruction set. There, float32, oneDNN
 against MKL (`python -m bench --suite linear`, bench/RESULTS.md): 1.5-2.7x faster at the
-tokenizer's and the generators' layer shapes, 0.4-0.9x for SiT-S's 2-row layers and its 32-feature
-embedder. An exploratory sweep outside the harness put the break-even near
-2^20-2^21 multiply-adds (oneDNN sets up each call in about 15 us), hence ONEDNN_MIN_MACS; with
-both held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 too) the two were level (0.87-1.39x): the gain is
-AVX-512.
+tokenizer's and the generators' layer shapes, 0.4-0.9x for SiT-S's 2-row layers and its
+32-feature embedder. An exploratory sweep outside the harness put the break-even near 2^20-2^21
+multiply-adds (oneDNN sets up each call in about 15 us), hence ONEDNN_MIN_MACS; with both held to
+AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 too) the two were level (0.87-1.39x): the gain is AVX-512.
 
 Backends (the `backend` argument or `SOFTVQ_FAST_LINEAR` overrides `auto`):
   onednn  torch.ops.mkldnn._linear_pointwise with the activation in its epilogue: CPU, float32,
