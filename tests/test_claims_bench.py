@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import needs_onednn
 
 from bench.harness import Context
 from bench.suites import claims
@@ -12,7 +13,7 @@ from softvq_fast.models import SiT, SoftVQVAE
 
 
 @pytest.mark.parametrize("linear", [
-    "torch", pytest.param("onednn", marks=pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")),
+    "torch", pytest.param("onednn", marks=needs_onednn),
 ])
 @pytest.mark.parametrize("tokens, patch, vae_1d", [(7, 1, True), (8, 2, False)])
 def test_generator_flop_model_matches_torch_flop_counter(tokens, patch, vae_1d, linear):

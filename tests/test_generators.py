@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from conftest import rel_err  # noqa: E402
+from conftest import needs_onednn, rel_err  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from softvq_fast.models import DiT, SiT  # noqa: E402
@@ -28,7 +28,7 @@ def _vectors(reference_dir, name):
 
 
 @pytest.mark.parametrize("linear", [
-    "torch", pytest.param("onednn", marks=pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")),
+    "torch", pytest.param("onednn", marks=needs_onednn),
 ])
 @pytest.mark.parametrize("cls, name", [(SiT, "sit_tiny"), (DiT, "dit_tiny")])
 def test_conformance_vectors(reference_dir, cls, name, linear, onednn_calls):

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import ONEDNN, needs_onednn, rel_err
 
 import softvq_fast.ops.linear as linear_op
 from softvq_fast.dispatch import NoBackendError
@@ -15,8 +15,6 @@ from softvq_fast.nn import Linear
 from softvq_fast.nn.linear import set_linear_backend
 from softvq_fast.ops.linear import linear, select_backend
 
-ONEDNN = torch.backends.mkldnn.is_available()
-needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
 
 REFERENCE_ACTIVATIONS = {
     "none": lambda y: y,

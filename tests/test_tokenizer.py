@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import needs_onednn, rel_err
 from safetensors.torch import load_file, save_file
 
 from softvq_fast.models import PRESETS, SoftVQConfig, SoftVQVAE
@@ -32,11 +32,8 @@ def reference(reference_dir):
     return model, load_file(str(reference_dir / TINY / "expected.safetensors"))
 
 
-ONEDNN = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-
-
 @pytest.mark.parametrize("backends", [
-    ("auto", "auto", "auto"), pytest.param(("auto", "auto", "onednn"), marks=ONEDNN), ("math", "reference", "torch"),
+    ("auto", "auto", "auto"), pytest.param(("auto", "auto", "onednn"), marks=needs_onednn), ("math", "reference", "torch"),
 ])
 def test_conformance_vectors(reference, backends, onednn_calls):
     model, expected = reference

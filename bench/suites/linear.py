@@ -44,7 +44,7 @@ def run(ctx) -> list[dict]:
         ctx.note("oneDNN is CPU-only: on CUDA the linear layers run on torch (cuBLAS); nothing to compare.")
         return []
     rows = []
-    rounds = 5
+    rounds, repeats = 5, 20
     backends = [b.name for b in LINEAR_BACKENDS if b.unavailable_reason() is None]
     with torch.no_grad():
         for case, m, k, n, activation in SHAPES:
@@ -53,7 +53,7 @@ def run(ctx) -> list[dict]:
             calls = {name: (lambda name=name: linear(x, weight, bias, activation=activation, backend=name))
                      for name in backends}
             auto_backend = select_backend(x, weight, bias).name
-            samples = time_round_robin(calls, ctx.device, rounds=rounds, repeats=20, warmup=3, max_seconds=0.5,
+            samples = time_round_robin(calls, ctx.device, rounds=rounds, repeats=repeats, warmup=3, max_seconds=0.5,
                                        uncounted_rounds=1)
             medians = {name: statistics.median(values) for name, values in samples.items()}
             for name in backends:
@@ -65,6 +65,6 @@ def run(ctx) -> list[dict]:
                     "auto": auto_backend,
                 })
             ctx.progress(rows)
-    ctx.note(f"medians of {rounds} alternating rounds of up to 20 calls after an uncounted one; "
+    ctx.note(f"medians of {rounds} alternating rounds of up to {repeats} calls after an uncounted one; "
              "'torch_ms / ms' > 1 means faster than torch's nn.Linear; 'auto' is the backend auto took.")
     return rows

@@ -33,13 +33,19 @@ CPU_ONLY_LABELS = frozenset({"auto, torch linear"})
 # (preset, batch); quick mode fits the 2-core CI CPU in well under two minutes.
 QUICK = [("softvq-b-32", 2), ("softvq-s-32-512", 1)]
 # full mode is sized for about 90 s on one H200
+FULL = [("softvq-s-32", 16), ("softvq-b-32", 16), ("softvq-b-64", 16), ("softvq-bl-64", 16), ("softvq-l-64", 16),
+        ("softvq-bl-64-512", 4), ("softvq-l-32-512", 4)]
 # The linear layers (patch embedding, qkv, proj, MLP, projections, pixel head): the same matrix
 # products on every backend set, through MKL (torch) or oneDNN; with the MLP's GELU, which oneDNN
 # runs inside its matrix product and torch after it.
 LINEAR_OPS = frozenset({"aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "aten::gelu", "aten::gelu_"})
 PROFILED_RUNS = 3
-FULL = [("softvq-s-32", 16), ("softvq-b-32", 16), ("softvq-b-64", 16), ("softvq-bl-64", 16), ("softvq-l-64", 16),
-        ("softvq-bl-64-512", 4), ("softvq-l-32-512", 4)]
+
+
+def _use(model: SoftVQVAE, choice: tuple[str, str, str]) -> None:
+    """Set a backend set, (attention, soft-VQ, linear)."""
+    attention, soft_vq, linear = choice
+    model.set_backends(attention=attention, soft_vq=soft_vq, linear=linear)
 
 
 def _precision(dtype: torch.dtype | None) -> str:
@@ -62,12 +68,8 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
     backends = {label: choice for label, choice in (QUICK_BACKENDS if ctx.quick else FULL_BACKENDS).items()
                 if device.type == "cpu" or label not in CPU_ONLY_LABELS}
 
-    def use(label: str) -> None:
-        attention, soft_vq, linear = backends[label]
-        model.set_backends(attention=attention, soft_vq=soft_vq, linear=linear)
-
     def run_with(label: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        use(label)
+        _use(model, backends[label])
         return fn()
 
     rows = []
@@ -80,7 +82,7 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
         for pass_name, fn in passes.items():
             outputs, peaks = {}, {}
             for label in backends:
-                use(label)
+                _use(model, backends[label])
                 try:
                     outputs[label] = fn()  # also the warm-up
                 except NoBackendError as exc:
@@ -104,7 +106,7 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
                 })
         if device.type == "cpu" and precision is None:
             _note_time_split(ctx, model, f"{name} {size}px b{batch}", images, backends)
-    model.set_backends(attention="auto", soft_vq="auto", linear="auto")
+    _use(model, backends["auto"])
     return rows
 
 
@@ -117,14 +119,13 @@ def _note_time_split(ctx, model: SoftVQVAE, case: str, images: torch.Tensor, bac
     shares: dict[str, tuple[float, float]] = {}
     for _ in range(PROFILED_RUNS):
         for label in ("auto", "math"):
-            attention, soft_vq, linear = backends[label]
-            model.set_backends(attention=attention, soft_vq=soft_vq, linear=linear)
+            _use(model, backends[label])
             split = cpu_op_share_ms(lambda: model.decode(model.encode(images)), LINEAR_OPS)
             if label not in shares or split[1] < shares[label][1]:
                 shares[label] = split
     (auto_linear, auto_total), (math_linear, math_total) = shares["auto"], shares["math"]
-    ctx.note(f"{case}, fp32, profiled encode+decode (least of {PROFILED_RUNS} runs each): the linear layers (matrix products, GELU) take {math_linear:.0f} of "
-             f"{math_total:.0f} ms on math/reference ({math_linear / math_total:.0%}) and {auto_linear:.0f} of "
+    ctx.note(f"{case}, fp32, profiled encode+decode (least of {PROFILED_RUNS} runs each): the linear layers "
+             f"(matrix products, GELU) take {math_linear:.0f} of {math_total:.0f} ms on math/reference ({math_linear / math_total:.0%}) and {auto_linear:.0f} of "
              f"{auto_total:.0f} ms on auto ({math_linear / auto_linear:.2f}x faster); the other ops "
              f"{math_total - math_linear:.0f} vs {auto_total - auto_linear:.0f} ms "
              f"({(math_total - math_linear) / (auto_total - auto_linear):.2f}x)")

@@ -34,7 +34,8 @@ from softvq_fast.dispatch import AUTO, Backend, OpBackends, register_op
 
 __all__ = ["linear", "select_backend", "LINEAR_BACKENDS", "ACTIVATIONS"]
 
-# activation -> (oneDNN post-op, its algorithm); GELU's approximate="none" is the erf form.
+# activation -> (oneDNN post-op, its algorithm); the algorithm is also F.gelu's `approximate`
+# ("none": the erf form).
 ACTIVATIONS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 # Below these, oneDNN's per-call set-up costs more than its faster kernel saves (module docstring).
 ONEDNN_MIN_MACS = 2**21
@@ -50,8 +51,6 @@ class LinearInputs(NamedTuple):
     needs_grad: bool
     transformed: bool  # inside forward-mode AD or a torch.func transform (vmap, grad, jvp)
     autocast: bool
-    macs: int
-    in_features: int
 
 
 # Read once: torch.compile does not trace into torch.backends' queries.
@@ -153,13 +152,12 @@ def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     transformed = forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
-    out_features, in_features = weight.shape
-    macs = x.numel() * out_features
     inputs = LinearInputs(
         x.device, x.dtype, weight.dtype, needs_grad, transformed,
-        x.device.type == "cpu" and torch.is_autocast_enabled("cpu"), macs, in_features,
+        x.device.type == "cpu" and torch.is_autocast_enabled("cpu"),
     )
-    large = macs >= ONEDNN_MIN_MACS and in_features >= ONEDNN_MIN_IN_FEATURES
+    out_features, in_features = weight.shape
+    large = x.numel() * out_features >= ONEDNN_MIN_MACS and in_features >= ONEDNN_MIN_IN_FEATURES
     return (ONEDNN_FIRST if large else TORCH_FIRST).select(inputs, backend)
 
 
@@ -181,8 +179,8 @@ def linear(
     y = F.linear(x, weight, bias)
     if activation == "none":
         return y
-    approximate = "tanh" if activation == "gelu_tanh" else "none"
-    if torch.is_grad_enabled() and y.requires_grad:
+    approximate = ACTIVATIONS[activation][1]
+    if y.requires_grad:
         return F.gelu(y, approximate=approximate)
     # No autograd: GELU in place, so the layer's output is not allocated (and first touched) twice.
     return torch.ops.aten.gelu_(y, approximate=approximate)

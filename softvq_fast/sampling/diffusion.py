@@ -11,7 +11,6 @@ between the posterior variance (v = -1) and beta (v = 1); without one the varian
 from __future__ import annotations
 
 import math
-
 from typing import Callable
 
 import torch
