@@ -80,3 +80,24 @@ def test_emulation_exposes_a_missing_syncthreads(emulated):
 def test_emulation_refuses_a_divergent_warp_collective(emulated):
     with pytest.raises(RuntimeError, match="deadlock"):
         emulated.probe("divergent_shuffle", 32, 0)
+
+
+def test_emulation_catches_a_write_past_the_launch_shared_memory(emulated):
+    with pytest.raises(RuntimeError, match="wrote past the 0 bytes of shared memory"):
+        emulated.probe("overflowing", 32, 0)
+
+
+def _padded_row(n: int) -> int:
+    return n + (8 if n % 16 == 0 else 16)
+
+
+@pytest.mark.parametrize("kv_len, head_dim", [(kv, d) for kv in (1, 17, 32, 64, 65, 100, 128) for d in (64, 72, 128)]
+                         + [(129, 64), (321, 64)])
+def test_launch_takes_the_shared_memory_its_keys_need(emulated, kv_len, head_dim):
+    """Up to 64 keys take shared memory for 64, not for the short kernel's 128 (21 KB instead of
+    41 KB at head dim 72: more blocks fit an SM); the tiled kernel takes 64-key tiles."""
+    q, k, v, _ = _qkv(2, 40, kv_len, 3, head_dim, torch.bfloat16)
+    grid, threads, smem = emulated.launch_plan(q, k, v)
+    keys = 64 if kv_len <= 64 or kv_len > 128 else 128
+    assert smem == 2 * (keys * _padded_row(head_dim) + head_dim * _padded_row(keys))
+    assert grid == [-(-40 // (threads // 2)), 3, 2]

@@ -6,7 +6,9 @@
 // One kernel template, two configurations (see plan_launch()):
 //   short: kv length <= 128, head dims 64/72/128. A thread block loads the whole key/value sequence
 //          into shared memory once and has one warp per 16 query rows, so a whole (short) sequence
-//          runs in one block; n-tiles past the real length are skipped.
+//          runs in one block; n-tiles past the real length are skipped. Instantiated for 64 and
+//          128 keys, so that up to 64 keys do not reserve shared memory for 128 (which would
+//          hold a 32-key sequence to 5 blocks an SM where its registers allow 8).
 //   tiled: any length, head dim 64. 64 query rows (4 warps) per block walk 64-key tiles.
 // Either way a warp holds the scores of 64 keys in registers at a time and keeps an online softmax
 // (running max and sum, rescaled output) across those chunks; with head dim <= 72 two blocks fit
@@ -159,13 +161,11 @@ __device__ void load_kv_tile(T* ks, T* vts, const T* k, const T* v, int64_t k_st
 
 // One block: query rows [blockIdx.x * 16 * warps, ...) of head blockIdx.y, batch blockIdx.z.
 // KEYS keys per shared-memory tile, processed in register chunks of kChunk keys. The tiled
-// configuration (KEYS == kTiledKeys, 4 warps) fetches the next tile into registers while it
-// computes on the current one.
-template <typename T, int D, int KEYS>
-__global__ void __launch_bounds__(KEYS == kTiledKeys ? 32 * kTiledWarps : 32 * kShortMaxWarps,
-                                  KEYS == kTiledKeys ? 3 : (D <= 72 ? 2 : 1))
+// configuration (STAGED, 4 warps) fetches the next tile into registers while it computes on the
+// current one.
+template <typename T, int D, int KEYS, bool STAGED>
+__global__ void __launch_bounds__(STAGED ? 32 * kTiledWarps : 32 * kShortMaxWarps, STAGED ? 3 : (D <= 72 ? 2 : 1))
     attention_forward_kernel(AttentionParams p) {
-  constexpr bool kStaged = KEYS == kTiledKeys;
   constexpr int kStagedChunks = KEYS * (D / 8) / (32 * kTiledWarps);
   constexpr int kSteps = (D + 15) / 16;  // k-steps of Q·Kᵀ (the last one is k = 8 when D % 16 == 8)
   constexpr int kKeyTiles = kChunk / 8;  // n-tiles of the scores held in registers
@@ -191,12 +191,12 @@ __global__ void __launch_bounds__(KEYS == kTiledKeys ? 32 * kTiledWarps : 32 * k
   for (int n = 0; n < kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;  // rows group, group + 8
 
-  KVChunks<T, D, KEYS, kStaged ? kStagedChunks : 1> next;
-  if constexpr (kStaged) next.fetch(k, v, p.k_stride[1], p.v_stride[1], 0, min(KEYS, kv_len), threadIdx.x);
+  KVChunks<T, D, KEYS, STAGED ? kStagedChunks : 1> next;
+  if constexpr (STAGED) next.fetch(k, v, p.k_stride[1], p.v_stride[1], 0, min(KEYS, kv_len), threadIdx.x);
   for (int key0 = 0; key0 < kv_len; key0 += KEYS) {
     const int tile_keys = min(KEYS, kv_len - key0);
     __syncthreads();  // the previous tile is consumed
-    if constexpr (kStaged) {
+    if constexpr (STAGED) {
       next.store(ks, vts, threadIdx.x);
       if (key0 + KEYS < kv_len)
         next.fetch(k, v, p.k_stride[1], p.v_stride[1], key0 + KEYS, min(KEYS, kv_len - key0 - KEYS), threadIdx.x);
@@ -317,12 +317,17 @@ struct LaunchPlan {
   int smem_bytes;
 };
 
-template <typename T, int D, int KEYS>
+template <typename T, int D, int KEYS, bool STAGED = false>
 LaunchPlan plan(const AttentionParams& p, int warps) {
   const int rows_per_block = 16 * warps;
-  return {attention_forward_kernel<T, D, KEYS>,
+  return {attention_forward_kernel<T, D, KEYS, STAGED>,
           dim3((p.q_len + rows_per_block - 1) / rows_per_block, p.heads, p.batch), 32 * warps,
           (KEYS * kRow<D> + D * kRow<KEYS>) * static_cast<int>(sizeof(T))};
+}
+
+template <typename T, int D>
+LaunchPlan short_plan(const AttentionParams& p, int warps) {
+  return p.kv_len <= kShortMaxKeys / 2 ? plan<T, D, kShortMaxKeys / 2>(p, warps) : plan<T, D, kShortMaxKeys>(p, warps);
 }
 
 template <typename T>
@@ -330,14 +335,14 @@ LaunchPlan plan_launch(const AttentionParams& p) {
   const int64_t d = p.head_dim;
   if (p.kv_len <= kShortMaxKeys && (d == 64 || d == 72 || d == 128)) {
     const int warps = static_cast<int>(std::min<int64_t>(kShortMaxWarps, (p.q_len + 15) / 16));
-    if (d == 64) return plan<T, 64, kShortMaxKeys>(p, warps);
-    if (d == 72) return plan<T, 72, kShortMaxKeys>(p, warps);
-    return plan<T, 128, kShortMaxKeys>(p, warps);
+    if (d == 64) return short_plan<T, 64>(p, warps);
+    if (d == 72) return short_plan<T, 72>(p, warps);
+    return short_plan<T, 128>(p, warps);
   }
   TORCH_CHECK(d == 64, "attention_fwd (cuda): head_dim must be 64, 72 or 128 for kv length <= ", kShortMaxKeys,
               " and 64 for longer sequences; got head_dim ", d, " with kv length ", p.kv_len);
   static_assert(kTiledKeys * (64 / 8) % (32 * kTiledWarps) == 0, "tiles split evenly over the threads");
-  return plan<T, 64, kTiledKeys>(p, kTiledWarps);
+  return plan<T, 64, kTiledKeys, true>(p, kTiledWarps);
 }
 
 bool rows_aligned(const at::Tensor& t) {

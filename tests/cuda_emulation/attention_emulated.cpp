@@ -103,10 +103,21 @@ __global__ void one_mma(MmaArgs m) {
 
 at::Tensor probe(const std::string& name, int64_t threads, int64_t seed) {
   at::Tensor out = at::full({threads}, -1.f);
-  const ProbeArgs args{out.data_ptr<float>(), name == "synced"};
+  const ProbeArgs args{out.data_ptr<float>(), name != "unsynced"};
   auto kernel = name == "divergent_shuffle" ? divergent_shuffle : shared_write_read;
-  simt::launch(kernel, dim3(1), static_cast<int>(threads), 4, args, static_cast<uint32_t>(seed), smem_raw);
+  const int shared_bytes = name == "overflowing" ? 0 : 4;  // shared_write_read writes 4 bytes
+  simt::launch(kernel, dim3(1), static_cast<int>(threads), shared_bytes, args, static_cast<uint32_t>(seed), smem_raw);
   return out;
+}
+
+// The launch attention_fwd makes for these inputs: (grid x, y, z), threads, shared memory bytes.
+std::tuple<std::vector<int64_t>, int64_t, int64_t> launch_plan(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                               const at::Tensor& v_in) {
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  const AttentionParams params = std::get<2>(prepare_cuda_attention(q, k, v, 1.0));
+  const LaunchPlan plan = q.scalar_type() == at::kBFloat16 ? plan_launch<__nv_bfloat16>(params)
+                                                           : plan_launch<__half>(params);
+  return {{plan.grid.x, plan.grid.y, plan.grid.z}, plan.threads, plan.smem_bytes};
 }
 
 at::Tensor emulated_mma(const at::Tensor& a, const at::Tensor& b) {
@@ -125,6 +136,7 @@ at::Tensor emulated_mma(const at::Tensor& a, const at::Tensor& b) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &softvq_fast::cuda::emulated_attention_fwd, "the CUDA attention forward, emulated");
   m.def("probe", &softvq_fast::cuda::probe, "run one of the emulation's check kernels (synced, unsynced, "
-        "divergent_shuffle) and return what each thread wrote");
+        "overflowing, divergent_shuffle) and return what each thread wrote");
+  m.def("launch_plan", &softvq_fast::cuda::launch_plan, "the launch attention_fwd makes for q, k, v");
   m.def("mma", &softvq_fast::cuda::emulated_mma, "one emulated mma.m16n8k16 (bf16) of a (16, 16) by b (16, 8)");
 }

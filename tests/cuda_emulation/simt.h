@@ -248,6 +248,11 @@ void launch(void (*kernel)(Args), dim3 grid, int threads, int shared_bytes, cons
         }
         active_block() = nullptr;
         if (!b.error.empty()) throw std::runtime_error(b.error);
+        // Past the launch's dynamic shared memory the poison must be intact: a GPU block writing
+        // there corrupts its neighbour's shared memory or faults.
+        if (std::any_of(shared + shared_bytes, shared + kSharedBytes, [](unsigned char c) { return c != 0xff; }))
+          throw std::runtime_error("block wrote past the " + std::to_string(shared_bytes) +
+                                   " bytes of shared memory it was launched with");
       }
 }
 
