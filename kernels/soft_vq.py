@@ -26,7 +26,7 @@ BLOCK_M = 64  # rows per program (row-major kernels), rows per step (code-major 
 BLOCK_K = 64  # codes per step (row-major kernels), codes per program (code-major kernels)
 # 8 warps: with 4, the compiled gradient kernels keep their tiles on the stack (local memory):
 # grad_z 7.0 KB a thread in float32 at D = 32, 0.8 KB in bf16 (sm_90, triton 3.8; tests/triton_aot.py
-# reports it).
+# reports it). _grad_z_config narrows grad_z's code blocks where 8 warps are not enough.
 NUM_WARPS = 8
 
 
@@ -224,6 +224,17 @@ def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
                 num_warps=NUM_WARPS)
 
 
+def _grad_z_config(config: dict, with_entropy: bool) -> dict:
+    """The grad-z kernel's blocks: `config` but at most 32 codes a block where its entropy terms
+    meet E on the CUDA cores (PRECISION "ieee", float32 products whatever the input dtype). With
+    64-code blocks the compiled kernel keeps tiles on the stack in half precision: 0.8-3.0 KB a
+    thread at D = 32 and 1.5-5.6 KB at D = 64 with triton 3.6 (sm_90, sm_80), 0.5 KB at D = 64 with
+    3.8; with 32-code blocks at most 64 bytes (tests/triton_aot.py)."""
+    if with_entropy and config["PRECISION"] == "ieee":
+        return dict(config, BLOCK_K=max(16, min(config["BLOCK_K"], BLOCK_K // 2)))
+    return config
+
+
 def forward(
     z: torch.Tensor, codebook: torch.Tensor, tau: float, entropy_temperature: float, with_stats: bool,
     with_entropy: bool, allow_tf32: bool,
@@ -274,7 +285,7 @@ def backward(
     with torch.cuda.device_of(z):
         _grad_z_kernel[(triton.cdiv(M, config["BLOCK_M"]), C)](
             grad_z_q, grad_row_entropy, grad_column_sum, z, codebook, z_q, row_stats, grad_z, M, K, D,
-            1.0 / tau, 1.0 / entropy_temperature, WITH_ENTROPY=with_entropy, **config,
+            1.0 / tau, 1.0 / entropy_temperature, WITH_ENTROPY=with_entropy, **_grad_z_config(config, with_entropy),
         )
         _grad_codebook_kernel[(triton.cdiv(K, config["BLOCK_K"]), C)](
             grad_z_q, z, codebook, row_stats, grad_codebook, M, K, D, 1.0 / tau, **config

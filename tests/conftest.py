@@ -1,4 +1,5 @@
-"""Shared test fixtures: reference data, CUDA skipping, relative-error helper."""
+"""Shared test fixtures: reference data, CUDA skipping, the Triton interpreter without a GPU,
+relative-error helper."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# Before any test module imports Triton (it reads this once): its kernels run in the interpreter
+# when there is no GPU, whichever test file runs first.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = ROOT.parent / "shared" / "reference"

@@ -10,16 +10,12 @@ import shutil
 import pytest
 import torch
 
-# Before the Triton kernels are first used: run them in the interpreter when there is no GPU.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from conftest import needs_onednn, rel_err
+from safetensors.torch import load_file
 
-from conftest import needs_onednn, rel_err  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from softvq_fast.models import DiT, SiT  # noqa: E402
-from softvq_fast.models.checkpoint import CheckpointError  # noqa: E402
-from softvq_fast.models.positions import sincos_1d, sincos_2d  # noqa: E402
+from softvq_fast.models import DiT, SiT
+from softvq_fast.models.checkpoint import CheckpointError
+from softvq_fast.models.positions import sincos_1d, sincos_2d
 
 
 def _vectors(reference_dir, name):

@@ -2,14 +2,8 @@
 interpreter on the CPU (tiny shapes) and compiled on CUDA."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-# Before the Triton kernels are first used: run them in the interpreter when there is no GPU.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 

@@ -2,14 +2,8 @@
 every loop and mask runs), compiled on CUDA at real shapes (the GPU check)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-# Before the Triton kernels are first imported: run them in the interpreter when there is no GPU.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 

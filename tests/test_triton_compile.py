@@ -1,7 +1,8 @@
 """Every Triton kernel compiles for sm_80 and sm_90 (ahead of time, no GPU needed) with the block
 sizes our launchers choose, fits the shared memory of an A100 / H100-H200, and at the released
-models' codebook dims (D <= 64) keeps its tiles in registers (a stack of at most 1 KB a thread,
-where 4 warps had up to 7 KB). The interpreter tests check the arithmetic; this checks what only
+models' codebook dims (D <= 64) keeps its tiles in registers (a stack of at most 128 bytes a
+thread, where 4 warps had up to 7 KB, and 64-code blocks in the entropy gradient up to 5.6 KB
+with triton 3.6). The interpreter tests check the arithmetic; this checks what only
 a GPU compile sees (tl.dot layouts, bf16 paths, register and shared-memory budgets) before a GPU
 ever runs it."""
 from __future__ import annotations
@@ -21,7 +22,7 @@ from triton_aot import GPUS, LAYERNORM_DIMS, SOFT_VQ_CASES  # noqa: E402
 CASES = [f"soft_vq-{case}" for case in SOFT_VQ_CASES] + [f"layernorm_modulate-D{dim}" for dim in LAYERNORM_DIMS]
 
 
-MAX_STACK_BYTES = 1024
+MAX_STACK_BYTES = 128
 # Kernels allowed more stack: float32 without TF32 (CUDA-core products) at D >= 128.
 SPILLING_CASES = ("soft_vq-fp32-D128", "soft_vq-fp32-D256")
 

@@ -75,8 +75,8 @@ def main() -> dict:
             kernels = {"forward": (sv._forward_kernel, dict(config, WITH_STATS=True, WITH_ENTROPY=True)),
                        "forward-plain": (sv._forward_kernel, dict(config, WITH_STATS=False, WITH_ENTROPY=False)),
                        "column_sum": (sv._column_sum_kernel, config),
-                       "grad_z": (sv._grad_z_kernel, dict(config, WITH_ENTROPY=True)),
-                       "grad_z-plain": (sv._grad_z_kernel, dict(config, WITH_ENTROPY=False)),
+                       "grad_z": (sv._grad_z_kernel, dict(sv._grad_z_config(config, True), WITH_ENTROPY=True)),
+                       "grad_z-plain": (sv._grad_z_kernel, dict(sv._grad_z_config(config, False), WITH_ENTROPY=False)),
                        "grad_codebook": (sv._grad_codebook_kernel, config)}
             results[f"soft_vq-{case}-{gpu}"] = {
                 name: _resources(kernel, _TRITON_DTYPES[dtype], constants, num_warps, capability)
