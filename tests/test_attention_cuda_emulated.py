@@ -7,6 +7,7 @@ what only hardware shows (alignment faults, races between blocks, the real mma's
 order)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def emulated():
-    """The emulation, built on first use (about 30 s on the CI CPU; cached after that)."""
+    """The emulation, built on first use (about 30 s on the CI CPU; cached after that, per torch
+    version: a build against another torch beside it must not be reused)."""
     return cpp_extension.load(
-        name="softvq_fast_cuda_emulation",
+        name="softvq_fast_cuda_emulation_" + re.sub(r"\W", "_", torch.__version__),
         sources=[str(ROOT / "tests" / "cuda_emulation" / "attention_emulated.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda")],
         # nvcc keeps the kernel's type-punned loads and stores (16-byte chunks, packed pairs) in
