@@ -125,7 +125,8 @@ def _note_time_split(ctx, model: SoftVQVAE, case: str, images: torch.Tensor, bac
                 shares[label] = split
     (auto_linear, auto_total), (math_linear, math_total) = shares["auto"], shares["math"]
     ctx.note(f"{case}, fp32, profiled encode+decode (least of {PROFILED_RUNS} runs each): the linear layers "
-             f"(matrix products, GELU) take {math_linear:.0f} of {math_total:.0f} ms on math/reference ({math_linear / math_total:.0%}) and {auto_linear:.0f} of "
+             f"(matrix products, GELU) take {math_linear:.0f} of {math_total:.0f} ms on math/reference "
+             f"({math_linear / math_total:.0%}) and {auto_linear:.0f} of "
              f"{auto_total:.0f} ms on auto ({math_linear / auto_linear:.2f}x faster); the other ops "
              f"{math_total - math_linear:.0f} vs {auto_total - auto_linear:.0f} ms "
              f"({(math_total - math_linear) / (auto_total - auto_linear):.2f}x)")

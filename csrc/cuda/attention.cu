@@ -32,8 +32,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const c10::cuda::CUDAGuard guard(q.device());
   auto [out, lse, params] = prepare_cuda_attention(q, k, v, scale);
   if (out.numel() == 0) return {out, lse};
-  const LaunchPlan plan = q.scalar_type() == at::kBFloat16 ? plan_launch<__nv_bfloat16>(params)
-                                                           : plan_launch<__half>(params);
+  const LaunchPlan plan = plan_launch(q, params);
   allow_shared_memory(plan, q.get_device());
   plan.kernel<<<plan.grid, plan.threads, plan.smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

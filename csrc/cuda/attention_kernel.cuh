@@ -345,6 +345,11 @@ LaunchPlan plan_launch(const AttentionParams& p) {
   return plan<T, 64, kTiledKeys, true>(p, kTiledWarps);
 }
 
+// plan_launch for q's dtype (bf16 or fp16, as prepare_cuda_attention checks).
+LaunchPlan plan_launch(const at::Tensor& q, const AttentionParams& p) {
+  return q.scalar_type() == at::kBFloat16 ? plan_launch<__nv_bfloat16>(p) : plan_launch<__half>(p);
+}
+
 bool rows_aligned(const at::Tensor& t) {
   const auto address = reinterpret_cast<std::uintptr_t>(t.data_ptr());
   return address % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;

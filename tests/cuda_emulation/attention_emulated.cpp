@@ -46,8 +46,7 @@ std::tuple<at::Tensor, at::Tensor> emulated_attention_fwd(const at::Tensor& q_in
   out.fill_(NAN);
   lse.fill_(NAN);
   if (out.numel() == 0) return {out, lse};
-  const LaunchPlan plan = q.scalar_type() == at::kBFloat16 ? plan_launch<__nv_bfloat16>(params)
-                                                           : plan_launch<__half>(params);
+  const LaunchPlan plan = plan_launch(q, params);
   simt::launch(plan.kernel, plan.grid, plan.threads, plan.smem_bytes, params, static_cast<uint32_t>(seed), smem_raw);
   return {out, lse};
 }
@@ -115,8 +114,7 @@ std::tuple<std::vector<int64_t>, int64_t, int64_t> launch_plan(const at::Tensor&
                                                                const at::Tensor& v_in) {
   at::Tensor q = q_in, k = k_in, v = v_in;
   const AttentionParams params = std::get<2>(prepare_cuda_attention(q, k, v, 1.0));
-  const LaunchPlan plan = q.scalar_type() == at::kBFloat16 ? plan_launch<__nv_bfloat16>(params)
-                                                           : plan_launch<__half>(params);
+  const LaunchPlan plan = plan_launch(q, params);
   return {{plan.grid.x, plan.grid.y, plan.grid.z}, plan.threads, plan.smem_bytes};
 }
 
