@@ -25,7 +25,7 @@ import triton.language as tl
 BLOCK_M = 64  # rows per program (row-major kernels), rows per step (code-major kernels)
 BLOCK_K = 64  # codes per step (row-major kernels), codes per program (code-major kernels)
 # 8 warps: with 4, the compiled gradient kernels keep their tiles on the stack (local memory):
-# grad_z 7.0 KB a thread in float32 at D = 32, 0.8 KB in bf16 (sm_90, triton 3.8; tests/triton_aot.py
+# grad_z 7.0 KB a thread in float32 at D = 32, 0.8 KB in bf16 (sm_90, triton 3.8; tests/support/triton_aot.py
 # reports it). _grad_z_config narrows grad_z's code blocks where 8 warps are not enough.
 NUM_WARPS = 8
 
@@ -189,7 +189,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 # Shared memory the grad-codebook kernel (the largest) needs in float32 with the blocks chosen
 # before any shrinking for the device, AOT-compiled with 8 warps for sm_80 and sm_90, the larger of
-# the two (triton 3.8; tests/triton_aot.py compiles these configurations): {(BLOCK_D, precision):
+# the two (triton 3.8; tests/support/triton_aot.py compiles these configurations): {(BLOCK_D, precision):
 # bytes}. Where a device allows less, the blocks halve again.
 FP32_SHARED_BYTES = {(128, "ieee"): 156_672, (128, "tf32"): 230_400, (256, "ieee"): 150_016, (256, "tf32"): 168_448}
 
@@ -229,7 +229,7 @@ def _grad_z_config(config: dict, with_entropy: bool) -> dict:
     meet E on the CUDA cores (PRECISION "ieee", float32 products whatever the input dtype). With
     64-code blocks the compiled kernel keeps tiles on the stack in half precision: 0.8-3.0 KB a
     thread at D = 32 and 1.5-5.6 KB at D = 64 with triton 3.6 (sm_90, sm_80), 0.5 KB at D = 64 with
-    3.8; with 32-code blocks at most 64 bytes (tests/triton_aot.py)."""
+    3.8; with 32-code blocks at most 64 bytes (tests/support/triton_aot.py)."""
     if with_entropy and config["PRECISION"] == "ieee":
         return dict(config, BLOCK_K=max(16, min(config["BLOCK_K"], BLOCK_K // 2)))
     return config

@@ -1,5 +1,5 @@
 """Shared test fixtures: reference data, CUDA skipping, the Triton interpreter without a GPU,
-relative-error helper."""
+a seed per test, the oneDNN call recorder. Helpers live in tests/support/."""
 from __future__ import annotations
 
 import os
@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.numerics import seed_for
+from support.onednn import OneDNNCalls
+from support.paths import REFERENCE_DIR
+
 # Before any test module imports Triton (it reads this once): its kernels run in the interpreter
 # when there is no GPU, whichever test file runs first.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = ROOT.parent / "shared" / "reference"
-ONEDNN = torch.backends.mkldnn.is_available()
-needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,6 +44,15 @@ def _patch_old_triton_interpreter() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """Every test starts from torch's global generator seeded by its id (support.numerics.seed_for);
+    tests that build their own generators take this value as their seed."""
+    value = seed_for(request.node.nodeid)
+    torch.manual_seed(value)
+    return value
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -63,33 +71,6 @@ def reference_dir() -> Path:
             pytest.fail(f"conformance data not found at {REFERENCE_DIR}")
         pytest.skip(f"conformance data not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ computed in float64; NaN anywhere gives inf (never passes)."""
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if out64.shape != ref64.shape:
-        raise AssertionError(f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}")
-    if torch.isnan(out64).any() != torch.isnan(ref64).any():
-        return float("inf")
-    diff = torch.nan_to_num(out64 - ref64, nan=0.0)
-    denom = torch.linalg.vector_norm(torch.nan_to_num(ref64, nan=0.0))
-    return float(torch.linalg.vector_norm(diff) / denom.clamp_min(1e-300))
-
-
-class OneDNNCalls:
-    """The weights (by data pointer) that went through the oneDNN linear op, in order."""
-
-    def __init__(self) -> None:
-        self.weights: list[int] = []
-
-    def expect_every_linear_of(self, model: torch.nn.Module, *extra_weights: torch.Tensor) -> None:
-        """Every softvq_fast.nn.Linear of `model` (and `extra_weights`) ran on oneDNN."""
-        from softvq_fast.nn import Linear
-
-        expected = {m.weight.data_ptr() for m in model.modules() if isinstance(m, Linear)}
-        expected |= {w.data_ptr() for w in extra_weights}
-        assert expected and set(self.weights) == expected
 
 
 @pytest.fixture

@@ -1,12 +1,11 @@
 """softvq_fast.attention: kernels against float64, gradients through every backend, dispatch."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from conftest import rel_err
+from support.attention_cases import poison, qkv, reference, reference_grads
+from support.numerics import rel_err
 from softvq_fast._extension import extension_available, extension_has_cuda
 from softvq_fast.dispatch import NoBackendError
 from softvq_fast.ops import attention as attention_module
@@ -31,37 +30,8 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-def _generator(device: str = "cpu") -> tuple[torch.Generator, int]:
-    """A freshly seeded generator; the seed goes into failure messages."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator(device).manual_seed(seed), seed
 
 
-def _qkv(batch, q_len, kv_len, heads, head_dim, dtype, device="cpu"):
-    """q as a strided view of one (B, S, 3, H, D) qkv tensor (as the models produce); k, v likewise
-    when q_len == kv_len, else separate tensors."""
-    gen, seed = _generator(device)
-    qkv = torch.randn(batch, q_len, 3, heads, head_dim, generator=gen, device=device, dtype=torch.float64)
-    q, k, v = qkv.to(dtype).unbind(2)
-    if kv_len != q_len:
-        kv = torch.randn(batch, kv_len, 2, heads, head_dim, generator=gen, device=device, dtype=torch.float64)
-        k, v = kv.to(dtype).unbind(2)
-    return q, k, v, seed
-
-
-def _reference(q, k, v, scale=None):
-    """float64 attention of the (already rounded) inputs, and the log-sum-exp (B, H, Sq)."""
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
-    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v64)
-    return out, torch.logsumexp(scores, dim=-1)
-
-
-def _poison(shape, dtype, device):
-    """Leave NaNs in memory the allocator may hand to the kernel's output (unwritten elements show)."""
-    poison = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    del poison
 
 
 # (batch, q_len, kv_len, heads, head_dim): lengths 1 .. 1089, not powers of two, cross lengths too.
@@ -85,35 +55,30 @@ CPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cpu_kernel_matches_float64(shape, dtype):
-    q, k, v, seed = _qkv(*shape, dtype)
-    _poison(q.shape, dtype, "cpu")
+    q, k, v = qkv(*shape, dtype)
+    poison(q.shape, dtype, "cpu")
     out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, 0.7 / shape[-1] ** 0.5)
-    ref, ref_lse = _reference(q, k, v, 0.7 / shape[-1] ** 0.5)
+    ref, ref_lse = reference(q, k, v, 0.7 / shape[-1] ** 0.5)
     assert out.shape == q.shape and out.is_contiguous() and out.dtype == dtype
-    assert rel_err(out, ref) <= TOL[dtype], f"seed {seed}: out rel err {rel_err(out, ref):.3g}"
-    assert rel_err(lse, ref_lse) <= 1e-6, f"seed {seed}: lse rel err {rel_err(lse, ref_lse):.3g}"
+    assert rel_err(out, ref) <= TOL[dtype], f"out rel err {rel_err(out, ref):.3g}"
+    assert rel_err(lse, ref_lse) <= 1e-6, f"lse rel err {rel_err(lse, ref_lse):.3g}"
 
-
-def _reference_grads(q, k, v, scale, grad):
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out, _ = _reference(*leaves, scale)
-    return torch.autograd.grad(out, leaves, grad.double())
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", CPU_SHAPES[1:], ids=lambda s: "x".join(map(str, s)))  # one key: dq = dk = 0
 def test_cpu_backward_matches_float64(shape, dtype):
-    q, k, v, seed = _qkv(*shape, dtype)
+    q, k, v = qkv(*shape, dtype)
     scale = 0.7 / shape[-1] ** 0.5
     out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, scale)
-    grad = torch.randn(out.shape, generator=_generator()[0]).to(dtype)
+    grad = torch.randn(out.shape).to(dtype)
     for t in (q, k, v):
-        _poison(t.shape, dtype, "cpu")
+        poison(t.shape, dtype, "cpu")
     got = torch.ops.softvq_fast.attention_bwd(grad, q, k, v, out, lse, scale)
-    for name, g, want in zip("qkv", got, _reference_grads(q, k, v, scale, grad)):
+    for name, g, want in zip("qkv", got, reference_grads(q, k, v, scale, grad)):
         assert g.shape == want.shape and g.dtype == dtype
-        assert rel_err(g, want) <= TOL[dtype], f"seed {seed}: d{name} rel err {rel_err(g, want):.3g}"
+        assert rel_err(g, want) <= TOL[dtype], f"d{name} rel err {rel_err(g, want):.3g}"
 
 
 @needs_kernel
@@ -121,31 +86,31 @@ def test_cpu_backward_matches_float64(shape, dtype):
 def test_every_cpu_build_matches_float64(isa, monkeypatch):
     """The kernel is compiled per instruction set; each build the CPU runs must be exact."""
     monkeypatch.setenv("SOFTVQ_FAST_CPU_ISA", isa)
-    q, k, v, seed = _qkv(2, 45, 45, 2, 72, torch.float32)
+    q, k, v = qkv(2, 45, 45, 2, 72, torch.float32)
     try:
         out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, 72**-0.5)
     except RuntimeError as exc:
         if "does not support" in str(exc):
             pytest.skip(f"this CPU has no {isa}")
         raise
-    ref, _ = _reference(q, k, v)
-    assert rel_err(out, ref) <= 1e-5, f"seed {seed}"
+    ref, _ = reference(q, k, v)
+    assert rel_err(out, ref) <= 1e-5
     grad = torch.randn_like(out)
     got = torch.ops.softvq_fast.attention_bwd(grad, q, k, v, out, lse, 72**-0.5)
-    for g, want in zip(got, _reference_grads(q, k, v, 72**-0.5, grad)):
-        assert rel_err(g, want) <= 1e-5, f"seed {seed}"
+    for g, want in zip(got, reference_grads(q, k, v, 72**-0.5, grad)):
+        assert rel_err(g, want) <= 1e-5
 
 
 @needs_kernel
 def test_cpu_build_switch_rejects_unknown_name(monkeypatch):
     monkeypatch.setenv("SOFTVQ_FAST_CPU_ISA", "sse9")
-    q, k, v, _ = _qkv(1, 4, 4, 1, 8, torch.float32)
+    q, k, v = qkv(1, 4, 4, 1, 8, torch.float32)
     with pytest.raises(RuntimeError, match="SOFTVQ_FAST_CPU_ISA must be portable, avx2 or avx512"):
         torch.ops.softvq_fast.attention_fwd(q, k, v, 1.0)
 
 
 def _cpu_backends() -> list[str]:
-    inputs = _describe(*_qkv(1, 3, 3, 1, 8, torch.float32)[:3])
+    inputs = _describe(*qkv(1, 3, 3, 1, 8, torch.float32)[:3])
     return [b.name for b in OPS.backends if not b.not_supported_reasons(inputs)]
 
 
@@ -154,22 +119,21 @@ def _cpu_backends() -> list[str]:
 def test_gradients_through_every_backend(backend, dtype):
     if backend not in _cpu_backends():
         pytest.skip(f"{backend} cannot run here")
-    gen, seed = _generator()
-    qkv64 = torch.randn(2, 41, 3, 3, 72, generator=gen, dtype=torch.float64)
-    grad = torch.randn(2, 41, 3, 72, generator=gen, dtype=torch.float64)
-    qkv = qkv64.to(dtype).requires_grad_()
-    out = attention(*qkv.unbind(2), backend=backend)
-    (got,) = torch.autograd.grad(out, qkv, grad.to(dtype))
-    ref_in = qkv.detach().double().requires_grad_()
-    ref_out, _ = _reference(*ref_in.unbind(2))
+    qkv64 = torch.randn(2, 41, 3, 3, 72, dtype=torch.float64)
+    grad = torch.randn(2, 41, 3, 72, dtype=torch.float64)
+    packed = qkv64.to(dtype).requires_grad_()
+    out = attention(*packed.unbind(2), backend=backend)
+    (got,) = torch.autograd.grad(out, packed, grad.to(dtype))
+    ref_in = packed.detach().double().requires_grad_()
+    ref_out, _ = reference(*ref_in.unbind(2))
     (want,) = torch.autograd.grad(ref_out, ref_in, grad)
-    assert rel_err(out, ref_out) <= TOL[dtype], f"seed {seed}"
-    assert rel_err(got, want) <= TOL[dtype], f"seed {seed}: grad rel err {rel_err(got, want):.3g}"
+    assert rel_err(out, ref_out) <= TOL[dtype]
+    assert rel_err(got, want) <= TOL[dtype], f"grad rel err {rel_err(got, want):.3g}"
 
 
 @needs_kernel
 def test_opcheck():
-    q, k, v, _ = _qkv(2, 9, 9, 2, 16, torch.float32)
+    q, k, v = qkv(2, 9, 9, 2, 16, torch.float32)
     for t in (q, k, v):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.softvq_fast.attention_fwd.default, (q, k, v, 0.25))
@@ -181,26 +145,26 @@ def test_opcheck():
 
 @needs_kernel
 def test_double_backward_is_refused():
-    q, k, v, _ = _qkv(1, 6, 6, 1, 8, torch.float32)
-    qkv = torch.stack([q, k, v], 2).requires_grad_()
-    (grad,) = torch.autograd.grad(attention(*qkv.unbind(2), backend="softvq").sum(), qkv, create_graph=True)
+    q, k, v = qkv(1, 6, 6, 1, 8, torch.float32)
+    packed = torch.stack([q, k, v], 2).requires_grad_()
+    (grad,) = torch.autograd.grad(attention(*packed.unbind(2), backend="softvq").sum(), packed, create_graph=True)
     with pytest.raises(RuntimeError, match="no double backward"):
         grad.sum().backward()
 
 
 @needs_kernel
 def test_compiles_without_graph_breaks():
-    q, k, v, _ = _qkv(2, 11, 11, 2, 16, torch.float32)
-    qkv = torch.stack([q, k, v], 2).requires_grad_()
+    q, k, v = qkv(2, 11, 11, 2, 16, torch.float32)
+    packed = torch.stack([q, k, v], 2).requires_grad_()
 
     def block(x):
         return attention(*x.unbind(2), backend="softvq").flatten(2).sum()
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")  # graph capture, fake kernel, autograd
-    got = compiled(qkv)
-    (grad_got,) = torch.autograd.grad(got, qkv)
-    want = block(qkv)
-    (grad_want,) = torch.autograd.grad(want, qkv)
+    got = compiled(packed)
+    (grad_got,) = torch.autograd.grad(got, packed)
+    want = block(packed)
+    (grad_want,) = torch.autograd.grad(want, packed)
     assert rel_err(got, want) <= 1e-6 and rel_err(grad_got, grad_want) <= 1e-6
 
 
@@ -210,7 +174,7 @@ def _auto_choice(inputs, needs_grad: bool) -> str:
 
 def test_auto_order_on_a_cpu_with_amx(monkeypatch):
     monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", AMX_CPU_RULES)
-    inputs = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
+    inputs = _describe(*qkv(1, 5, 5, 2, 16, torch.float32)[:3])
     ours = "softvq" if _kernel_op_available() else "sdpa"
     fp32_max, bf16_max = AMX_CPU_RULES.forward_max_len[torch.float32], AMX_CPU_RULES.forward_max_len[torch.bfloat16]
     assert _auto_choice(inputs, needs_grad=False) == ours
@@ -231,17 +195,17 @@ def test_auto_order_on_a_cpu_with_avx512_and_no_amx(monkeypatch):
     ours = "softvq" if _kernel_op_available() else "sdpa"
     for dtype in (torch.float32, torch.bfloat16):
         for kv_len in (1, 5, 64, 1089, 4096):
-            inputs = _describe(*_qkv(1, 5, 5, 2, 16, dtype)[:3])._replace(kv_len=kv_len)
+            inputs = _describe(*qkv(1, 5, 5, 2, 16, dtype)[:3])._replace(kv_len=kv_len)
             assert _auto_choice(inputs, needs_grad=False) == ours
             assert _auto_choice(inputs, needs_grad=True) == ours
-    fp16 = _describe(*_qkv(1, 5, 5, 2, 16, torch.float16)[:3])  # our CPU kernel has no fp16
+    fp16 = _describe(*qkv(1, 5, 5, 2, 16, torch.float16)[:3])  # our CPU kernel has no fp16
     assert _auto_choice(fp16, needs_grad=False) == "sdpa" and _auto_choice(fp16, needs_grad=True) == "sdpa"
 
 
 def test_auto_order_on_a_cpu_with_avx2_only(monkeypatch):
     monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", AVX2_CPU_RULES)
     ours = "softvq" if _kernel_op_available() else "sdpa"
-    fp32 = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
+    fp32 = _describe(*qkv(1, 5, 5, 2, 16, torch.float32)[:3])
     bf16 = fp32._replace(dtype=torch.bfloat16)
     expected = {  # (inputs, needs_grad) -> backend
         (fp32._replace(kv_len=1200), False): ours, (fp32._replace(kv_len=1201), False): "sdpa",
@@ -255,7 +219,7 @@ def test_auto_order_on_a_cpu_with_avx2_only(monkeypatch):
 def test_unmeasured_cpus_put_sdpa_first(monkeypatch):
     monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", UNMEASURED_CPU_RULES)
     for dtype in (torch.float32, torch.bfloat16):
-        inputs = _describe(*_qkv(1, 5, 5, 2, 16, dtype)[:3])
+        inputs = _describe(*qkv(1, 5, 5, 2, 16, dtype)[:3])
         assert _auto_choice(inputs, needs_grad=False) == "sdpa" and _auto_choice(inputs, needs_grad=True) == "sdpa"
 
 
@@ -273,7 +237,7 @@ def test_cpu_order_rules_follow_the_cpu(monkeypatch, has_amx, capability, rules)
 
 
 def test_auto_order_and_environment_override(monkeypatch):
-    inputs = _describe(*_qkv(1, 5, 5, 2, 16, torch.float32)[:3])
+    inputs = _describe(*qkv(1, 5, 5, 2, 16, torch.float32)[:3])
     monkeypatch.delenv("SOFTVQ_FAST_ATTENTION", raising=False)
     ours = "softvq" if _kernel_op_available() else "sdpa"
     assert OPS.select(inputs).name == ours  # measured fastest in CPU float32 (module docstring)
@@ -289,7 +253,7 @@ def test_choice_follows_the_environment_between_calls(monkeypatch):
     for name in ("math", "sdpa"):
         backend = OPS.get(name)
         monkeypatch.setattr(backend, "fn", lambda *a, _name=name, _fn=backend.fn: calls.append(_name) or _fn(*a))
-    q, k, v, _ = _qkv(1, 7, 7, 2, 16, torch.float32)
+    q, k, v = qkv(1, 7, 7, 2, 16, torch.float32)
     for name in ("math", "sdpa", "math"):
         monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", name)
         attention(q, k, v)
@@ -325,7 +289,7 @@ def test_cuda_kernels_refuse_gpus_before_ampere(monkeypatch):
 
 
 def test_explicit_backend_that_cannot_run_lists_reasons():
-    q, k, v, _ = _qkv(1, 5, 5, 2, 16, torch.float64)
+    q, k, v = qkv(1, 5, 5, 2, 16, torch.float64)
     with pytest.raises(NoBackendError, match=r"'flash_attn'.*device cpu not supported"):
         attention(q, k, v, backend="flash_attn")
     with pytest.raises(NoBackendError, match=r"'softvq'.*float64"):
@@ -335,7 +299,7 @@ def test_explicit_backend_that_cannot_run_lists_reasons():
 
 
 def test_bad_inputs_name_the_argument():
-    q, k, v, _ = _qkv(1, 5, 5, 2, 16, torch.float32)
+    q, k, v = qkv(1, 5, 5, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=r"q must be 4-D \(batch, seq, heads, head_dim\)"):
         attention(q.flatten(2), k, v)
     with pytest.raises(ValueError, match=r"k and v must be \(B, Sk, H, D\)"):
@@ -347,14 +311,14 @@ def test_bad_inputs_name_the_argument():
 @needs_kernel
 @pytest.mark.parametrize("shape", [(0, 5, 5, 2, 16), (2, 0, 5, 2, 16), (2, 5, 5, 0, 16)], ids=["batch0", "q0", "heads0"])
 def test_empty_inputs_give_empty_outputs(shape):
-    q, k, v, _ = _qkv(*shape, torch.float32)
+    q, k, v = qkv(*shape, torch.float32)
     out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, 1.0)
     assert out.shape == q.shape and lse.shape == (shape[0], shape[3], shape[1])
 
 
 @needs_kernel
 def test_kernel_op_checks_shapes():
-    q, k, v, _ = _qkv(1, 5, 5, 2, 16, torch.float32)
+    q, k, v = qkv(1, 5, 5, 2, 16, torch.float32)
     with pytest.raises(RuntimeError, match="does not match q shape"):
         torch.ops.softvq_fast.attention_fwd(q, k[:, :, :1], v[:, :, :1], 1.0)
     with pytest.raises(RuntimeError, match="dtype must be float32 or bfloat16"):

@@ -4,35 +4,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rel_err
+from support.attention_cases import CUDA_SHORT, CUDA_TILED, CUDA_TOL, poison, qkv, reference
+from support.numerics import rel_err
 from softvq_fast._extension import extension_has_cuda
 from softvq_fast.ops.attention import attention
-from test_attention import _poison, _qkv, _reference
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not extension_has_cuda(), reason="softvq_fast._C was built without CUDA kernels"),
 ]
-TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
-# (batch, q_len, kv_len, heads, head_dim): the short kernel (kv <= 128; head dims 64, 72, 128) and
-# the tiled kernel (longer, head dim 64), odd lengths and cross lengths included.
-SHORT = [(b, s, s, h, d) for d in (64, 72, 128) for (b, s, h) in ((3, 1, 2), (2, 17, 3), (4, 32, 16), (2, 64, 5), (2, 100, 3), (2, 128, 16))]
-SHORT += [(2, 200, 77, 2, 72), (1, 33, 128, 2, 128)]
-TILED = [(2, 129, 129, 3, 64), (2, 321, 321, 4, 64), (1, 1089, 1089, 2, 64), (1, 50, 700, 2, 64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHORT + TILED, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", CUDA_SHORT + CUDA_TILED, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_kernel_matches_float64(shape, dtype):
-    q, k, v, seed = _qkv(*shape, dtype, device="cuda")
-    _poison(q.shape, dtype, "cuda")
+    q, k, v = qkv(*shape, dtype, device="cuda")
+    poison(q.shape, dtype, "cuda")
     out, lse = torch.ops.softvq_fast.attention_fwd(q, k, v, shape[-1] ** -0.5)
     torch.cuda.synchronize()
-    ref, ref_lse = _reference(q, k, v)
+    ref, ref_lse = reference(q, k, v)
     assert out.shape == q.shape and out.is_contiguous()
-    assert rel_err(out, ref) <= TOL[dtype], f"seed {seed}: rel err {rel_err(out, ref):.3g}"
-    assert rel_err(lse, ref_lse) <= 1e-3, f"seed {seed}: lse rel err {rel_err(lse, ref_lse):.3g}"
+    assert rel_err(out, ref) <= CUDA_TOL[dtype], f"rel err {rel_err(out, ref):.3g}"
+    assert rel_err(lse, ref_lse) <= 1e-3, f"lse rel err {rel_err(lse, ref_lse):.3g}"
 
 
 def test_cuda_kernel_unaligned_views():
@@ -44,19 +38,19 @@ def test_cuda_kernel_unaligned_views():
     shifted = flat[1:].view(2, 40, 4, 64)
     for args in ((q, k, v), (shifted, k, v)):
         out, _ = torch.ops.softvq_fast.attention_fwd(*args, 0.125)
-        ref, _ = _reference(*args, 0.125)
+        ref, _ = reference(*args, 0.125)
         assert rel_err(out, ref) <= 1e-2
 
 
 def test_cuda_unsupported_head_dim_is_refused():
-    q, k, v, _ = _qkv(1, 200, 200, 2, 72, torch.bfloat16, device="cuda")
+    q, k, v = qkv(1, 200, 200, 2, 72, torch.bfloat16, device="cuda")
     with pytest.raises(RuntimeError, match="head_dim must be 64, 72 or 128"):
         torch.ops.softvq_fast.attention_fwd(q, k, v, 1.0)
 
 
 @pytest.mark.parametrize("backend", ["softvq", "sdpa", "math", "flash_attn", "xformers"])
 def test_cuda_gradients_through_every_backend(backend):
-    q, k, v, seed = _qkv(2, 77, 77, 4, 64, torch.bfloat16, device="cuda")
+    q, k, v = qkv(2, 77, 77, 4, 64, torch.bfloat16, device="cuda")
     qkv = torch.stack([q, k, v], 2).requires_grad_()
     try:
         out = attention(*qkv.unbind(2), backend=backend)
@@ -67,14 +61,14 @@ def test_cuda_gradients_through_every_backend(backend):
     grad = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, qkv, grad)
     ref_in = qkv.detach().double().requires_grad_()
-    ref_out, _ = _reference(*ref_in.unbind(2))
+    ref_out, _ = reference(*ref_in.unbind(2))
     (want,) = torch.autograd.grad(ref_out, ref_in, grad.double())
-    assert rel_err(out, ref_out) <= 1e-2, f"seed {seed}"
-    assert rel_err(got, want) <= 2e-2, f"seed {seed}: grad rel err {rel_err(got, want):.3g}"
+    assert rel_err(out, ref_out) <= 1e-2
+    assert rel_err(got, want) <= 2e-2, f"grad rel err {rel_err(got, want):.3g}"
 
 
 def test_cuda_opcheck_and_compile():
-    q, k, v, _ = _qkv(2, 40, 40, 2, 64, torch.bfloat16, device="cuda")
+    q, k, v = qkv(2, 40, 40, 2, 64, torch.bfloat16, device="cuda")
     torch.library.opcheck(torch.ops.softvq_fast.attention_fwd.default, (q, k, v, 0.125))
     # with gradients: the autograd registration and the recomputing backward under aot_dispatch
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -89,7 +83,7 @@ def test_cuda_opcheck_and_compile():
 
 
 def test_cuda_double_backward_is_refused():
-    q, k, v, _ = _qkv(1, 6, 6, 1, 64, torch.bfloat16, device="cuda")
+    q, k, v = qkv(1, 6, 6, 1, 64, torch.bfloat16, device="cuda")
     qkv = torch.stack([q, k, v], 2).requires_grad_()
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(attention(*qkv.unbind(2), backend="softvq").float().sum(), qkv, create_graph=True)

@@ -1,5 +1,5 @@
 """The CUDA attention forward (csrc/cuda/attention_kernel.cuh) without a GPU: compiled for the CPU
-against tests/cuda_emulation/simt.h, which runs every CUDA thread as a fiber and emulates the warp
+against tests/support/cuda_emulation/simt.h, which runs every CUDA thread as a fiber and emulates the warp
 collectives (__shfl_xor_sync, mma.sync) and __syncthreads, with shuffled thread order and poisoned
 shared memory. Checks the kernel's logic (launch plan, fragment layouts, masking, online softmax,
 synchronisation) against float64 at the shapes of test_attention_cuda.py. Not its speed, and not
@@ -8,17 +8,15 @@ order)."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils import cpp_extension
 
-from conftest import rel_err
-from test_attention import _qkv, _reference
-from test_attention_cuda import SHORT, TILED, TOL
+from support.attention_cases import CUDA_SHORT, CUDA_TILED, CUDA_TOL, qkv, reference
+from support.numerics import rel_err
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,7 @@ def emulated():
     version: a build against another torch beside it must not be reused)."""
     return cpp_extension.load(
         name="softvq_fast_cuda_emulation_" + re.sub(r"\W", "_", torch.__version__),
-        sources=[str(ROOT / "tests" / "cuda_emulation" / "attention_emulated.cpp")],
+        sources=[str(ROOT / "tests" / "support" / "cuda_emulation" / "attention_emulated.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda")],
         # nvcc keeps the kernel's type-punned loads and stores (16-byte chunks, packed pairs) in
         # order; g++ may not, unless told so.
@@ -36,14 +34,14 @@ def emulated():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHORT + TILED, ids=lambda s: "x".join(map(str, s)))
-def test_emulated_kernel_matches_float64(emulated, shape, dtype):
-    q, k, v, seed = _qkv(*shape, dtype)
+@pytest.mark.parametrize("shape", CUDA_SHORT + CUDA_TILED, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_kernel_matches_float64(emulated, shape, dtype, seed):
+    q, k, v = qkv(*shape, dtype)
     out, lse = emulated.attention_fwd(q, k, v, shape[-1] ** -0.5, seed)
-    ref, ref_lse = _reference(q, k, v)
+    ref, ref_lse = reference(q, k, v)
     assert out.shape == q.shape and out.is_contiguous()
-    assert rel_err(out, ref) <= TOL[dtype], f"seed {seed}: rel err {rel_err(out, ref):.3g}"
-    assert rel_err(lse, ref_lse) <= 1e-3, f"seed {seed}: lse rel err {rel_err(lse, ref_lse):.3g}"
+    assert rel_err(out, ref) <= CUDA_TOL[dtype], f"rel err {rel_err(out, ref):.3g}"
+    assert rel_err(lse, ref_lse) <= 1e-3, f"lse rel err {rel_err(lse, ref_lse):.3g}"
 
 
 def test_emulated_kernel_unaligned_views(emulated):
@@ -53,12 +51,12 @@ def test_emulated_kernel_unaligned_views(emulated):
     shifted = torch.randn(20 * 2 * 64 + 1, dtype=torch.bfloat16)[1:].view(1, 20, 2, 64)
     for args in ((q, k, v), (shifted, k, v)):
         out, _ = emulated.attention_fwd(*args, 0.125, 0)
-        ref, _ = _reference(*args, 0.125)
+        ref, _ = reference(*args, 0.125)
         assert rel_err(out, ref) <= 1e-2
 
 
 def test_emulated_kernel_refuses_what_it_lacks(emulated):
-    q, k, v, _ = _qkv(1, 200, 200, 1, 72, torch.bfloat16)
+    q, k, v = qkv(1, 200, 200, 1, 72, torch.bfloat16)
     with pytest.raises(RuntimeError, match="head_dim must be 64, 72 or 128"):
         emulated.attention_fwd(q, k, v, 1.0, 0)
     with pytest.raises(RuntimeError, match="dtype must be bfloat16 or float16"):
@@ -98,7 +96,7 @@ def _padded_row(n: int) -> int:
 def test_launch_takes_the_shared_memory_its_keys_need(emulated, kv_len, head_dim):
     """Up to 64 keys take shared memory for 64, not for the short kernel's 128 (21 KB instead of
     41 KB at head dim 72: more blocks fit an SM); the tiled kernel takes 64-key tiles."""
-    q, k, v, _ = _qkv(2, 40, kv_len, 3, head_dim, torch.bfloat16)
+    q, k, v = qkv(2, 40, kv_len, 3, head_dim, torch.bfloat16)
     grid, threads, smem = emulated.launch_plan(q, k, v)
     keys = 64 if kv_len <= 64 or kv_len > 128 else 128
     assert smem == 2 * (keys * _padded_row(head_dim) + head_dim * _padded_row(keys))

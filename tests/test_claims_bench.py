@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import needs_onednn
+from support.onednn import needs_onednn
 
 from bench.harness import Context
 from bench.suites import claims

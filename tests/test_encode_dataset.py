@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, rel_err
+from support.numerics import rel_err
+from support.paths import ROOT
 from safetensors.torch import load_file
-from tokenizer_fixtures import SAMPLES, save_tiny_tokenizer, write_sample_images
+from support.tokenizer_files import SAMPLES, save_tiny_tokenizer, write_sample_images
 
 from softvq_fast import cli, data
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err
+from support.numerics import rel_err
 
 import softvq_fast
 from softvq_fast.generation import load_generator, sample_latents

@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import needs_onednn, rel_err
+from support.numerics import rel_err
+from support.onednn import needs_onednn
 from safetensors.torch import load_file
 
 from softvq_fast.models import DiT, SiT

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import rel_err  # noqa: E402
+from support.numerics import rel_err  # noqa: E402
 
 from softvq_fast.dispatch import NoBackendError  # noqa: E402
 from softvq_fast.ops.layernorm_modulate import BACKENDS, layernorm_modulate  # noqa: E402

@@ -7,7 +7,8 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ONEDNN, needs_onednn, rel_err
+from support.numerics import rel_err
+from support.onednn import ONEDNN, needs_onednn
 
 import softvq_fast.ops.linear as linear_op
 from softvq_fast.dispatch import NoBackendError

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
+from support.numerics import rel_err
 
 from softvq_fast.models import SiT
 from softvq_fast.sampling import (

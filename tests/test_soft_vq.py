@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
-from soft_vq_cases import SHAPES, TAU, assert_matches_float64, make_problem
+from support.numerics import rel_err
+from support.soft_vq_cases import SHAPES, TAU, assert_matches_float64, make_problem
 
 from softvq_fast import SoftVQStats, soft_vq
 from softvq_fast.dispatch import NoBackendError

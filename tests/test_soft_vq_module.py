@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from support.numerics import rel_err
 from safetensors.torch import load_file
 
 from softvq_fast.nn import SoftVectorQuantizer

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import rel_err  # noqa: E402
-from soft_vq_cases import SHAPES, TAU, assert_matches_float64, make_problem  # noqa: E402
+from support.numerics import rel_err  # noqa: E402
+from support.soft_vq_cases import SHAPES, TAU, assert_matches_float64, make_problem  # noqa: E402
 
 from softvq_fast import soft_vq  # noqa: E402
 from softvq_fast.kernels import soft_vq as kernels  # noqa: E402

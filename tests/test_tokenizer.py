@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import needs_onednn, rel_err
+from support.numerics import rel_err
+from support.onednn import needs_onednn
 from safetensors.torch import load_file, save_file
 
 from softvq_fast.models import PRESETS, SoftVQConfig, SoftVQVAE

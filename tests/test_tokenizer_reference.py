@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from support.numerics import rel_err
 
 from softvq_fast.models import SoftVQConfig, SoftVQVAE
 

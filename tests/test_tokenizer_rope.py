@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import rel_err
+from support.numerics import rel_err
 
 from softvq_fast.models import rope
 

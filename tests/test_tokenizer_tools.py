@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from tokenizer_fixtures import save_tiny_tokenizer, write_sample_images
+from support.tokenizer_files import save_tiny_tokenizer, write_sample_images
 
 from softvq_fast import cli, data, metrics
 

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("triton.backends.compiler")
 
-from triton_aot import GPUS, LAYERNORM_DIMS, SOFT_VQ_CASES  # noqa: E402
+from support.triton_aot import GPUS, LAYERNORM_DIMS, SOFT_VQ_CASES  # noqa: E402
 
 CASES = [f"soft_vq-{case}" for case in SOFT_VQ_CASES] + [f"layernorm_modulate-D{dim}" for dim in LAYERNORM_DIMS]
 
@@ -29,10 +29,10 @@ SPILLING_CASES = ("soft_vq-fp32-D128", "soft_vq-fp32-D256")
 
 @pytest.fixture(scope="module")
 def resources() -> dict:
-    """{case-gpu: {kernel: {"shared": bytes, "stack": bytes}}} from tests/triton_aot.py, run
+    """{case-gpu: {kernel: {"shared": bytes, "stack": bytes}}} from tests/support/triton_aot.py, run
     without the interpreter."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("triton_aot.py")
+    script = Path(__file__).parent / "support" / "triton_aot.py"
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 // The CUDA attention forward for bf16 / fp16 (fp32 accumulation): device code, launch planning and
 // input preparation, everything but the CUDA runtime calls (csrc/cuda/attention.cu makes those).
-// tests/cuda_emulation compiles this header for the CPU, against an emulation of the CUDA built-ins
+// tests/support/cuda_emulation compiles this header for the CPU, against an emulation of the CUDA built-ins
 // it uses, so that the kernel's logic is tested without a GPU.
 //
 // One kernel template, two configurations (see plan_launch()):
@@ -62,7 +62,7 @@ template <> struct Pack<__half> {
   }
 };
 
-#ifndef SOFTVQ_CUDA_EMULATION  // the CPU emulation (tests/cuda_emulation) brings its own mma16 / mma8
+#ifndef SOFTVQ_CUDA_EMULATION  // the CPU emulation (tests/support/cuda_emulation) brings its own mma16 / mma8
 // c += a (16x16) * b (16x8), and the k = 8 variant for the tail of head dim 72.
 template <typename T>
 __device__ __forceinline__ void mma16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from conftest import rel_err
+from support.numerics import rel_err
 
 from softvq_fast import soft_vq
 
