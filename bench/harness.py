@@ -4,7 +4,13 @@ A suite is a module in `bench/suites/` with
   TITLE: str
   def run(ctx: Context) -> list[dict]   rows of one table (same keys in every row)
 and optionally
+  BASELINE: str   what the speed-ups divide by (bench.compare.add_speedups marks that row)
   def plot(rows: list[dict], path: str) -> None   a custom PNG (default: bar chart of median_ms)
+
+Each table's header names the machine (CPU model, cores, torch threads; on CUDA the GPU and its
+host), the mode, the date, the versions, the suite's wall time with the 1-minute load average
+before and after it (other processes slow a suite's rows alike, but not every suite) and the
+baseline.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,10 +123,32 @@ def _default_plot(title: str, rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def section_markdown(title: str, env: dict, rows: list[dict], notes: list[str], quick: bool) -> str:
+def section_markdown(
+    title: str,
+    env: dict,
+    rows: list[dict],
+    notes: list[str],
+    quick: bool,
+    *,
+    load: tuple[float, float] | None = None,
+    seconds: float | None = None,
+    baseline: str | None = None,
+) -> str:
+    """One suite's section: a header (machine, mode, date, versions, wall time and load, baseline),
+    the table and the notes."""
     mode = "quick" if quick else "full"
     head = f"### {title}: {env['machine']}, {mode} mode, {env['date']}\n\n"
     head += f"torch {env['torch']}, triton {env['triton']}, extension: {env['extension']}\n\n"
+    if seconds is not None:
+        head += f"The suite ran {seconds:.0f} s"
+        if load is not None:
+            head += f"; 1-minute load average {load[0]:.1f} before it, {load[1]:.1f} after, on {os.cpu_count()} cores"
+        head += ".\n\n"
+    if baseline is not None:
+        head += f"Baseline: {baseline}."
+        if rows and "speedup" in rows[0]:
+            head += " speedup = the baseline's median time / the row's (above 1: faster)."
+        head += "\n\n"
     return head + markdown_table(rows) + "".join(f"\n{n}\n" for n in notes)
 
 
@@ -143,15 +172,20 @@ def run_suites(names: list[str], device: torch.device, quick: bool, out_dir: str
     print(f"# softvq-fast benchmarks on {env['machine']} ({'quick' if quick else 'full'} mode), {env['date']}")
     summary: dict[str, Any] = {"environment": env, "quick": quick, "suites": {}}
     markdown = [f"# softvq-fast benchmarks\n\n{json.dumps(env, indent=1)}\n"]
+    run_started = time.perf_counter()
     for name in names:
         module = importlib.import_module(f"bench.suites.{name}")
         ctx = Context(device=device, quick=quick, out_dir=out_dir, suite=name)
-        print(f"\n## {module.TITLE}", flush=True)
+        print(f"\n## {module.TITLE} (running)", flush=True)
+        load_before, started = os.getloadavg()[0], time.perf_counter()
         rows = module.run(ctx)
-        text = section_markdown(module.TITLE, env, rows, ctx.notes, quick)
-        print(markdown_table(rows) + "".join(f"{n}\n" for n in ctx.notes), flush=True)
+        load, seconds = (load_before, os.getloadavg()[0]), time.perf_counter() - started
+        text = section_markdown(module.TITLE, env, rows, ctx.notes, quick, load=load, seconds=seconds,
+                                baseline=getattr(module, "BASELINE", None))
+        print(text, flush=True)
         markdown.append(text)
-        summary["suites"][name] = {"title": module.TITLE, "rows": rows, "notes": ctx.notes}
+        summary["suites"][name] = {"title": module.TITLE, "rows": rows, "notes": ctx.notes, "load_average": load,
+                                   "seconds": seconds}
         png = os.path.join(out_dir, f"{name}.png")
         getattr(module, "plot", lambda r, p: _default_plot(module.TITLE, r, p))(rows, png)
         if record_results:
@@ -163,5 +197,6 @@ def run_suites(names: list[str], device: torch.device, quick: bool, out_dir: str
     for name in names:
         if os.path.exists(partial_path(out_dir, name)):
             os.remove(partial_path(out_dir, name))
-    print(f"\nwrote {out_dir}/results.json, results.md and one PNG per suite")
+    print(f"\n{len(names)} suites in {time.perf_counter() - run_started:.0f} s; "
+          f"wrote {out_dir}/results.json, results.md and one PNG per suite")
     return 0

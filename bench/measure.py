@@ -8,10 +8,11 @@ allocator's statistics, on the CPU from the profiler's allocation events.
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -21,6 +22,10 @@ class Timing:
     median_ms: float
     min_ms: float
     repeats: int
+
+    @classmethod
+    def of(cls, samples_ms: list[float]) -> "Timing":
+        return cls(statistics.median(samples_ms), min(samples_ms), len(samples_ms))
 
 
 def synchronize(device: torch.device) -> None:
@@ -51,11 +56,11 @@ def time_fn(
         samples.append((time.perf_counter() - start) * 1e3)
         if len(samples) >= 3 and time.perf_counter() - start_all > max_seconds:
             break
-    return Timing(statistics.median(samples), min(samples), len(samples))
+    return Timing.of(samples)
 
 
 def time_round_robin(
-    fns: dict[str, Callable[[], Any]],
+    fns: dict[Hashable, Callable[[], Any]],
     device: torch.device,
     *,
     rounds: int,
@@ -63,12 +68,12 @@ def time_round_robin(
     warmup: int = 0,
     max_seconds: float = 20.0,
     uncounted_rounds: int = 0,
-) -> dict[str, list[float]]:
+) -> dict[Hashable, list[float]]:
     """Time several workloads in turns, so that load or clock drift (a shared CPU, a warming GPU)
     hits all of them alike. Each round runs `time_fn` on every workload; the result holds, per
     workload, the round medians in milliseconds. The first `uncounted_rounds` rounds are dropped:
     right after other work the first workload of a round otherwise runs cold."""
-    samples: dict[str, list[float]] = {label: [] for label in fns}
+    samples: dict[Hashable, list[float]] = {label: [] for label in fns}
     for round_index in range(uncounted_rounds + rounds):
         for label, fn in fns.items():
             median = time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds).median_ms
@@ -119,12 +124,8 @@ def cpu_op_share_ms(fn: Callable[[], Any], op_names: frozenset[str]) -> tuple[fl
     return chosen / 1e3, sum(event.self_cpu_time_total for event in averages) / 1e3
 
 
-def device_name(device: torch.device) -> str:
-    """A human name for the machine a measurement ran on."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
+def cpu_name() -> str:
+    """The CPU model, its logical cores and torch's thread count."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -135,3 +136,10 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for the machine a measurement ran on: the CPU, or the GPU and its host CPU."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, host {cpu_name()}"
+    return cpu_name()

@@ -1,0 +1,91 @@
+"""The benchmark harness's shared arithmetic and plumbing: speed-ups against the baseline row,
+table headers, bench/RESULTS.md sections."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from bench import harness
+from bench.compare import add_speedups, relative_error
+from bench.measure import cpu_name, device_name
+
+
+def _row(case: str, backend: str, ms: float, via: str = "softvq_fast") -> dict:
+    return {"case": case, "backend": backend, "via": via, "median_ms": ms}
+
+
+def test_speedups_divide_the_fastest_baseline_row_of_each_group():
+    rows = [
+        _row("x", "ours", 2.0), _row("x", "sdpa", 8.0, "direct"), _row("x", "flash", 5.0, "direct"),
+        _row("y", "ours", 3.0), _row("y", "sdpa", 6.0, "direct"),
+        _row("z", "ours", 1.0),  # no baseline candidate
+    ]
+    add_speedups(rows, ("case",), lambda row: row["via"] == "direct")
+    assert [row["speedup"] for row in rows[:5]] == [2.5, 5.0 / 8.0, 1.0, 2.0, 1.0]
+    assert [row["baseline"] for row in rows] == ["", "", "yes", "", "yes", ""]
+    assert math.isnan(rows[5]["speedup"])
+    assert list(rows[0]) == ["case", "backend", "via", "median_ms", "speedup", "baseline"]
+
+
+def test_relative_error():
+    ref = torch.tensor([3.0, 4.0])
+    assert relative_error(ref + torch.tensor([0.0, 0.5]), ref) == pytest.approx(0.1)
+    assert relative_error(torch.zeros(0), torch.zeros(0)) == 0.0
+
+
+def test_machine_names_the_cpu_and_threads():
+    name = device_name(torch.device("cpu"))
+    assert name == cpu_name() and f"{torch.get_num_threads()} torch threads" in name and "cores" in name
+
+
+_ENV = {"machine": "Test CPU (2 cores, 2 torch threads)", "date": "2026-01-01 00:00 UTC", "torch": "t", "triton": "r",
+        "extension": "e"}
+
+
+def test_section_header_names_machine_load_time_and_baseline():
+    rows = [{"case": "x", "median_ms": 1.0, "speedup": 1.0, "baseline": "yes"}]
+    text = harness.section_markdown("Title", _ENV, rows, ["a note"], True, load=(0.5, 1.25), seconds=42.4,
+                                    baseline="plain PyTorch")
+    lines = text.splitlines()
+    assert lines[0] == "### Title: Test CPU (2 cores, 2 torch threads), quick mode, 2026-01-01 00:00 UTC"
+    assert "The suite ran 42 s; 1-minute load average 0.5 before it, 1.2 after" in text
+    assert "Baseline: plain PyTorch. speedup = the baseline's median time / the row's (above 1: faster)." in text
+    assert "| case | median_ms | speedup | baseline |" in text and text.rstrip().endswith("a note")
+    no_speedup = harness.section_markdown("Title", _ENV, [{"px": 1}], [], False, baseline="systems (a), (b)")
+    assert "Baseline: systems (a), (b).\n" in no_speedup and "speedup =" not in no_speedup
+
+
+def test_run_suites_prints_and_records_every_suite_in_the_same_shape(tmp_path, monkeypatch, capsys):
+    suite = types.ModuleType("bench.suites.fake")
+    suite.TITLE = "Fake suite"
+    suite.BASELINE = "the slow row"
+
+    def run(ctx):
+        ctx.progress([{"case": "c", "backend": "fast", "median_ms": 1.0}])  # removed once the results are written
+        rows = [{"case": "c", "backend": "fast", "median_ms": 1.0}, {"case": "c", "backend": "slow", "median_ms": 4.0}]
+        add_speedups(rows, ("case",), lambda row: row["backend"] == "slow")
+        ctx.note("fake note")
+        return rows
+
+    suite.run = run
+    monkeypatch.setitem(sys.modules, "bench.suites.fake", suite)
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Measured results\n\nkept\n\n<!-- fake:cpu:begin -->\nold\n<!-- fake:cpu:end -->\n")
+    monkeypatch.setattr(harness, "RESULTS_MD", str(results_md))
+    out = tmp_path / "out"
+    assert harness.run_suites(["fake"], torch.device("cpu"), True, str(out), record_results=True) == 0
+    printed = capsys.readouterr().out
+    machine = device_name(torch.device("cpu"))
+    assert f"### Fake suite: {machine}, quick mode" in printed and "Baseline: the slow row." in printed
+    recorded = results_md.read_text()
+    assert recorded.startswith("# Measured results\n\nkept\n\n<!-- fake:cpu:begin -->\n### Fake suite: ")
+    assert "old" not in recorded and recorded.count("<!-- fake:cpu:end -->") == 1
+    assert "| c | fast | 1 | 4 |  |" in recorded and "fake note" in recorded
+    summary = json.loads((out / "results.json").read_text())["suites"]["fake"]
+    assert summary["rows"][1]["baseline"] == "yes" and len(summary["load_average"]) == 2 and summary["seconds"] >= 0
+    assert not (out / "fake.partial.json").exists() and (out / "results.md").exists()
