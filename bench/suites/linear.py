@@ -1,23 +1,31 @@
-"""Linear layers on the CPU: `softvq_fast.ops.linear`'s oneDNN backend against torch's (MKL), float32,
-forward without autograd, at the layer shapes of the tokenizer and the generators, and which one
-`auto` takes.
+"""Linear layers on the CPU: `softvq_fast.ops.linear`'s backends (oneDNN, torch) against torch's
+F.linear and F.gelu called directly (the baseline: what nn.Linear and nn.GELU run), float32,
+forward without autograd, at the layer shapes of the tokenizer and the generators: median time,
+the error against float64 and which backend `auto` takes.
 
 Shapes (rows M = batch x tokens), the same in quick and full mode: SoftVQ-B tokenizer at 256 px,
 batch 2 (578 rows: 256 patches + class + 32 latents, twice); SiT-S/1 and SiT-XL/1 on 64 tokens,
 batch 1 with CFG (128 rows), and their per-sample layers (2 rows: adaLN modulation, timestep MLP)
-and 32-channel token embedder. Backends are timed in alternation over a few rounds (median of the
-round medians). On CUDA there is nothing to compare (oneDNN is CPU-only; `auto` is torch).
+and 32-channel token embedder. The rows of a shape are timed in alternation over a few rounds
+(median of the round medians). On CUDA there is nothing to compare (oneDNN is CPU-only; `auto`
+is torch).
 """
 from __future__ import annotations
 
 import statistics
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from bench.compare import add_speedups, relative_error
 from bench.measure import time_round_robin
-from softvq_fast.ops.linear import LINEAR_BACKENDS, linear, select_backend
+from softvq_fast.dispatch import registered_ops
+from softvq_fast.ops.linear import linear, select_backend
 
 TITLE = "Linear layers (oneDNN vs torch/MKL, float32, CPU)"
+BASELINE = "torch's F.linear (then F.gelu) called directly, as nn.Linear and nn.GELU run them"
+GELU = {"gelu": "none", "gelu_tanh": "tanh"}  # activation -> F.gelu's approximate
 
 # (case, rows, in_features, out_features, activation)
 SHAPES = [
@@ -39,32 +47,45 @@ SHAPES = [
 ]
 
 
+def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> Callable[[], torch.Tensor]:
+    if activation == "none":
+        return lambda: F.linear(x, weight, bias)
+    return lambda: F.gelu(F.linear(x, weight, bias), approximate=GELU[activation])
+
+
 def run(ctx) -> list[dict]:
     if ctx.device.type != "cpu":
         ctx.note("oneDNN is CPU-only: on CUDA the linear layers run on torch (cuBLAS); nothing to compare.")
         return []
     rows = []
     rounds, repeats = 5, 20
-    backends = [b.name for b in LINEAR_BACKENDS if b.unavailable_reason() is None]
+    backends = [b.name for b in registered_ops()["linear"].backends if b.unavailable_reason() is None]
     with torch.no_grad():
         for case, m, k, n, activation in SHAPES:
             x = torch.randn(m, k)
             weight, bias = torch.randn(n, k) / k**0.5, torch.randn(n)
-            calls = {name: (lambda name=name: linear(x, weight, bias, activation=activation, backend=name))
+            calls = {(name, "softvq_fast"): (lambda name=name: linear(x, weight, bias, activation=activation,
+                                                                       backend=name))
                      for name in backends}
+            calls["torch", "direct"] = _plain(x, weight, bias, activation)
+            reference = _plain(x.double(), weight.double(), bias.double(), activation)()
+            errors = {key: relative_error(call(), reference) for key, call in calls.items()}
             auto_backend = select_backend(x, weight, bias).name
             samples = time_round_robin(calls, ctx.device, rounds=rounds, repeats=repeats, warmup=3, max_seconds=0.5,
                                        uncounted_rounds=1)
-            medians = {name: statistics.median(values) for name, values in samples.items()}
-            for name in backends:
+            for (name, via), values in samples.items():
+                median = statistics.median(values)
                 rows.append({
-                    "case": case, "M": m, "K": k, "N": n, "activation": activation, "backend": name,
-                    "median_ms": medians[name],
-                    "gflop_s": 2 * m * k * n / medians[name] / 1e6,
-                    "torch_ms / ms": medians["torch"] / medians[name],
+                    "case": case, "M": m, "K": k, "N": n, "activation": activation, "backend": name, "via": via,
+                    "median_ms": median,
+                    "gflop_s": 2 * m * k * n / median / 1e6,
+                    "rel_err": errors[name, via],
                     "auto": auto_backend,
                 })
             ctx.progress(rows)
+    add_speedups(rows, ("case",), lambda row: row["via"] == "direct")
     ctx.note(f"medians of {rounds} alternating rounds of up to {repeats} calls after an uncounted one; "
-             "'torch_ms / ms' > 1 means faster than torch's nn.Linear; 'auto' is the backend auto took.")
+             "via softvq_fast: softvq_fast.ops.linear with the backend named; via direct: F.linear (and F.gelu) "
+             "called directly; rel_err: ||out - ref|| / ||ref|| against F.linear (and F.gelu) in float64; 'auto' is "
+             "the backend auto took.")
     return rows

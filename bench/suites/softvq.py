@@ -1,35 +1,45 @@
-"""Soft VQ (softvq_fast.soft_vq): forward and forward+backward with the entropy regulariser, median
-time and peak extra memory of every backend that runs against `reference` and
+"""Soft VQ (softvq_fast.soft_vq): median time and peak extra memory of every backend that runs,
+against the `reference` backend (the baseline: the soft VQ written in plain PyTorch, eager) and
 torch.compile(reference), at the authors' training shape family (C=4 codebooks of 8192 x 32,
-64 tokens) and over K. Backends are timed in alternation, one repeat each per round, so that load
-from other processes hits them alike."""
+64 tokens) and over K.
+
+Passes: `fwd` returns z_q alone (what the tokenizer's encode runs), `fwd+stats` also the
+statistics and the entropy regulariser (the training forward), `fwd+bwd` is a training step
+through both. The K sweep runs `fwd+stats` and `fwd+bwd` without torch.compile (its compile time
+would dominate the suite). The rows of a case and pass are timed in alternation, one repeat each
+per round, so that load from other processes hits them alike.
+"""
 from __future__ import annotations
 
-import os
 import statistics
 from typing import Callable
 
 import torch
 
+from bench.compare import add_speedups
 from bench.measure import peak_memory_bytes, time_round_robin
 from softvq_fast import soft_vq
 from softvq_fast.dispatch import NoBackendError
 
-TITLE = "Soft VQ forward / forward+backward (entropy regulariser on)"
+TITLE = "Soft VQ: forward (z_q alone; with statistics and regulariser) and forward+backward"
+BASELINE = "the reference backend: the soft VQ in plain PyTorch (the authors' math), eager"
 
 TAU = 0.07
 TOKENS, CODEBOOKS, DIM = 64, 4, 32
-# (batch, K): the main case, then the sweep over K (the CPU sizes fit its 2 cores in ~2 minutes).
+# (batch, K): the main case, then the sweep over K.
 QUICK = {"main": (64, 8192), "sweep": [(16, 2048), (16, 32768)]}
 FULL = {"main": (256, 8192), "sweep": [(256, 1024), (256, 4096), (256, 16384), (256, 32768)]}
+# pass -> exponentials per logit in the fused kernels' forward: one at tau, two more for the
+# regulariser's statistics.
+EXPS_PER_LOGIT = {"fwd": 1, "fwd+stats": 3}
 # H100/H200 SFU throughput: 16 exponentials per clock per SM (ex2.approx, quarter rate).
 EXP_PER_CLOCK_PER_SM = 16
 
 
-def _backends(device: torch.device, with_compile: bool) -> dict[str, Callable]:
-    """label -> f(z, codebook) returning (z_q, stats)."""
+def _backends(device: torch.device, with_stats: bool, with_compile: bool) -> dict[str, Callable]:
+    """label -> f(z, codebook) returning z_q, or (z_q, stats) `with_stats`."""
     def make(backend: str, **kwargs):
-        return lambda z, c: soft_vq(z, c, TAU, return_stats=True, backend=backend, **kwargs)
+        return lambda z, c: soft_vq(z, c, TAU, return_stats=with_stats, backend=backend, **kwargs)
 
     fused = {"cpu": make("cpu")} if device.type == "cpu" else {"triton": make("triton"),
                                                                 "triton-tf32": make("triton", allow_tf32=True)}
@@ -39,17 +49,20 @@ def _backends(device: torch.device, with_compile: bool) -> dict[str, Callable]:
     return labels
 
 
-def _passes(fn: Callable, z: torch.Tensor, codebook: torch.Tensor) -> dict[str, Callable]:
-    def forward():
-        with torch.no_grad():
-            return fn(z, codebook)
+def _pass(pass_name: str, fn: Callable, z: torch.Tensor, codebook: torch.Tensor) -> Callable:
+    if pass_name != "fwd+bwd":
+        def forward():
+            with torch.no_grad():
+                return fn(z, codebook)
+
+        return forward
 
     def forward_backward():
         z_q, stats = fn(z, codebook)
         (z_q.float().square().mean() + stats.entropy_loss).backward()
         z.grad = codebook.grad = None
 
-    return {"fwd": forward, "fwd+bwd": forward_backward}
+    return forward_backward
 
 
 def _exp_limit_ms(device: torch.device, logits: int, exps_per_logit: int) -> float | None:
@@ -69,7 +82,7 @@ def _exp_limit_ms(device: torch.device, logits: int, exps_per_logit: int) -> flo
     return logits * exps_per_logit / (sms * EXP_PER_CLOCK_PER_SM * clock_hz) * 1e3
 
 
-def _measure(ctx, rows: list[dict], batch: int, K: int, with_compile: bool) -> None:
+def _measure(ctx, rows: list[dict], batch: int, K: int, passes: tuple[str, ...], with_compile: bool) -> None:
     """Appends the case's rows to `rows`, saving them after each pass (a run stopped by a time
     limit keeps what it finished)."""
     device = ctx.device
@@ -78,10 +91,10 @@ def _measure(ctx, rows: list[dict], batch: int, K: int, with_compile: bool) -> N
     codebook = torch.randn(CODEBOOKS, K, DIM, device=device, generator=generator).div_(DIM**0.5).requires_grad_()
     rounds = 3 if ctx.quick else 7
     case = f"B{batch}x{TOKENS} C{CODEBOOKS} K{K} D{DIM} fp32"
-    for pass_name in ("fwd", "fwd+bwd"):
+    for pass_name in passes:
         fns, peaks = {}, {}
-        for label, backend_fn in _backends(device, with_compile).items():
-            fn = _passes(backend_fn, z, codebook)[pass_name]
+        for label, backend_fn in _backends(device, pass_name != "fwd", with_compile).items():
+            fn = _pass(pass_name, backend_fn, z, codebook)
             try:
                 fn()  # warm-up (and compilation)
             except NoBackendError as exc:
@@ -91,8 +104,8 @@ def _measure(ctx, rows: list[dict], batch: int, K: int, with_compile: bool) -> N
             peaks[label] = peak_memory_bytes(fn, device)
         samples = time_round_robin(fns, device, rounds=rounds)
         medians = {label: statistics.median(values) for label, values in samples.items()}
-        # forward: one exp per logit at tau, two for the regulariser's statistics (fused backends)
-        limit = _exp_limit_ms(device, batch * TOKENS * K, 3)
+        exps = EXPS_PER_LOGIT.get(pass_name)
+        limit = _exp_limit_ms(device, batch * TOKENS * K, exps) if exps else None
         for label in fns:
             rows.append({
                 "case": case,
@@ -100,26 +113,23 @@ def _measure(ctx, rows: list[dict], batch: int, K: int, with_compile: bool) -> N
                 "backend": label,
                 "median_ms": medians[label],
                 "peak_mib": peaks[label] / 2**20,
-                "speedup_vs_reference": medians["reference"] / medians[label],
-                "memory_vs_reference": peaks[label] / max(peaks["reference"], 1),
-                "x_exp_limit": medians[label] / limit if limit and pass_name == "fwd" else "",
+                "memory_vs_baseline": peaks[label] / max(peaks["reference"], 1),
+                "x_exp_limit": medians[label] / limit if limit else "",
             })
         ctx.progress(rows)
 
 
 def run(ctx) -> list[dict]:
     sizes = QUICK if ctx.quick else FULL
-    if ctx.device.type == "cpu":
-        ctx.note(f"1-minute load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-                 "(other processes slow every backend alike; ratios are of interleaved medians)")
     rows: list[dict] = []
-    _measure(ctx, rows, *sizes["main"], with_compile=True)
-    for batch, K in sizes["sweep"]:  # without torch.compile: its compile time would dominate the suite
-        _measure(ctx, rows, batch, K, with_compile=False)
+    _measure(ctx, rows, *sizes["main"], passes=("fwd", "fwd+stats", "fwd+bwd"), with_compile=True)
+    for batch, K in sizes["sweep"]:
+        _measure(ctx, rows, batch, K, passes=("fwd+stats", "fwd+bwd"), with_compile=False)
+    add_speedups(rows, ("case", "pass"), lambda row: row["backend"] == "reference")
     ctx.note(
-        "peak_mib: peak memory allocated during the call above what was allocated before it. "
-        "x_exp_limit: forward time / (3 exponentials per logit at 16 per clock per SM at the max SM clock). "
-        "The K sweep leaves out torch.compile(reference)."
+        "peak_mib: peak memory allocated during the call above what was allocated before it; memory_vs_baseline: "
+        "that over the reference row's. x_exp_limit: forward time / (the pass's exponentials per logit, 1 for fwd "
+        "and 3 for fwd+stats, at 16 per clock per SM at the max SM clock)."
     )
     return rows
 
@@ -136,13 +146,13 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
     width = 0.8 / max(len(labels), 1)
     for i, label in enumerate(labels):
-        values = [next((r["speedup_vs_reference"] for r in rows if (r["case"], r["pass"]) == g and r["backend"] == label), 0)
+        values = [next((r["speedup"] for r in rows if (r["case"], r["pass"]) == g and r["backend"] == label), 0)
                   for g in groups]
         ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(groups))],
                   [f"{c.split(' fp32')[0]}\n{p}" for c, p in groups], fontsize=7)
-    ax.set_ylabel("speed-up over reference")
+    ax.set_ylabel("speed-up over reference (plain PyTorch)")
     ax.set_title(TITLE, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,8 +1,19 @@
 """SoftVQ-VAE tokenizer: encode and decode throughput and peak memory of random-weight presets,
-our backends ("auto": softvq attention and soft-VQ kernels where they run, oneDNN linear layers
-where faster, and each attention backend on its own) against the same model on the `math`
-attention, `reference` soft-VQ and `torch` linear backends, with the relative difference of their
-outputs. On the CPU a row "auto, torch linear" separates the linear layers' share of the gain."""
+our backends against plain PyTorch, with the relative difference of every output from the
+`math` reference.
+
+Rows (label -> attention, soft-VQ and linear backends):
+  auto                    what users get: every op on "auto"
+  auto, torch linear      (CPU) the same with torch's linear layers: the linear layers' share
+  softvq attention        (GPU) our CUDA attention kernel, which auto leaves to be asked for
+  plain PyTorch           SDPA attention, the reference soft VQ, torch's linear layers: what a
+                          user of the authors' code runs
+  plain PyTorch, flash_attn  (GPU) the same with flash_attn, where installed
+The baseline of each case, precision and pass is the fastest "plain" row. `math` attention with
+the reference soft VQ and torch's linear layers runs once, untimed: rel_err_vs_math is every
+row's output difference from it. A row whose backend cannot run the inputs (a bf16-only kernel in
+fp32, a package not installed) is left out with a note.
+"""
 from __future__ import annotations
 
 import statistics
@@ -11,28 +22,27 @@ from typing import Callable
 
 import torch
 
+from bench.compare import add_speedups, relative_error
 from bench.measure import cpu_op_share_ms, peak_memory_bytes, time_round_robin
 from softvq_fast.dispatch import NoBackendError
 from softvq_fast.models import SoftVQVAE
 
 TITLE = "Tokenizer encode/decode (SoftVQ-VAE presets, random weights)"
+BASELINE = ("plain PyTorch: the same model on SDPA attention (or flash_attn where installed, whichever is "
+            "faster), the reference soft VQ and torch's linear layers, eager")
 
-# label -> (attention, soft-VQ, linear backend). "auto" is what users get; each attention backend
-# is also shown on its own (where it cannot run the inputs, e.g. a bf16-only kernel in fp32, the
-# row is left out and a note says so); "math" is the baseline: math attention, reference soft VQ,
-# torch's linear layers.
+PLAIN = "plain PyTorch"
+# label -> (attention, soft-VQ, linear backend)
 QUICK_BACKENDS = {"auto": ("auto", "auto", "auto"), "auto, torch linear": ("auto", "auto", "torch"),
-                  "sdpa": ("sdpa", "auto", "auto"), "math": ("math", "reference", "torch")}
-FULL_BACKENDS = {"auto": ("auto", "auto", "auto"), "auto, torch linear": ("auto", "auto", "torch"),
-                 "softvq": ("softvq", "auto", "auto"), "flash_attn": ("flash_attn", "auto", "auto"),
-                 "sdpa": ("sdpa", "auto", "auto"), "xformers": ("xformers", "auto", "auto"),
-                 "math": ("math", "reference", "torch")}
+                  PLAIN: ("sdpa", "reference", "torch")}
+FULL_BACKENDS = {"auto": ("auto", "auto", "auto"), "softvq attention": ("softvq", "auto", "auto"),
+                 PLAIN: ("sdpa", "reference", "torch"), f"{PLAIN}, flash_attn": ("flash_attn", "reference", "torch")}
 # Rows that differ from "auto" on the CPU only (on CUDA the linear layers' auto is torch).
 CPU_ONLY_LABELS = frozenset({"auto, torch linear"})
+MATH = ("math", "reference", "torch")  # the correctness reference, not timed
 
-# (preset, batch); quick mode fits the 2-core CI CPU in well under two minutes.
+# (preset, batch)
 QUICK = [("softvq-b-32", 2), ("softvq-s-32-512", 1)]
-# full mode is sized for about 90 s on one H200
 FULL = [("softvq-s-32", 16), ("softvq-b-32", 16), ("softvq-b-64", 16), ("softvq-bl-64", 16), ("softvq-l-64", 16),
         ("softvq-bl-64-512", 4), ("softvq-l-32-512", 4)]
 # The linear layers (patch embedding, qkv, proj, MLP, projections, pixel head): the same matrix
@@ -40,6 +50,7 @@ FULL = [("softvq-s-32", 16), ("softvq-b-32", 16), ("softvq-b-64", 16), ("softvq-
 # runs inside its matrix product and torch after it.
 LINEAR_OPS = frozenset({"aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "aten::gelu", "aten::gelu_"})
 PROFILED_RUNS = 3
+ROUNDS = 5
 
 
 def _use(model: SoftVQVAE, choice: tuple[str, str, str]) -> None:
@@ -52,19 +63,13 @@ def _precision(dtype: torch.dtype | None) -> str:
     return "bf16 autocast" if dtype is not None else "fp32"
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.double(), ref.double()
-    return float(torch.linalg.vector_norm(out64 - ref64) / torch.linalg.vector_norm(ref64).clamp_min(1e-300))
-
-
 def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtype | None) -> list[dict]:
-    """Rows for both passes and every backend set that runs. The backends are timed in
+    """Rows for both passes and every backend set that runs. The backend sets are timed in
     alternation, one repeat each per round, so that load from other processes hits them alike."""
     device = ctx.device
     generator = torch.Generator(device=device).manual_seed(0)
     size = model.config.image_size
     images = torch.rand(batch, 3, size, size, device=device, generator=generator) * 2 - 1
-    rounds = 5
     backends = {label: choice for label, choice in (QUICK_BACKENDS if ctx.quick else FULL_BACKENDS).items()
                 if device.type == "cpu" or label not in CPU_ONLY_LABELS}
 
@@ -80,6 +85,8 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
             "decode": lambda: model.decode(latents, autocast_dtype=precision),
         }
         for pass_name, fn in passes.items():
+            _use(model, MATH)
+            reference = fn()
             outputs, peaks = {}, {}
             for label in backends:
                 _use(model, backends[label])
@@ -89,20 +96,19 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
                     ctx.note(f"{name} {pass_name} {_precision(precision)}: {label} left out ({str(exc).splitlines()[0]})")
                     continue
                 peaks[label] = peak_memory_bytes(fn, device)
-            samples = time_round_robin({label: partial(run_with, label, fn) for label in outputs}, device, rounds=rounds)
-            medians = {label: statistics.median(values) for label, values in samples.items()}
+            samples = time_round_robin({label: partial(run_with, label, fn) for label in outputs}, device, rounds=ROUNDS)
             for label in outputs:
+                median = statistics.median(samples[label])
                 rows.append({
                     "case": f"{name} {size}px b{batch}",
                     "precision": _precision(precision),
                     "pass": pass_name,
                     "backend": label,
-                    "median_ms": medians[label],
+                    "median_ms": median,
                     "min_ms": min(samples[label]),
-                    "images_per_s": batch / medians[label] * 1e3,
+                    "images_per_s": batch / median * 1e3,
                     "peak_mib": peaks[label] / 2**20,
-                    "speedup_vs_math": medians["math"] / medians[label],
-                    "rel_err_vs_math": _relative_error(outputs[label], outputs["math"]),
+                    "rel_err_vs_math": relative_error(outputs[label], reference),
                 })
         if device.type == "cpu" and precision is None:
             _note_time_split(ctx, model, f"{name} {size}px b{batch}", images, backends)
@@ -112,24 +118,39 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
 
 def _note_time_split(ctx, model: SoftVQVAE, case: str, images: torch.Tensor, backends: dict) -> None:
     """Where an encode+decode's time goes: the linear layers (matrix products and the MLP's GELU)
-    against everything else (attention, soft VQ, norms, ...), on math/reference and on auto, so
+    against everything else (attention, soft VQ, norms, ...), on plain PyTorch and on auto, so
     that the gain splits into the linear layers' and the rest's. Profiled runs alternate between
     the two; of each, the run with the least total counts (a single run moves by tens of percent
     on a shared CPU)."""
     shares: dict[str, tuple[float, float]] = {}
     for _ in range(PROFILED_RUNS):
-        for label in ("auto", "math"):
+        for label in ("auto", PLAIN):
             _use(model, backends[label])
             split = cpu_op_share_ms(lambda: model.decode(model.encode(images)), LINEAR_OPS)
             if label not in shares or split[1] < shares[label][1]:
                 shares[label] = split
-    (auto_linear, auto_total), (math_linear, math_total) = shares["auto"], shares["math"]
+    (auto_linear, auto_total), (plain_linear, plain_total) = shares["auto"], shares[PLAIN]
     ctx.note(f"{case}, fp32, profiled encode+decode (least of {PROFILED_RUNS} runs each): the linear layers "
-             f"(matrix products, GELU) take {math_linear:.0f} of {math_total:.0f} ms on math/reference "
-             f"({math_linear / math_total:.0%}) and {auto_linear:.0f} of "
-             f"{auto_total:.0f} ms on auto ({math_linear / auto_linear:.2f}x faster); the other ops "
-             f"{math_total - math_linear:.0f} vs {auto_total - auto_linear:.0f} ms "
-             f"({(math_total - math_linear) / (auto_total - auto_linear):.2f}x)")
+             f"(matrix products, GELU) take {plain_linear:.0f} of {plain_total:.0f} ms on plain PyTorch "
+             f"({plain_linear / plain_total:.0%}) and {auto_linear:.0f} of "
+             f"{auto_total:.0f} ms on auto ({plain_linear / auto_linear:.2f}x faster); the other ops "
+             f"{plain_total - plain_linear:.0f} vs {auto_total - auto_linear:.0f} ms "
+             f"({(plain_total - plain_linear) / (auto_total - auto_linear):.2f}x)")
+
+
+def _note_round_trip(ctx, rows: list[dict], case: str, precision: str) -> None:
+    """auto against the baseline over encode + decode of one case and precision."""
+    chosen = [r for r in rows if r["case"] == case and r["precision"] == precision]
+    groups = {"auto": [r for r in chosen if r["backend"] == "auto"],
+              "baseline": [r for r in chosen if r["baseline"] == "yes"]}
+    if any(len(group) != 2 for group in groups.values()):  # a pass without either row
+        return
+    total = {(role, stat): sum(r[stat] for r in group) for role, group in groups.items() for stat in ("median_ms", "min_ms")}
+    ctx.note(f"{case}, {precision} encode+decode, auto vs the baseline: median {total['auto', 'median_ms']:.0f} vs "
+             f"{total['baseline', 'median_ms']:.0f} ms "
+             f"({total['baseline', 'median_ms'] / total['auto', 'median_ms']:.2f}x), fastest "
+             f"{total['auto', 'min_ms']:.0f} vs {total['baseline', 'min_ms']:.0f} ms "
+             f"({total['baseline', 'min_ms'] / total['auto', 'min_ms']:.2f}x)")
 
 
 def run(ctx) -> list[dict]:
@@ -143,12 +164,10 @@ def run(ctx) -> list[dict]:
             rows += _measure(ctx, model, name, batch, precision)
             ctx.progress(rows)
         del model
-    for case in dict.fromkeys(r["case"] for r in rows if r["precision"] == "fp32"):
-        fp32 = [r for r in rows if r["case"] == case and r["precision"] == "fp32"]
-        total = {(label, stat): sum(r[stat] for r in fp32 if r["backend"] == label)
-                 for label in ("auto", "math") for stat in ("median_ms", "min_ms")}
-        ctx.note(f"{case}, fp32 encode+decode, auto vs math/reference: median {total['auto', 'median_ms']:.0f} vs "
-                 f"{total['math', 'median_ms']:.0f} ms ({total['math', 'median_ms'] / total['auto', 'median_ms']:.2f}x), "
-                 f"fastest {total['auto', 'min_ms']:.0f} vs {total['math', 'min_ms']:.0f} ms "
-                 f"({total['math', 'min_ms'] / total['auto', 'min_ms']:.2f}x)")
+    add_speedups(rows, ("case", "precision", "pass"), lambda row: row["backend"].startswith(PLAIN))
+    for case, precision in dict.fromkeys((r["case"], r["precision"]) for r in rows):
+        _note_round_trip(ctx, rows, case, precision)
+    ctx.note(f"medians of {ROUNDS} alternating rounds; min_ms: the fastest of them. rel_err_vs_math: "
+             "||out - ref|| / ||ref|| against math attention, the reference soft VQ and torch's linear layers "
+             "at the row's precision (run once, untimed).")
     return rows
