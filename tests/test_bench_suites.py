@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.harness import Context
-from bench.suites import attention, linear, softvq, tokenizer
+from bench.suites import attention, layernorm_modulate, linear, softvq, tokenizer
 from softvq_fast.models import SoftVQVAE
 
 
@@ -61,6 +61,20 @@ def test_linear_suite(ctx, monkeypatch):
     assert {(r["backend"], r["via"]) for r in rows} >= {("torch", "softvq_fast"), ("torch", "direct")}
     _check_baselines(rows, ("case",), lambda row: row["via"] == "direct")
     assert all(row["rel_err"] < 1e-5 and row["auto"] in ("onednn", "torch") for row in rows)
+
+
+def test_layernorm_modulate_suite(ctx, monkeypatch):
+    monkeypatch.setattr(layernorm_modulate, "time_round_robin", _fake_round_robin)
+    monkeypatch.setattr(layernorm_modulate, "QUICK", [("SiT-S", 2, 5, 40)])
+    rows = layernorm_modulate.run(ctx)
+    # conftest runs Triton in its interpreter without a GPU: the fused kernels get rows too
+    assert [(r["pass"], r["backend"], r["via"]) for r in rows] == [
+        (pass_name, backend, via) for pass_name in ("fwd", "fwd+bwd")
+        for backend, via in (("triton", "softvq_fast"), ("reference", "softvq_fast"), ("torch", "direct"))
+    ]
+    _check_baselines(rows, ("case", "B", "S", "D", "pass"), lambda row: row["via"] == "direct")
+    assert all(row["rel_err"] < 1e-5 for row in rows)
+    assert any(note.startswith("CPU: the fused Triton kernels") for note in ctx.notes)
 
 
 def test_softvq_suite(ctx, monkeypatch):
