@@ -10,12 +10,14 @@
 #    softvq_fast._C with its CUDA kernels (MAX_JOBS=16; CUDA_HOME from the
 #    environment, else /usr/local/cuda if it has nvcc, else from nvcc on PATH; architectures
 #    SOFTVQ_FAST_CUDA_ARCHS, default 9.0 here to halve the compile),
-# 2. runs the CUDA tests (`-m cuda`: attention kernels, Triton soft-VQ and LayerNorm-modulate
-#    kernels, CUDA-graph sampling, tokenizer on CUDA),
-# 3. runs the benchmark suites in full mode (the open issues' first: attention, claims, then
-#    soft-VQ and tokenizer), our CUDA attention kernel under compute-sanitizer (memcheck,
-#    racecheck) and Nsight Compute, then the CPU tests with whatever time is left,
-# 4. prints the stage statuses and a short attention table last.
+# 2. runs the benchmark suites that the open issues wait on in full mode (attention: softvq
+#    against the libraries, with its error against float64; claims: 256 and 512 px, each within
+#    its own budget), then the CUDA tests (`-m cuda`: attention kernels, Triton soft-VQ and
+#    LayerNorm-modulate kernels, CUDA-graph sampling, tokenizer on CUDA), then the other suites
+#    (layernorm_modulate, soft-VQ, tokenizer), our CUDA attention kernel under compute-sanitizer
+#    (memcheck, racecheck) and Nsight Compute, then the CPU tests with whatever time is left,
+# 3. prints the stage statuses, the attention comparison and what the CUDA attention `auto` order
+#    should become from it (bench/attention_order.py) last.
 # $OUT receives at most 8 files (the device tool's limit): log.txt, summary.md,
 # bench_results.md and bench_results.json (every suite), and details.tar.gz (per-suite files,
 # PNG plots, junit XML, the Nsight Compute report as text). A
@@ -76,7 +78,6 @@ run_stage environment 30 bash -c "nvidia-smi; '$CUDA_HOME/bin/nvcc' --version | 
 run_stage build 200 bash -c "$PYTHON -m pip install -q --no-build-isolation --no-deps --no-index -e . \
   || { echo 'editable install failed: building in place (softvq_fast.kernels will not resolve)'; $PYTHON setup.py build_ext --inplace; }"
 run_stage extension 30 $PYTHON -c "import softvq_fast, softvq_fast._extension as e; print(e.extension_status()); assert e.extension_has_cuda()"
-run_stage tests-cuda 120 $PYTHON -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/bench/junit-cuda.xml" --durations=10 tests
 # bench_suites SUITE:LIMIT...: the benchmark suites in full mode.
 bench_suites() {
   local suite_limit suite
@@ -85,7 +86,11 @@ bench_suites() {
     run_stage "bench-$suite" "${suite_limit##*:}" $PYTHON -m bench --full --suite "$suite" --out "$OUT/bench/$suite"
   done
 }
-bench_suites attention:70 claims:150 softvq:70 tokenizer:60
+# claims: its two resolutions' budgets (bench/suites/claims.py, full_setup) and the sampling-step
+# comparison fit this limit.
+bench_suites attention:60 claims:180
+run_stage tests-cuda 120 $PYTHON -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/bench/junit-cuda.xml" --durations=10 tests
+bench_suites layernorm_modulate:45 softvq:60 tokenizer:60
 # Then our CUDA attention kernel under compute-sanitizer (out-of-bounds or misaligned accesses;
 # shared memory races) at the CUDA tests' bf16 shapes, and under Nsight Compute at the benchmark
 # shapes (clocks left alone; one profiled launch per shape).
@@ -109,29 +114,7 @@ run_stage tests-rest 120 $PYTHON -m pytest -q -m "not cuda" -p no:cacheprovider 
   echo
   for line in "${STAGES[@]}"; do echo "- $line"; done
   echo
-  $PYTHON - "$OUT/bench/attention" << 'EOF'
-import json, os, sys
-try:
-    path = os.path.join(sys.argv[1], "results.json")
-    if not os.path.exists(path):  # stopped by its time limit: the cases it finished
-        path = os.path.join(sys.argv[1], "attention.partial.json")
-    rows = json.load(open(path))["suites"]["attention"]["rows"]
-except (OSError, KeyError, ValueError) as exc:
-    print(f"(no attention results: {exc})")
-    sys.exit(0)
-cases = {}
-for r in rows:
-    cases.setdefault((r["case"], r["B"], r["S"], r["D"], r["pass"]), {})[r["backend"]] = r["median_ms"]
-print("| case | B | S | D | pass | softvq ms | best other | other ms | speed-up |")
-print("|---|---|---|---|---|---|---|---|---|")
-for key, times in cases.items():
-    ours = times.get("softvq")
-    others = {k: v for k, v in times.items() if k in ("sdpa", "flash_attn", "xformers")}
-    best = min(others, key=others.get) if others else None
-    speed = f"{others[best] / ours:.2f}x" if ours and best else "-"
-    print("| " + " | ".join(map(str, key)) + f" | {ours if ours is None else round(ours, 3)} | {best} | "
-          f"{round(others[best], 3) if best else '-'} | {speed} |")
-EOF
+  $PYTHON -m bench.attention_order "$OUT/bench/attention"
 } | tee "$OUT/summary.md"
 
 # Fold the per-suite files into the few that the device tool brings back.

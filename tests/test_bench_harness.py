@@ -1,5 +1,5 @@
 """The benchmark harness's shared arithmetic and plumbing: speed-ups against the baseline row,
-table headers, bench/RESULTS.md sections."""
+table headers, bench/RESULTS.md sections, and the CUDA attention order read from a suite run."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from bench import harness
+from bench import attention_order, harness
 from bench.compare import add_speedups, relative_error
 from bench.measure import cpu_name, device_name
 
@@ -89,3 +89,52 @@ def test_run_suites_prints_and_records_every_suite_in_the_same_shape(tmp_path, m
     summary = json.loads((out / "results.json").read_text())["suites"]["fake"]
     assert summary["rows"][1]["baseline"] == "yes" and len(summary["load_average"]) == 2 and summary["seconds"] >= 0
     assert not (out / "fake.partial.json").exists() and (out / "results.md").exists()
+
+
+def _attention_rows(softvq: dict[tuple[int, int, str], tuple[float, float]], sdpa_ms: float = 1.0) -> list[dict]:
+    """softvq: (S, D, pass) -> (ms, rel_err); every case also has a direct sdpa and a slower direct flash_attn."""
+    rows = []
+    for (seq, head_dim, pass_name), (ms, err) in softvq.items():
+        common = {"case": "generator", "B": 8, "S": seq, "D": head_dim, "dtype": "bfloat16", "pass": pass_name}
+        rows += [
+            {**common, "backend": "softvq", "via": "softvq_fast", "median_ms": ms, "rel_err": err},
+            {**common, "backend": "sdpa", "via": "softvq_fast", "median_ms": sdpa_ms / 2, "rel_err": 1e-3},
+            {**common, "backend": "sdpa", "via": "direct", "median_ms": sdpa_ms, "rel_err": 1e-3},
+            {**common, "backend": "flash_attn", "via": "direct", "median_ms": 2 * sdpa_ms, "rel_err": 1e-3},
+        ]
+    return rows
+
+
+def test_attention_order_recommends_softvq_only_where_it_won_and_was_correct():
+    rows = _attention_rows({
+        (32, 72, "fwd"): (0.5, 3e-3), (64, 72, "fwd"): (0.9, 3e-3), (128, 72, "fwd"): (0.97, 3e-3),
+        (32, 64, "fwd"): (0.5, 0.2),  # fast but wrong
+        (32, 72, "fwd+bwd"): (1.5, 3e-3),
+    })
+    comparisons = attention_order.compare(rows)
+    assert [(c.seq, c.head_dim, c.pass_name, c.best, c.verdict) for c in comparisons] == [
+        (32, 72, "fwd", "sdpa", "faster"), (64, 72, "fwd", "sdpa", "faster"), (128, 72, "fwd", "sdpa", "not faster"),
+        (32, 64, "fwd", "sdpa", "wrong"), (32, 72, "fwd+bwd", "sdpa", "not faster"),
+    ]
+    assert comparisons[0].speedup == 2.0  # against the fastest direct call, not softvq_fast's own sdpa
+    lines = attention_order.recommend(comparisons)
+    assert lines[0].startswith("fwd: softvq faster than the best other backend") and "S=32 D=72 (2.00x vs sdpa)" in lines[0]
+    assert lines[2] == ("recommend for inputs without gradients (inference): softvq first on CUDA only where it won "
+                        "(kv length <= 64 at head dim 72); flash_attn / sdpa first elsewhere")
+    assert lines[-1] == ("recommend for inputs that need gradients (training): keep flash_attn / sdpa first on CUDA; "
+                         "softvq stays opt-in")
+    table = attention_order.table(comparisons)
+    assert "| generator | 8 | 32 | 64 | fwd | 0.500 | sdpa | 1.000 | 2.00 | 2.0e-01 | wrong |" in table
+
+
+def test_attention_order_everywhere_faster_and_partial_results(tmp_path, capsys):
+    rows = _attention_rows({(32, 72, "fwd"): (0.5, 3e-3), (64, 72, "fwd"): (0.5, 3e-3)})
+    lines = attention_order.recommend(attention_order.compare(rows))
+    assert lines[-1] == ("recommend for inputs without gradients (inference): softvq first on CUDA at every measured "
+                         "shape (kv length <= 64 at head dim 72); flash_attn / sdpa first beyond them")
+    # a run stopped by its time limit leaves only attention.partial.json
+    (tmp_path / "attention.partial.json").write_text(json.dumps({"suites": {"attention": {"rows": rows}}}))
+    assert attention_order.main([str(tmp_path)]) == 0
+    assert "softvq first on CUDA at every measured shape" in capsys.readouterr().out
+    assert attention_order.main([str(tmp_path / "missing")]) == 0
+    assert capsys.readouterr().out.startswith("(no attention results:")
