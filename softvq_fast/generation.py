@@ -2,51 +2,102 @@
 tokenizer's vq_mean / vq_std, decode, clamp."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from softvq_fast import hub
+from softvq_fast.models import fields
+from softvq_fast.models.fields import FieldError
 from softvq_fast.models.adaln_transformer import AdaLNTransformer
-from softvq_fast.models.checkpoint import CONFIG_NAME, CheckpointError
+from softvq_fast.models.checkpoint import CONFIG_NAME, CheckpointError, read_json
+from softvq_fast.models.config import SoftVQConfig
 from softvq_fast.models.dit import DiT
 from softvq_fast.models.sit import SiT
 from softvq_fast.sampling import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, PATHS, ConditionalModel, sample_diffusion, sample_flow
+from softvq_fast.sampling.diffusion import TRAIN_STEPS
 
 DIT_TIME_SCALE = 1000.0
+# Generator precisions generate() runs (the tokenizer decodes under autocast to the same dtype).
+GENERATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def load_generator(directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> AdaLNTransformer:
-    """A release-format SiT or DiT folder (config.json + model.safetensors). The family comes
-    from the config's tags, else from its fields (`learn_sigma` is DiT's)."""
-    config_path = Path(directory) / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: not found (a generator folder holds config.json and model.safetensors)")
-    config = json.loads(config_path.read_text())
-    tags = set(config.get("tags", []))
+def generator_family(directory: Path) -> type[AdaLNTransformer]:
+    """SiT or DiT for a release folder: from its config.json's tags, else from its fields
+    (`learn_sigma` is DiT's)."""
+    config_path = directory / CONFIG_NAME
+    config = read_json(config_path, "SiT or DiT arguments")
+    tags = config.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise CheckpointError(f"{config_path}: tags must be a list of strings, got {tags!r}")
     is_dit = "DiT" in tags or ("SiT" not in tags and "learn_sigma" in config)
-    return (DiT if is_dit else SiT).from_pretrained(directory, device=device, dtype=dtype)
+    return DiT if is_dit else SiT
 
 
-def _labels(class_labels: Sequence[int] | torch.Tensor, generator: AdaLNTransformer, device: torch.device) -> torch.Tensor:
-    labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-    if labels.numel() == 0:
-        raise ValueError("class_labels is empty")
-    num_classes = generator.y_embedder.num_classes
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"class_labels must lie in [0, {num_classes}), got {labels.tolist()}")
-    return labels
+def load_generator(
+    path: str | Path, *, revision: str | None = None, device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> AdaLNTransformer:
+    """A release-format SiT or DiT: a local folder (config.json + model.safetensors) or a Hugging
+    Face Hub repo id such as "SoftVQVAE/sit-xl_softvq-b-64" (see `softvq_fast.hub.resolve`).
+    The family comes from `generator_family`; loading as in `AdaLNTransformer.from_pretrained`."""
+    directory = hub.resolve(path, revision=revision)
+    return generator_family(directory).from_pretrained(directory, device=device, dtype=dtype)
 
 
-def _check_pair(tokenizer, generator: AdaLNTransformer) -> None:
-    config = tokenizer.config
-    expected = (config.num_latent_tokens, config.codebook_embed_dim)
+def check_class_labels(class_labels: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The labels as a flat int64 tensor (on their own device), or ValueError naming class_labels."""
+    try:
+        labels = torch.as_tensor(class_labels).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        labels = None
+    integer = labels is not None and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+    if not integer or labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        shown = labels.tolist() if integer else class_labels
+        raise FieldError("class_labels", f"class_labels must lie in [0, {num_classes}) (a non-empty sequence of "
+                                         f"integers), got {shown!r}")
+    return labels.long()
+
+
+def check_pair(tokenizer_config: SoftVQConfig, generator: AdaLNTransformer) -> None:
+    """ValueError unless the generator samples the tokenizer's latents."""
+    expected = (tokenizer_config.num_latent_tokens, tokenizer_config.codebook_embed_dim)
     if not generator.vae_1d or generator.latent_shape != expected:
         raise ValueError(
             f"the generator takes samples of shape {generator.latent_shape} but the tokenizer's latents are "
             f"(num_latent_tokens, codebook_embed_dim) = {expected}"
         )
+
+
+def check_sampling_arguments(
+    generator: AdaLNTransformer, *, sampler: str | None, steps: int, cfg_scale: float,
+    guidance_interval: tuple[float, float], path: str | None, seed: int, cuda_graph: bool | None,
+) -> None:
+    """FieldError (a ValueError) naming the first argument of `sample_latents` that it cannot run."""
+    is_dit = isinstance(generator, DiT)
+    fields.integer("steps", steps)
+    if is_dit and steps > TRAIN_STEPS:
+        raise FieldError("steps", f"steps must be at most {TRAIN_STEPS} for a DiT (its training steps), got {steps}")
+    family, samplers = ("DiT", DIFFUSION_SAMPLERS) if is_dit else ("SiT", FLOW_SAMPLERS)
+    if sampler is not None and sampler not in samplers:
+        raise FieldError("sampler", f"sampler={sampler!r}: a {family} samples with one of {samplers}")
+    if path is not None:
+        if is_dit:
+            raise FieldError("path", f"path={path!r} applies to SiT (flow) sampling; a DiT samples on its diffusion schedule")
+        fields.text("path", path, PATHS)
+    if fields.real("cfg_scale", cfg_scale) != 1.0 and generator.y_embedder.dropout_prob <= 0:
+        raise FieldError("cfg_scale", f"cfg_scale={cfg_scale} needs a null class for guidance, but this generator "
+                                      "was built with class_dropout_prob=0 (use cfg_scale=1)")
+    if not isinstance(guidance_interval, (tuple, list)) or len(guidance_interval) != 2:
+        raise FieldError("guidance_interval", f"guidance_interval must be a pair (low, high), got {guidance_interval!r}")
+    low = fields.real("guidance_interval low", guidance_interval[0], at_least=0, at_most=1)
+    high = fields.real("guidance_interval high", guidance_interval[1], at_least=0, at_most=1)
+    if low > high:
+        raise FieldError("guidance_interval", f"guidance_interval must have low <= high, got {tuple(guidance_interval)}")
+    fields.integer("seed", seed, minimum=0)
+    if cuda_graph is not None:
+        fields.boolean("cuda_graph", cuda_graph)
 
 
 @torch.inference_mode()
@@ -66,7 +117,11 @@ def sample_latents(
     """Samples (B, *generator.latent_shape) float32 for labels (B,) on the generator's device.
     SiT: sampler euler (default), heun or sde on `path` (default: the model's path_type if it
     is linear or cosine, else linear). DiT: ddpm (default) or ddim (eta 0).
-    `cuda_graph` (default: on CUDA) replays the sampling step as a CUDA graph."""
+    `cuda_graph` (default: on CUDA) replays the sampling step as a CUDA graph. Arguments are
+    checked first (`check_sampling_arguments`)."""
+    check_sampling_arguments(generator, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                             guidance_interval=guidance_interval, path=path, seed=seed, cuda_graph=cuda_graph)
+    labels = check_class_labels(labels, generator.y_embedder.num_classes)
     device = labels.device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -77,18 +132,12 @@ def sample_latents(
         time_scale=DIT_TIME_SCALE if is_dit else 1.0, cuda_graph=cuda_graph,
     )
     if is_dit:
-        sampler = sampler or "ddpm"
-        if sampler not in DIFFUSION_SAMPLERS:
-            raise ValueError(f"a DiT samples with one of {DIFFUSION_SAMPLERS}, got {sampler!r}")
         return sample_diffusion(
-            fn, noise, steps=steps, sampler=sampler, channel_dim=generator.channel_dim,
+            fn, noise, steps=steps, sampler=sampler or "ddpm", channel_dim=generator.channel_dim,
             learn_sigma=generator.learn_sigma, generator=rng, progress=progress,
         )
-    sampler = sampler or "euler"
-    if sampler not in FLOW_SAMPLERS:
-        raise ValueError(f"a SiT samples with one of {FLOW_SAMPLERS}, got {sampler!r}")
     path = path or (generator.path_type if generator.path_type in PATHS else "linear")
-    return sample_flow(fn, noise, steps=steps, sampler=sampler, path=path, generator=rng, progress=progress)
+    return sample_flow(fn, noise, steps=steps, sampler=sampler or "euler", path=path, generator=rng, progress=progress)
 
 
 def generate(
@@ -114,14 +163,19 @@ def generate(
     place) to `device` (default: the generator's) and the generator to `dtype` (default: its
     own; bf16 is the fast choice on GPUs); the tokenizer decodes under autocast to that dtype.
     Sampling arguments as in `sample_latents`; the same seed gives the same images on the same
-    device and dtype."""
-    _check_pair(tokenizer, generator)
+    device and dtype. Every argument is checked before any work (ValueError naming it)."""
+    check_pair(tokenizer.config, generator)
+    check_sampling_arguments(generator, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                             guidance_interval=guidance_interval, path=path, seed=seed, cuda_graph=cuda_graph)
+    labels = check_class_labels(class_labels, generator.y_embedder.num_classes)
     parameter = next(generator.parameters())
-    device = torch.device(device) if device is not None else parameter.device
+    device = _device(device) if device is not None else parameter.device
     dtype = dtype or parameter.dtype
+    if dtype not in GENERATION_DTYPES:
+        raise FieldError("dtype", f"dtype must be one of {', '.join(map(str, GENERATION_DTYPES))} or None, got {dtype!r}")
     generator.to(device=device, dtype=dtype).eval()
     tokenizer.to(device).eval()
-    labels = _labels(class_labels, generator, device)
+    labels = labels.to(device)
     latents = sample_latents(
         generator, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
         path=path, seed=seed, cuda_graph=cuda_graph, progress=progress,
@@ -130,3 +184,14 @@ def generate(
         autocast = None if dtype == torch.float32 else dtype
         images = tokenizer.decode(tokenizer.denormalize_latents(latents), autocast_dtype=autocast)
     return images.float().clamp(-1.0, 1.0)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or ValueError naming `device` (unknown spelling, CUDA unavailable)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FieldError("device", f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FieldError("device", f"device={device!r}: CUDA is not available in this torch build or machine")
+    return resolved

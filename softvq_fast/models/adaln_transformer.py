@@ -8,7 +8,6 @@ embedder, patch 1, 1-D sin-cos positions) or 2-D latents (B, C, H, W) (patch emb
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -17,7 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from softvq_fast.models.checkpoint import CONFIG_NAME, CheckpointError, check_keys, read_state_dict
+from softvq_fast import hub
+from softvq_fast.models import fields
+from softvq_fast.models.checkpoint import (
+    CONFIG_NAME, CheckpointError, LoadReport, check_dtype, load_weights, read_json, read_state_dict,
+)
 from softvq_fast.models.positions import sincos_1d, sincos_2d
 from softvq_fast.nn.linear import Linear, set_linear_backend
 from softvq_fast.nn.transformer import Attention, Mlp
@@ -149,7 +152,20 @@ class AdaLNTransformer(nn.Module):
         qk_norm: bool = False,
     ) -> None:
         super().__init__()
-        out_channels = out_channels or in_channels
+        for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
+                            ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
+                            ("num_classes", num_classes)):
+            fields.integer(name, value)
+        out_channels = fields.optional_integer("out_channels", out_channels) or in_channels
+        fields.real("mlp_ratio", mlp_ratio, above=0)
+        fields.real("class_dropout_prob", class_dropout_prob, at_least=0, below=1)
+        fields.boolean("vae_1d", vae_1d)
+        fields.boolean("qk_norm", qk_norm)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+        if int(hidden_size * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio={mlp_ratio} leaves no MLP units at hidden_size={hidden_size}")
+        self.load_report: LoadReport | None = None
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -161,7 +177,7 @@ class AdaLNTransformer(nn.Module):
             num_tokens = input_size
         else:
             if input_size % patch_size:
-                raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
+                raise ValueError(f"input_size={input_size} must be divisible by patch_size={patch_size}")
             self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
             num_tokens = (input_size // patch_size) ** 2
         self.num_tokens = num_tokens
@@ -274,26 +290,36 @@ class AdaLNTransformer(nn.Module):
         return torch.cat([guided, cond.narrow(dim, n, self.out_channels - n)], dim=dim)
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-    ) -> "AdaLNTransformer":
-        """Load a release-format directory: config.json (the constructor's arguments plus
-        metadata) and model.safetensors. Raises CheckpointError naming the file, or the missing,
-        unexpected and misshaped keys."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise CheckpointError(f"{config_path}: not found (a release folder holds config.json and model.safetensors)")
+    def from_config(cls, directory: str | Path) -> "AdaLNTransformer":
+        """The network that a release folder's config.json describes, on the meta device (no
+        weights, nothing allocated): for checking arguments against a model before loading it.
+        CheckpointError naming the file and the field when the config describes no such network."""
+        config_path = Path(directory) / CONFIG_NAME
+        config = read_json(config_path, f"{cls.__name__} arguments")
         try:
-            config = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in METADATA_FIELDS}
             with torch.device("meta"):
-                model = cls(**config)
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+                return cls(**{k: v for k, v in config.items() if k not in METADATA_FIELDS})
+        except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{config_path} does not describe a {cls.__name__}: {exc}") from exc
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, revision: str | None = None, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "AdaLNTransformer":
+        """Load a release folder (config.json: the constructor's arguments plus metadata;
+        model.safetensors or pytorch_model.bin), or a Hugging Face Hub repo id such as
+        "SoftVQVAE/sit-xl_softvq-b-64" (at `revision`, through huggingface_hub's cache; an
+        existing local folder of the same name wins). Floating tensors stored in another
+        precision are cast to `dtype` (listed in `model.load_report.cast`). Raises
+        CheckpointError naming the file and the field, or the missing, unexpected, misshaped
+        or non-floating keys."""
+        dtype = check_dtype(dtype)
+        directory = hub.resolve(path, revision=revision)
+        model = cls.from_config(directory)
         state, source = read_state_dict(directory)
-        check_keys(model.state_dict(), state, source)
-        model.load_state_dict(state, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        model.load_report = LoadReport(cast=load_weights(model, state, source, dtype), weights_file=str(source))
+        return model.to(device=device).eval()
 
 
 def preset_kwargs(name: str, family: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from softvq_fast.models import fields
+
 
 @dataclass(frozen=True)
 class ViTSpec:
@@ -120,22 +122,42 @@ class SoftVQConfig:
         return values
 
     def validate(self) -> None:
-        """Raise ValueError naming the field for settings this implementation cannot run."""
-        for kind in ("enc_type", "dec_type"):
-            if getattr(self, kind) != "vit":
-                raise ValueError(f"{kind}={getattr(self, kind)!r}: only the ViT tokenizer ('vit') is supported")
-        if self.to_pixel != "linear":
-            raise ValueError(f"to_pixel={self.to_pixel!r}: only the released 'linear' pixel head is supported")
-        for name in ("enc_patch_size", "dec_patch_size"):
-            if self.image_size % getattr(self, name):
-                raise ValueError(f"image_size={self.image_size} is not a multiple of {name}={getattr(self, name)}")
+        """Raise ValueError naming the field, its value and what is expected, for any value this
+        implementation cannot run: the type and range of every field (the training-only ones
+        too), then the relations between fields."""
+        for name in _COUNTS:
+            fields.integer(name, getattr(self, name))
+        for name in ("encoder_depth", "decoder_depth"):
+            fields.optional_integer(name, getattr(self, name))
+        for name in _FLAGS:
+            fields.boolean(name, getattr(self, name))
+        for name in _NAMES:
+            fields.text(name, getattr(self, name))
+        for name in ("encoder_ch_mult", "decoder_ch_mult"):
+            fields.integer_list(name, getattr(self, name))
+        for name in _WEIGHTS:
+            fields.real(name, getattr(self, name), at_least=0)
+        for name in _RATES:
+            fields.real(name, getattr(self, name), at_least=0, at_most=1)
+        fields.real("tau", self.tau, above=0)  # softmax temperature of the soft quantiser
+        fields.real("vq_mean", self.vq_mean)
+        fields.real("vq_std", self.vq_std, above=0)  # generators' latents are (z - vq_mean) / vq_std
+        fields.real("rope_theta", self.rope_theta, above=0)
+        fields.text("enc_type", self.enc_type, ("vit",))  # the authors' CNN tokenizers are not implemented
+        fields.text("dec_type", self.dec_type, ("vit",))
+        fields.text("to_pixel", self.to_pixel, ("linear",))  # the released pixel head
+        # Relations: whole patches, whole token segments per codebook.
+        patch_names = ("enc_patch_size", "dec_patch_size")
+        sizes = ("image_size", "base_image_size") if self.use_rope and self.rope_mixed else ("image_size",)
+        for size in sizes:
+            for patch in patch_names:
+                if getattr(self, size) % getattr(self, patch):
+                    raise ValueError(f"{size}={getattr(self, size)} must be a multiple of {patch}={getattr(self, patch)}")
         if self.num_latent_tokens % self.num_codebooks:
             raise ValueError(
-                f"num_latent_tokens={self.num_latent_tokens} must be divisible by num_codebooks={self.num_codebooks}"
+                f"num_latent_tokens={self.num_latent_tokens} must be divisible by num_codebooks={self.num_codebooks} "
+                "(each codebook quantises one contiguous segment of the tokens)"
             )
-        for name in ("encoder_depth", "decoder_depth"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: a ViT needs at least one block")
         vit_spec(self.encoder_model)
         decoder = vit_spec(self.decoder_model)
         if not self.dec_cls_token and decoder.reg_tokens == 0:
@@ -143,6 +165,16 @@ class SoftVQConfig:
                 "dec_cls_token=False needs a register model (..._reg4_dinov2): without registers the "
                 "decoder's position table includes the class token"
             )
+
+
+# Field groups of SoftVQConfig by the check they take (besides those checked one by one).
+_COUNTS = ("image_size", "base_image_size", "codebook_size", "codebook_embed_dim", "num_codebooks", "num_latent_tokens",
+           "enc_patch_size", "dec_patch_size", "z_channels", "repa_patch_size", "repa_proj_dim")
+_FLAGS = ("codebook_l2_norm", "codebook_show_usage", "enc_pretrained", "dec_pretrained", "dec_cls_token", "use_ape",
+          "use_rope", "rope_mixed", "repa")
+_NAMES = ("encoder_model", "decoder_model", "enc_tuning_method", "dec_tuning_method", "repa_model", "repa_align")
+_WEIGHTS = ("commit_loss_beta", "entropy_loss_ratio", "vq_loss_ratio", "kl_loss_weight", "repa_loss_weight")
+_RATES = ("dropout_p", "enc_drop_path_rate", "dec_drop_path_rate", "enc_token_drop", "enc_token_drop_max")
 
 
 def _preset(size: str, tokens: int, image_size: int) -> SoftVQConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from softvq_fast.models import fields
 from softvq_fast.models.adaln_transformer import AdaLNTransformer, preset_kwargs
 
 
@@ -15,7 +16,8 @@ class DiT(AdaLNTransformer):
     (x (B, in_channels, input_size, input_size)). Network arguments as in `AdaLNTransformer`."""
 
     def __init__(self, *, learn_sigma: bool = True, **network: Any) -> None:
-        in_channels = network.get("in_channels", 4)
+        fields.boolean("learn_sigma", learn_sigma)
+        in_channels = fields.integer("in_channels", network.get("in_channels", 4))
         super().__init__(out_channels=2 * in_channels if learn_sigma else in_channels, **network)
         self.learn_sigma = learn_sigma
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from softvq_fast.models import fields
 from softvq_fast.models.adaln_transformer import AdaLNTransformer, preset_kwargs
 
 
@@ -30,7 +31,11 @@ class SiT(AdaLNTransformer):
         encoder_depth: int | None = None,
         **network: Any,
     ) -> None:
-        hidden_size = network.get("hidden_size", 1152)
+        fields.text("path_type", path_type)
+        fields.boolean("use_cfg", use_cfg)
+        fields.optional_integer("decoder_hidden_size", decoder_hidden_size)
+        fields.optional_integer("encoder_depth", encoder_depth)
+        hidden_size = fields.integer("hidden_size", network.get("hidden_size", 1152))
         if decoder_hidden_size not in (None, hidden_size):
             raise ValueError(
                 f"decoder_hidden_size={decoder_hidden_size} must equal hidden_size={hidden_size}: "

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from softvq_fast.models import checkpoint
+from softvq_fast import hub
+from softvq_fast.models import checkpoint, fields
 from softvq_fast.models.config import SoftVQConfig, preset_config, vit_spec
 from softvq_fast.models.vit import LatentDecoder, LatentEncoder
 from softvq_fast.nn.linear import Linear, set_linear_backend
@@ -79,18 +80,25 @@ class SoftVQVAE(nn.Module):
         cls,
         path: str | Path,
         *,
+        revision: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
         attention_backend: str = "auto",
         soft_vq_backend: str = "auto",
         linear_backend: str = "auto",
     ) -> "SoftVQVAE":
-        """Load a release folder (`config.json` + `model.safetensors` or `pytorch_model.bin`).
+        """Load a release folder (`config.json` + `model.safetensors` or `pytorch_model.bin`), or a
+        Hugging Face Hub repo id such as "SoftVQVAE/softvq-l-64" (at `revision`, through
+        huggingface_hub's cache: `softvq_fast.hub.resolve`; an existing local folder of the same
+        name wins).
 
         The ViT depth comes from the checkpoint's blocks where it differs from the model name.
-        Training-only keys are ignored and listed in `model.load_report.ignored`; any other
-        missing, unexpected or misshaped key raises `CheckpointError` naming it."""
-        directory = Path(path)
+        Training-only keys are ignored and listed in `model.load_report.ignored`; floating tensors
+        stored in another precision are cast to `dtype` and listed in `model.load_report.cast`.
+        Any other missing, unexpected, misshaped or non-floating key, and any config field out of
+        range, raises `CheckpointError` naming the file and the key or field."""
+        dtype = checkpoint.check_dtype(dtype)
+        directory = hub.resolve(path, revision=revision)
         config = checkpoint.read_config(directory)
         state, source = checkpoint.read_state_dict(directory)
         state, ignored = checkpoint.split_training_only(state)
@@ -99,11 +107,13 @@ class SoftVQVAE(nn.Module):
         with torch.device("meta"):
             model = cls(config, attention_backend=attention_backend, soft_vq_backend=soft_vq_backend,
                         linear_backend=linear_backend)
-        checkpoint.check_keys(model.state_dict(), state, source)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-        model.load_report = checkpoint.LoadReport(ignored=ignored, weights_file=str(source))
+        cast = checkpoint.load_weights(model, state, source, dtype)
+        model.load_report = checkpoint.LoadReport(ignored=ignored, cast=cast, weights_file=str(source))
         if ignored:
             logger.info("%s: ignored %d training-only keys: %s", source, len(ignored), ", ".join(ignored))
+        if cast:
+            logger.info("%s: cast %d tensors to %s (stored as %s)", source, len(cast), dtype,
+                        ", ".join(sorted(set(cast.values()))))
         return model.to(device) if device is not None else model
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -127,7 +137,8 @@ class SoftVQVAE(nn.Module):
         S = config.image_size -> soft-quantised latents
         (B, num_latent_tokens, codebook_embed_dim) float32.
 
-        `max_batch` runs at most that many images at a time (caps activation memory);
+        `max_batch` (a positive integer, None: all at once) runs at most that many images at a
+        time (caps activation memory);
         `autocast_dtype` (e.g. torch.bfloat16) runs the ViT under autocast."""
         self._check_images(images)
         return self._sliced(self._encode, images.to(self._dtype), max_batch, autocast_dtype)
@@ -165,8 +176,9 @@ class SoftVQVAE(nn.Module):
 
     @staticmethod
     def _sliced(fn: Callable, x: torch.Tensor, max_batch: int | None, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch}")
+        max_batch = fields.optional_integer("max_batch", max_batch)
+        if autocast_dtype is not None:
+            checkpoint.check_dtype(autocast_dtype, "autocast_dtype")
         if max_batch is None or x.shape[0] <= max_batch:
             return fn(x, autocast_dtype)
         return torch.cat([fn(chunk, autocast_dtype) for chunk in x.split(max_batch)])
