@@ -2,8 +2,10 @@
 energy counter (not the 1 s averaged power reading), and power, memory, SM clock and
 utilisation sampled by a background thread. Work inside `span(label)` is also accounted to that
 label (energy counter read around it, samples tagged with it), so interleaved runs of several
-workloads each get their own figures. On the CPU, or without NVML, `summary()` says why there is
-nothing."""
+workloads each get their own figures. A span may hold a burst of several calls back to back
+(`span.calls`): the energy per call is the counter's difference over the span divided by them,
+which lets calls far shorter than the counter's steps be measured. On the CPU, or without NVML,
+`summary()` says why there is nothing."""
 from __future__ import annotations
 
 import threading
@@ -24,11 +26,20 @@ class Samples:
     energy_j: float = 0.0  # spans only: summed counter deltas
     energy_complete: bool = True  # False when a counter read failed
     spans: int = 0
+    calls: int = 0  # spans only: the calls they held
     seconds: float = 0.0  # spans only: their summed duration
 
 
-# Shortest mean span over which a label's energy is reported.
-MIN_ENERGY_SPAN_S = 0.5
+@dataclass
+class Span:
+    """What `GpuTelemetry.span` yields: set `calls` to the number of calls the span held."""
+
+    calls: int = 1
+
+
+# Shortest mean span over which a label's energy is reported: the counter advances in steps of the
+# power sensor's updates, so over shorter spans its differences are mostly quantisation.
+MIN_ENERGY_SPAN_S = 1.0
 
 
 def _mean(values: list[float]) -> float | None:
@@ -120,22 +131,26 @@ class GpuTelemetry:
         self.seconds = time.perf_counter() - self._start
 
     @contextmanager
-    def span(self, label: str) -> Iterator[None]:
-        """Account the work inside (synchronised at both ends) to `label`."""
+    def span(self, label: str) -> Iterator[Span]:
+        """Account the work inside (synchronised at both ends) to `label`; the yielded Span's
+        `calls` (default 1) says how many calls it held."""
         samples = self.labelled.setdefault(label, Samples())
         samples.spans += 1
+        span = Span()
         if self.unavailable is not None:
-            yield
+            yield span
+            samples.calls += span.calls
             return
         torch.cuda.synchronize(self.device)
         start = self._energy_mj()
         began = time.perf_counter()
         self._label = label
         try:
-            yield
+            yield span
             torch.cuda.synchronize(self.device)
         finally:
             self._label = None
+        samples.calls += span.calls
         samples.seconds += time.perf_counter() - began
         end = self._energy_mj()
         if start is None or end is None:
@@ -146,8 +161,9 @@ class GpuTelemetry:
     def summary(self, label: str | None = None) -> dict[str, float | str | None]:
         """For the whole run, or the spans of `label`: energy_j (counter; for the whole run
         power x time if the counter is unsupported; for labels None unless their spans last
-        MIN_ENERGY_SPAN_S on average), energy_per_span_j (labels), mean_power_w, peak_memory_gib
-        (device-wide memory in use), mean_sm_clock_mhz, mean_utilization_pct."""
+        MIN_ENERGY_SPAN_S on average), energy_per_call_j (labels: energy_j over the calls the
+        spans held), mean_power_w, peak_memory_gib (device-wide memory in use),
+        mean_sm_clock_mhz, mean_utilization_pct."""
         if self.unavailable is not None:
             return {"telemetry": self.unavailable}
         samples = self.samples if label is None else self.labelled[label]
@@ -159,11 +175,9 @@ class GpuTelemetry:
                 energy, source = mean_power * self.seconds, "sampled power x time"
             result.update(energy_j=energy, energy_source=source)
         else:
-            # The energy counter advances in steps of the power sensor's updates (tens of ms on
-            # recent GPUs): over shorter spans its differences are mostly quantisation.
             measurable = samples.energy_complete and samples.seconds >= MIN_ENERGY_SPAN_S * samples.spans
-            energy = samples.energy_j if measurable else None
-            result.update(energy_j=energy, energy_per_span_j=energy / samples.spans if energy is not None else None)
+            energy = samples.energy_j if measurable and samples.calls else None
+            result.update(energy_j=energy, energy_per_call_j=energy / samples.calls if energy is not None else None)
         result.update(
             mean_power_w=mean_power,
             peak_memory_gib=max(samples.memory_gib, default=None),

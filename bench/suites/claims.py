@@ -2,7 +2,7 @@
 SiT on SD-VAE latents ("up to 18x faster at 256 px and 55x at 512 px").
 
 Systems at each resolution R (the same generator implementation, sampler, steps, batch,
-precision and guidance on every side):
+precision and guidance on every side, so that the ratios measure the token counts):
   (a)  SD-VAE f8 (diffusers AutoencoderKL, SD config, 4 channels, random weights) + SiT/2 on its
        latents: (R/16)^2 tokens, the common setup
   (b)  the same SD-VAE + SiT/1: (R/8)^2 tokens, the counts the paper's tables list for SD-VAE
@@ -12,37 +12,51 @@ Per system: the median time of one sampling step (one generator evaluation; with
 generator-only = B / (steps x step), end-to-end = B / (steps x step + decode). Next to every
 measured ratio stands the ideal one from counted FLOPs (generator: linear layers and attention,
 counted analytically; decoder: torch's FLOP counter on one decode, convolutions included), and
-measured/ideal. On a GPU, NVML telemetry (energy counter, power, memory, SM clock,
-utilisation) is sampled during the timed repeats: images per joule.
+measured/ideal. Every timed call follows one untimed call of the same workload (a sampling loop
+runs its step back to back; in turns a short call after a long one would find its weights
+evicted). A composition check runs every system for real (check_steps Euler steps with CFG, then
+the decode) and flags a gap above 5% from the composed time.
 
-$SOFTVQ_FAST_SD_VAE may name a local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema) to use
-instead of random weights; nothing is downloaded.
+On a GPU, NVML telemetry reads energy over bursts of back-to-back calls of each workload lasting
+at least MIN_ENERGY_SPAN_S, divided by the calls (images per joule), and samples power, clock,
+utilisation and memory during them. The kernels' own gain is reported beside the table: one
+sampling step on plain eager PyTorch against ours, each with and without a CUDA graph (a plain
+torch feature that users can take without us).
 
-Full mode (GPU): SiT-XL, bf16, SoftVQ-L tokenizers, 256 and 512 px. Quick mode (CPU): SiT-S,
-float32, SoftVQ-S tokenizers, the full SD-VAE, 256 and 512 px, batch 1: CPU ratios of smaller
-generators, not the paper's setting.
+Each resolution has its own time budget: the timed repeats, then the batch, are reduced to fit
+(each with a note), never a row. $SOFTVQ_FAST_SD_VAE may name a local diffusers AutoencoderKL
+folder (e.g. sd-vae-ft-ema) to use instead of random weights; nothing is downloaded.
+
+Full mode (GPU): SiT-XL, bf16, SoftVQ-L tokenizers, 256 and 512 px: the paper's setting, with
+its claim beside the rows (paper_x). Quick mode (CPU): SiT-S, float32, SoftVQ-S tokenizers, the
+full SD-VAE, 256 px, batch 1: CPU ratios of a smaller generator, not the paper's setting.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
 from bench.measure import Timing, synchronize
+from softvq_fast.dispatch import NoBackendError
 from softvq_fast.telemetry import MIN_ENERGY_SPAN_S
 
 TITLE = "Paper claims: SiT throughput on SoftVQ 1-D tokens vs SD-VAE latents"
+BASELINE = ("systems (a) SD-VAE + SiT/2 and (b) SD-VAE + SiT/1, on the same generator implementation, "
+            "sampler, steps, batch, precision and guidance; *_x_a, *_x_b = their time / the row's")
 PAPER_CLAIMS = {(256, 32): 18.0, (512, 64): 55.0}
 SD_VAE_SCALE = 0.18215
 SD_VAE_ENV = "SOFTVQ_FAST_SD_VAE"
 CFG_SCALE = 1.5
-CHECK_STEPS = 4
+CHECK_GAP = 0.05  # composition checks further than this from the composed time are flagged
+# Bursts are sized from the median call time with this margin, so that back-to-back calls (a
+# little faster than synchronised ones) still fill MIN_ENERGY_SPAN_S.
+BURST_MARGIN = 1.25
 
 
 @dataclass
@@ -59,16 +73,14 @@ class Setup:
     sd_vae_groups: int
     # resolution -> [(name, factory() -> tokenizer)]
     tokenizers: dict[int, list[tuple[str, Callable[[], Any]]]]
+    # resolution -> seconds it may take in all (building, warm-up, timing, energy, checks)
+    budget_s: dict[int, float] = field(default_factory=dict)
     steps: int = 250
-    warmup: int = 2
-    repeats: int = 5
-    max_seconds: float = 5.0
+    warmup: int = 1
+    repeats: int = 3
+    check_steps: int = 10
     stack_batches: tuple[int, ...] = (1,)
-    # A later resolution is skipped (with a note) when the earlier ones took more than this share of it.
-    time_budget_s: float | None = None
-    # Workloads whose warm-up call took less than this run once untimed before each timed call (see
-    # _round_robin); 0 turns it off.
-    settle_below_ms: float = 0.0
+    paper: bool = False  # the paper's setting: rows carry its claim (paper_x)
     notes: list[str] = field(default_factory=list)
 
 
@@ -103,12 +115,11 @@ def full_setup() -> Setup:
         sd_vae_channels=(128, 256, 512, 512),
         sd_vae_groups=32,
         tokenizers=_tokenizer_presets("l"),
+        # bench/gpu_check.sh's limit for the suite holds both and the sampling-step comparison.
+        budget_s={256: 70.0, 512: 70.0},
+        warmup=2,  # the first call of a step captures its CUDA graph: the second is the estimate
         stack_batches=(8, 256),
-        time_budget_s=80.0,
-        # bench/gpu_check.sh gives a suite 90 s: CUDA-graph capture already runs each step 3 times.
-        warmup=1,
-        repeats=3,
-        max_seconds=3.0,
+        paper=True,
     )
 
 
@@ -118,20 +129,17 @@ def quick_setup() -> Setup:
         dtype=torch.float32,
         generator=(12, 384, 6),
         generator_name="SiT-S",
-        resolutions=(256, 512),
-        batch={256: 1, 512: 1},
+        resolutions=(256,),
+        batch={256: 1},
         sd_vae_channels=(128, 256, 512, 512),
         sd_vae_groups=32,
         tokenizers=_tokenizer_presets("s"),
-        warmup=1,
-        repeats=3,
-        max_seconds=3.0,
-        time_budget_s=480.0,
-        settle_below_ms=1000.0,
+        budget_s={256: 120.0},
         notes=[
-            "CPU quick mode: SiT-S instead of SiT-XL (XL at 1024 tokens does not fit a few CPU minutes), "
-            "SoftVQ-S tokenizers, the full SD-VAE, float32, batch 1. These are CPU ratios of "
-            "smaller generators, not the paper's SiT-XL setting; run on a GPU (full mode) for that."
+            "CPU quick mode: SiT-S instead of SiT-XL, SoftVQ-S tokenizers, the full SD-VAE, float32, batch 1, "
+            "256 px only (512 px, where the SD-VAE decode and SiT/1 on 4096 tokens dominate, does not fit the "
+            "quick mode's CI budget on a small CPU). These are CPU ratios of a smaller generator, not the "
+            "paper's SiT-XL setting; run on a GPU (full mode) for that."
         ],
     )
 
@@ -190,47 +198,76 @@ class Measured:
     energy_per_call_j: float | None
 
 
-def _round_robin(fns: dict[str, Callable[[], Any]], device: torch.device, setup: Setup) -> dict[str, Measured]:
-    """Warm every workload up, then time them in turns, one call of each per round, so that load
-    or clock drift (a shared CPU, a warming GPU) hits all of them alike. Median per workload;
-    after three rounds, stops once max_seconds per workload have passed.
+def _time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one synchronised call."""
+    synchronize(device)
+    began = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - began) * 1e3
 
-    A sampling loop runs the same step hundreds of times in a row, so its weights and buffers stay
-    in cache; in turns, a short call right after a long one (on a CPU, a 5 s step on 4096 tokens
-    before a 30 ms one on 32) finds them evicted and measured up to 2x slow. Workloads whose
-    warm-up took under setup.settle_below_ms therefore run once untimed before each timed call."""
+
+def warm_up(fns: dict[Hashable, Callable[[], Any]], device: torch.device, calls: int) -> dict[Hashable, float]:
+    """Runs each workload `calls` times (at least once: compilation, CUDA-graph capture, cuDNN's
+    choices); returns the milliseconds of each one's last call, the estimate plans start from."""
+    estimates = {}
+    for key, fn in fns.items():
+        for _ in range(max(calls, 1)):
+            estimates[key] = _time_call(fn, device)
+    return estimates
+
+
+def round_robin(fns: dict[Hashable, Callable[[], Any]], device: torch.device, repeats: int) -> dict[Hashable, Timing]:
+    """Times the workloads in turns, `repeats` rounds, so that load or clock drift (a shared CPU,
+    a warming GPU) hits all of them alike; every timed call follows one untimed call of the same
+    workload (see the module docstring). Median per workload."""
+    samples: dict[Hashable, list[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            fn()
+            samples[key].append(_time_call(fn, device))
+    return {key: Timing.of(values) for key, values in samples.items()}
+
+
+def energy_bursts(
+    fns: dict[Hashable, Callable[[], Any]], device: torch.device, call_ms: dict[Hashable, float],
+    min_span_s: float = MIN_ENERGY_SPAN_S,
+) -> dict[Hashable, dict[str, Any]]:
+    """Per workload, NVML telemetry over one burst of back-to-back calls lasting at least
+    `min_span_s` (sized from `call_ms` with BURST_MARGIN): energy_per_call_j is the burst's energy
+    over its calls. Without a GPU or NVML, each summary says why it is empty."""
     from softvq_fast.telemetry import GpuTelemetry
 
-    settle = set()
-    for key, fn in fns.items():
-        for _ in range(setup.warmup):
-            synchronize(device)
-            began = time.perf_counter()
-            fn()
-            synchronize(device)
-            if (time.perf_counter() - began) * 1e3 < setup.settle_below_ms:
-                settle.add(key)
-    times: dict[str, list[float]] = {key: [] for key in fns}
     with GpuTelemetry(device) as telemetry:
-        start = time.perf_counter()
-        for round_index in range(setup.repeats):
+        if telemetry.unavailable is None:
             for key, fn in fns.items():
-                if key in settle:
-                    fn()
-                with telemetry.span(key):
-                    synchronize(device)
-                    began = time.perf_counter()
-                    fn()
-                    synchronize(device)
-                    times[key].append((time.perf_counter() - began) * 1e3)
-            if round_index >= 2 and time.perf_counter() - start > setup.max_seconds * len(fns):
-                break
-    measured = {}
-    for key, samples in times.items():
-        summary = telemetry.summary(key)
-        timing = Timing(statistics.median(samples), min(samples), len(samples))
-        measured[key] = Measured(timing, summary, summary.get("energy_per_span_j"))
-    return measured
+                calls = burst_calls(call_ms[key], min_span_s)
+                with telemetry.span(str(key)) as span:
+                    for _ in range(calls):
+                        fn()
+                    span.calls = calls
+    return {key: telemetry.summary(str(key)) for key in fns}
+
+
+def burst_calls(call_ms: float, min_span_s: float) -> int:
+    """Calls of `call_ms` each that fill `min_span_s` with BURST_MARGIN to spare."""
+    return max(1, math.ceil(BURST_MARGIN * min_span_s * 1e3 / max(call_ms, 1e-6)))
+
+
+def plan_repeats(call_ms: dict[Hashable, float], left_s: float, other_s: float, most: int) -> int:
+    """Timed rounds that fit `left_s` seconds beside `other_s` of other planned work: each round
+    runs every workload twice (one untimed call, one timed). Between 1 and `most`."""
+    per_round_s = 2 * sum(call_ms.values()) / 1e3
+    if per_round_s <= 0:
+        return most
+    return max(1, min(most, math.floor((left_s - other_s) / per_round_s)))
+
+
+def choose_batch(batch: int, budget_s: float, predict_s: Callable[[int], float]) -> int:
+    """The largest of batch, batch/2, batch/4, ... (at least 1) whose predicted seconds fit."""
+    while batch > 1 and predict_s(batch) > budget_s:
+        batch //= 2
+    return batch
 
 
 def _sd_vae(setup: Setup, resolution: int, device: torch.device):
@@ -277,84 +314,110 @@ class System:
     step: dict[bool, Measured]  # keyed by CFG on/off
     decode: Measured
     batch: int
-    check_ms: float | None = None  # a real CHECK_STEPS-step run with CFG + decode
-
-    def check_note(self) -> str:
-        composed = CHECK_STEPS * self.step[True].timing.median_ms + self.decode.timing.median_ms
-        return (
-            f"Composition check, {self.name} at batch {self.batch}: a real {CHECK_STEPS}-step Euler run with CFG "
-            f"+ decode took {self.check_ms:.1f} ms; composed from the medians: {composed:.1f} ms."
-        )
+    check_ms: float | None = None  # a real check_steps-step run with CFG + decode
 
 
-def _step_calls(model, labels: torch.Tensor, device: torch.device) -> dict[bool, Callable[[], Any]]:
-    """One sampling step (at t = 0.5) without and with CFG, keyed by CFG on/off."""
+@dataclass
+class Built:
+    """One resolution's systems, ready to run: their workloads and the FLOPs of each."""
+
+    described: list[tuple[str, str, int, float, float, str]]  # key, name, tokens, gen FLOPs, decode FLOPs, decoder
+    calls: dict[tuple[str, ...], Callable[[], Any]]  # ("step", key, cfg) and ("decode", decoder)
+    checks: dict[str, Callable[[], Any]]  # system key -> a real sampling run + decode
+
+
+def _step_models(model, labels: torch.Tensor, device: torch.device) -> dict[bool, Any]:
+    """The sampling-step callables (ConditionalModel; CUDA graphs on a GPU) without and with CFG."""
     from softvq_fast.sampling import ConditionalModel
 
+    return {cfg: ConditionalModel(model, labels, cfg_scale=CFG_SCALE if cfg else 1.0, cuda_graph=device.type == "cuda")
+            for cfg in (False, True)}
+
+
+def _add_system(built: Built, key: str, name: str, model, labels: torch.Tensor, decoder: str,
+                decode: Callable[[torch.Tensor], Any], flops: tuple[float, float], check_steps: int) -> None:
+    from softvq_fast.sampling import sample_flow
+
+    device = labels.device
     x = torch.randn(labels.shape[0], *model.latent_shape, device=device)
-    calls = {}
-    for cfg in (False, True):
-        step = ConditionalModel(model, labels, cfg_scale=CFG_SCALE if cfg else 1.0, cuda_graph=device.type == "cuda")
-        calls[cfg] = functools.partial(step, x, 0.5)
-    return calls
+    steps = _step_models(model, labels, device)
+    for cfg, step in steps.items():
+        built.calls["step", key, str(cfg)] = functools.partial(step, x, 0.5)
+    # The check reuses the CFG step (its CUDA graph is captured by then) and starts from noise.
+    built.checks[key] = lambda: decode(sample_flow(steps[True], torch.randn_like(x), steps=check_steps))
+    built.described.append((key, name, model.num_tokens, *flops, decoder))
 
 
-def _sampling_run(model, labels: torch.Tensor, device: torch.device, decode: Callable[[torch.Tensor], Any]) -> Callable[[], Any]:
-    """A real CHECK_STEPS-step Euler run with CFG, then decode: checks the composed figures."""
-    from softvq_fast.sampling import ConditionalModel, sample_flow
+def _sd_vae_decode_flops(setup: Setup, resolution: int) -> float:
+    """FLOPs of one SD-VAE decode at `resolution`, counted on the meta device (no compute)."""
+    vae = _sd_vae(setup, resolution, torch.device("meta"))
+    latents = torch.empty(1, 4, resolution // 8, resolution // 8, device="meta", dtype=setup.dtype)
+    with torch.inference_mode():
+        return counted_flops(lambda: vae.decode(latents / SD_VAE_SCALE).sample)[1]
 
-    step = ConditionalModel(model, labels, cfg_scale=CFG_SCALE, cuda_graph=device.type == "cuda")
-    noise = torch.randn(labels.shape[0], *model.latent_shape, device=device)
-    return lambda: decode(sample_flow(step, noise, steps=CHECK_STEPS))
 
-
-def _measure_systems(setup: Setup, resolution: int, device: torch.device) -> list[System]:
-    """Build every system of one resolution, then time all sampling steps in one round robin
-    and all decoders in another."""
+def _build(setup: Setup, resolution: int, batch: int, device: torch.device, sd_flops: float) -> Built:
     depth, hidden, _ = setup.generator
-    batch = setup.batch[resolution]
     labels = torch.randint(0, 1000, (batch,), device=device)
     autocast = None if setup.dtype == torch.float32 else setup.dtype
-    steps: dict[str, Callable[[], Any]] = {}
-    decodes: dict[str, Callable[[], Any]] = {}
-    described = []  # (key, name, tokens, generator FLOPs, decode FLOPs, decoder key)
+    built = Built([], {}, {})
+    vae = _sd_vae(setup, resolution, device)
+    latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device, dtype=setup.dtype)
+    built.calls["decode", "SD-VAE"] = lambda: vae.decode(latents / SD_VAE_SCALE).sample
+
+    def sd_decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z.to(setup.dtype) / SD_VAE_SCALE).sample
+
+    for key, patch in (("a", 2), ("b", 1)):
+        model = _generator(setup, device, input_size=resolution // 8, patch_size=patch, in_channels=4)
+        flops = (generator_flops(depth, hidden, model.num_tokens, 4, patch), sd_flops)
+        _add_system(built, key, f"SD-VAE + {setup.generator_name}/{patch} ({key})", model, labels, "SD-VAE",
+                    sd_decode, flops, setup.check_steps)
+    for name, factory in setup.tokenizers[resolution]:
+        with torch.device(device):  # initialise the random weights on the device
+            tokenizer = factory()
+        tokenizer = tokenizer.to(device).eval()
+        tokens, channels = tokenizer.config.num_latent_tokens, tokenizer.config.codebook_embed_dim
+        decode = functools.partial(tokenizer.decode, autocast_dtype=autocast)
+        z = torch.randn(batch, tokens, channels, device=device)
+        built.calls["decode", name] = functools.partial(decode, z)
+        flops = (generator_flops(depth, hidden, tokens, channels, 1), counted_flops(lambda: decode(z[:1]))[1])
+        model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
+        _add_system(built, name, f"{name} + {setup.generator_name}/1", model, labels, name, decode, flops,
+                    setup.check_steps)
+    return built
+
+
+def measure_resolution(ctx, setup: Setup, resolution: int, batch: int, sd_flops: float, started: float) -> list[System]:
+    """Builds and measures every system of one resolution within what is left of its budget:
+    warm-up, timed rounds (as many as fit, at most setup.repeats), energy bursts (GPU), then the
+    composition checks."""
+    device = ctx.device
+    budget = setup.budget_s.get(resolution, math.inf)
     with torch.inference_mode():
-        vae = _sd_vae(setup, resolution, device)
-        latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device, dtype=setup.dtype)
-        _, sd_flops = counted_flops(lambda: vae.decode(latents[:1] / SD_VAE_SCALE).sample)
-        decodes["SD-VAE"] = lambda: vae.decode(latents / SD_VAE_SCALE).sample
-        for key, patch in (("a", 2), ("b", 1)):
-            model = _generator(setup, device, input_size=resolution // 8, patch_size=patch, in_channels=4)
-            for cfg, call in _step_calls(model, labels, device).items():
-                steps[f"{key}/{cfg}"] = call
-            name = f"SD-VAE + {setup.generator_name}/{patch} ({key})"
-            described.append((key, name, model.num_tokens, generator_flops(depth, hidden, model.num_tokens, 4, patch), sd_flops, "SD-VAE"))
-        for index, (name, factory) in enumerate(setup.tokenizers[resolution]):
-            with torch.device(device):  # initialise the random weights on the device
-                tokenizer = factory()
-            tokenizer = tokenizer.to(device).eval()
-            tokens, channels = tokenizer.config.num_latent_tokens, tokenizer.config.codebook_embed_dim
-            decode = functools.partial(tokenizer.decode, autocast_dtype=autocast)
-            z = torch.randn(batch, tokens, channels, device=device)
-            _, flops = counted_flops(lambda: decode(z[:1]))
-            decodes[name] = functools.partial(decode, z)
-            model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
-            for cfg, call in _step_calls(model, labels, device).items():
-                steps[f"{name}/{cfg}"] = call
-            if index == 0:  # one composition check per resolution keeps the GPU run short
-                steps[f"{name}/check"] = _sampling_run(model, labels, device, decode)
-            described.append((name, f"{name} + {setup.generator_name}/1", tokens,
-                              generator_flops(depth, hidden, tokens, channels, 1), flops, name))
-        step_times = _round_robin(steps, device, setup)
-        decode_times = _round_robin(decodes, device, setup)
-    systems = []
-    for key, name, tokens, gen_flops, dec_flops, decoder in described:
-        check = step_times.get(f"{key}/check")
-        systems.append(
-            System(key, name, tokens, gen_flops, dec_flops, {cfg: step_times[f"{key}/{cfg}"] for cfg in (False, True)},
-                   decode_times[decoder], batch, check.timing.median_ms if check else None)
-        )
-    return systems
+        built = _build(setup, resolution, batch, device, sd_flops)
+        estimates = warm_up(built.calls, device, setup.warmup)
+        steps_ms = {key: estimates["step", key, "True"] for key, *_ in built.described}
+        checks_s = sum(setup.check_steps * steps_ms[key] + estimates["decode", decoder]
+                       for key, *_, decoder in built.described) / 1e3
+        bursts_s = 0.0 if device.type != "cuda" else sum(
+            max(BURST_MARGIN * MIN_ENERGY_SPAN_S, ms / 1e3) for ms in estimates.values())
+        repeats = plan_repeats(estimates, budget - (time.perf_counter() - started), checks_s + bursts_s, setup.repeats)
+        if repeats < setup.repeats:
+            ctx.note(f"{resolution} px: {repeats} timed repeat(s) instead of {setup.repeats}, to fit its "
+                     f"{budget:.0f} s budget.")
+        timings = round_robin(built.calls, device, repeats)
+        energy = energy_bursts(built.calls, device, {key: t.median_ms for key, t in timings.items()})
+        checks = {key: _time_call(check, device) for key, check in built.checks.items()}
+
+    def measured(call: tuple[str, ...]) -> Measured:
+        return Measured(timings[call], energy[call], energy[call].get("energy_per_call_j"))
+
+    return [
+        System(key, name, tokens, gen_flops, dec_flops, {cfg: measured(("step", key, str(cfg))) for cfg in (False, True)},
+               measured(("decode", decoder)), batch, checks[key])
+        for key, name, tokens, gen_flops, dec_flops, decoder in built.described
+    ]
 
 
 # ---------------------------------------------------------------------------------- rows
@@ -365,6 +428,7 @@ def _seconds(system: System, cfg: bool, steps: int) -> tuple[float, float]:
 
 
 def _ideal_flops(system: System, cfg: bool, steps: int) -> tuple[float, float]:
+    """(generator FLOPs, end-to-end FLOPs) per image; with CFG each step evaluates two samples."""
     generator = steps * (2 if cfg else 1) * system.generator_flops
     return generator, generator + system.decode_flops
 
@@ -381,6 +445,8 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def rows_for(systems: list[System], resolution: int, setup: Setup) -> list[dict[str, Any]]:
+    """One row per system and CFG setting: measured times, composed images/s, the measured and
+    ideal (FLOP) ratios to baselines (a) and (b), and the GPU telemetry."""
     baselines = {s.key: s for s in systems if s.key in ("a", "b")}
     rows = []
     for system in systems:
@@ -402,14 +468,17 @@ def rows_for(systems: list[System], resolution: int, setup: Setup) -> list[dict[
                 base = baselines[key]
                 base_gen_s, base_e2e_s = _seconds(base, cfg, setup.steps)
                 base_gen_f, base_e2e_f = _ideal_flops(base, cfg, setup.steps)
-                gen_x, e2e_x = _ratio(base_gen_s, gen_s), _ratio(base_e2e_s, e2e_s)
+                # Images/s ratios: the baseline's seconds per image over the row's.
+                gen_x = _ratio(base_gen_s / base.batch, gen_s / system.batch)
+                e2e_x = _ratio(base_e2e_s / base.batch, e2e_s / system.batch)
                 gen_ideal, e2e_ideal = _ratio(base_gen_f, gen_f), _ratio(base_e2e_f, e2e_f)
                 row[f"gen_x_{key}"] = gen_x
                 row[f"gen_ideal_{key}"] = gen_ideal
                 row[f"e2e_x_{key}"] = e2e_x
                 row[f"e2e_ideal_{key}"] = e2e_ideal
                 row[f"e2e_eff_{key}"] = _ratio(e2e_x, e2e_ideal)
-            row["paper_x"] = PAPER_CLAIMS.get((resolution, system.tokens), "-") if system.key not in ("a", "b") else "-"
+            if setup.paper:
+                row["paper_x"] = PAPER_CLAIMS.get((resolution, system.tokens), "-") if system.key not in ("a", "b") else "-"
             energy = _energy_per_image(system, cfg, setup.steps)
             row["img_per_j"] = 1 / energy if energy else "-"
             telemetry = system.step[cfg].telemetry
@@ -421,70 +490,124 @@ def rows_for(systems: list[System], resolution: int, setup: Setup) -> list[dict[
     return rows
 
 
-# ------------------------------------------------------------------------ stack comparison
+def composition_note(resolution: int, systems: list[System], check_steps: int) -> str:
+    """Each system's real check_steps-step run with CFG + decode against check_steps x step_ms +
+    decode_ms, with the gaps above CHECK_GAP named."""
+    parts, flagged = [], []
+    for system in systems:
+        composed = check_steps * system.step[True].timing.median_ms + system.decode.timing.median_ms
+        gap = system.check_ms / composed - 1
+        parts.append(f"{system.name} {system.check_ms:.1f} vs {composed:.1f} ms ({gap:+.1%})")
+        if abs(gap) > CHECK_GAP:
+            flagged.append(f"{system.name} ({gap:+.1%})")
+    return (f"{resolution} px composition check, a real {check_steps}-step Euler run with CFG + decode against "
+            f"{check_steps} x step_ms + decode_ms: " + "; ".join(parts) + ". Gaps above "
+            f"{CHECK_GAP:.0%}: " + (", ".join(flagged) + " (the composed images/s of these are off)" if flagged
+                                    else "none") + ".")
+
+
+# --------------------------------------------------------------- kernels against CUDA graphs
+def _plain_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """flash_attn where it is installed and runs these inputs (a user without us would take it),
+    else SDPA."""
+    from softvq_fast import attention
+
+    q = torch.randn(1, 1, 1, head_dim, device=device, dtype=dtype)
+    try:
+        attention(q, q, q, backend="flash_attn")
+    except NoBackendError:
+        return "sdpa"
+    return "flash_attn"
+
+
 def stack_comparison(setup: Setup, device: torch.device, batch: int, tokens: int = 64, channels: int = 32) -> str:
-    """One sampling step of SiT/1 on `tokens` tokens: our stack (fused LayerNorm-modulate,
-    softvq_fast attention and linear layers auto, CUDA graph on GPUs) against plain eager PyTorch
-    (reference LayerNorm, SDPA, torch's linear layers, no graph), same weights, dtype and batch,
-    CFG on."""
+    """One sampling step of SiT/1 on `tokens` tokens with CFG, same weights, dtype and batch:
+    plain eager PyTorch (SDPA or flash_attn, F.layer_norm + modulation, torch's linear layers)
+    against ours (every op on auto), each also replayed as a CUDA graph on a GPU, so that what
+    graphs give (a torch feature open to any user) and what our kernels give are told apart."""
     from softvq_fast.sampling import ConditionalModel
 
+    _, hidden, heads = setup.generator
     with torch.inference_mode():
-        model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
+        ours = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
+        plain = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
+        plain.load_state_dict(ours.state_dict())
+        plain_attention = _plain_attention(device, setup.dtype, hidden // heads)
+        plain.set_backends(attention=plain_attention, layernorm_modulate="reference", linear="torch")
         labels = torch.randint(0, 1000, (batch,), device=device)
         x = torch.randn(batch, tokens, channels, device=device)
-        plain_model = _generator(setup, device, input_size=tokens, in_channels=channels, vae_1d=True)
-        plain_model.load_state_dict(model.state_dict())
-        plain_model.set_backends(attention="sdpa", layernorm_modulate="reference", linear="torch")
-        calls = {
-            "plain": ConditionalModel(plain_model, labels, cfg_scale=CFG_SCALE),
-            "ours": ConditionalModel(model, labels, cfg_scale=CFG_SCALE, cuda_graph=device.type == "cuda"),
-        }
-        timings = _round_robin({key: functools.partial(call, x, 0.5) for key, call in calls.items()}, device, setup)
-    plain, ours = timings["plain"].timing.median_ms, timings["ours"].timing.median_ms
-    return (
-        f"Sampling step of {setup.generator_name}/1 on {tokens} tokens, batch {batch} with CFG, "
-        f"{str(setup.dtype).replace('torch.', '')}: plain eager {plain:.2f} ms, softvq-fast {ours:.2f} ms "
-        f"({plain / ours:.2f}x)."
-    )
+        graphs = (False, True) if device.type == "cuda" else (False,)
+        fns = {(stack, graph): functools.partial(ConditionalModel(model, labels, cfg_scale=CFG_SCALE, cuda_graph=graph),
+                                                 x, 0.5)
+               for stack, model in (("plain", plain), ("ours", ours)) for graph in graphs}
+        warm_up(fns, device, setup.warmup)
+        ms = {key: timing.median_ms for key, timing in round_robin(fns, device, setup.repeats).items()}
+    return sampling_step_note(f"{setup.generator_name}/1 on {tokens} tokens, batch {batch} with CFG, "
+                              f"{str(setup.dtype).replace('torch.', '')}, plain attention {plain_attention}", ms)
+
+
+def sampling_step_note(what: str, ms: dict[tuple[str, bool], float]) -> str:
+    """The sampling-step times, keyed (plain|ours, CUDA graph), and the ratios that separate the
+    graphs' gain from the kernels'."""
+    eager = ms["plain", False]
+    text = (f"Sampling step of {what}: plain eager {eager:.2f} ms; ours eager {ms['ours', False]:.2f} ms "
+            f"({eager / ms['ours', False]:.2f}x: our kernels)")
+    if ("plain", True) in ms:
+        text += (f"; plain + CUDA graph {ms['plain', True]:.2f} ms ({eager / ms['plain', True]:.2f}x: CUDA graphs "
+                 f"alone); ours + CUDA graph {ms['ours', True]:.2f} ms ({ms['plain', True] / ms['ours', True]:.2f}x "
+                 f"over plain + CUDA graph: our kernels with graphs on both sides; {eager / ms['ours', True]:.2f}x "
+                 "over plain eager: both)")
+    return text + "."
 
 
 def run_setup(ctx, setup: Setup) -> list[dict[str, Any]]:
     _register_flop_formulas()
     torch.manual_seed(0)
-    rows = []
-    started = time.perf_counter()
-    for index, resolution in enumerate(setup.resolutions):
-        elapsed = time.perf_counter() - started
-        if index and setup.time_budget_s and elapsed > setup.time_budget_s * index / len(setup.resolutions):
-            ctx.note(f"{resolution} px skipped: the smaller resolutions took {elapsed:.0f} s of the {setup.time_budget_s:.0f} s budget.")
-            continue
-        systems = _measure_systems(setup, resolution, ctx.device)
+    depth, hidden, _ = setup.generator
+    rows: list[dict[str, Any]] = []
+    previous: tuple[float, float] | None = None  # (seconds, work) of the last resolution
+    for resolution in setup.resolutions:
+        started = time.perf_counter()
+        budget = setup.budget_s.get(resolution, math.inf)
+        sd_flops = _sd_vae_decode_flops(setup, resolution)
+        per_image = 3 * sum(generator_flops(depth, hidden, (resolution // 8 // patch) ** 2, 4, patch) for patch in (1, 2))
+
+        def work(batch: int) -> float:
+            """The SD-VAE systems' FLOPs (a step without and one with CFG, a decode): they dominate."""
+            return batch * (per_image + sd_flops)
+
+        batch = setup.batch[resolution]
+        if previous is not None:
+            seconds, done = previous
+            batch = choose_batch(batch, budget, lambda b: seconds * work(b) / done)
+            if batch < setup.batch[resolution]:
+                ctx.note(f"{resolution} px: batch {batch} instead of {setup.batch[resolution]}: at the previous "
+                         f"resolution's pace the planned work would take over its {budget:.0f} s budget.")
+        systems = measure_resolution(ctx, setup, resolution, batch, sd_flops, started)
+        previous = (time.perf_counter() - started, work(batch))
         rows += rows_for(systems, resolution, setup)
         ctx.progress(rows)
-        for system in systems:
-            if system.check_ms is not None:
-                ctx.note(f"{resolution} px: " + system.check_note())
+        ctx.note(composition_note(resolution, systems, setup.check_steps))
     for note in setup.notes:
         ctx.note(note)
     ctx.note(
         f"{setup.label}: images/s composed from measured medians for {setup.steps} sampling steps "
         "(one generator evaluation each, e.g. Euler or Euler-Maruyama): gen = B / (steps x step_ms), "
         "e2e = B / (steps x step_ms + decode_ms). x_a, x_b: measured speed-up over baseline (a), (b); "
-        "ideal_*: the FLOP ratio; e2e_eff_* = measured / ideal. paper_x: the paper's claim (18x at 256 px "
-        "with 32 tokens, 55x at 512 px with 64 tokens)."
+        "ideal_*: the FLOP ratio; e2e_eff_* = measured / ideal."
+        + (" paper_x: the paper's claim (18x at 256 px with 32 tokens, 55x at 512 px with 64 tokens)."
+           if setup.paper else "")
     )
     if ctx.device.type == "cuda":
         ctx.note(
-            "NVML telemetry: img_per_j from the energy counter over each workload's timed calls where they last "
-            f"{MIN_ENERGY_SPAN_S} s or more on average ('-' otherwise: the counter advances in steps of the power "
-            "sensor's updates); step_w, step_sm_mhz, step_util_pct: samples during the timed steps; peak_mem_gib: "
-            "device-wide memory in use (every model and CUDA-graph pool alive counts), not the workload's own peak."
+            "NVML telemetry over one burst of back-to-back calls per workload lasting at least "
+            f"{MIN_ENERGY_SPAN_S:.0f} s: img_per_j from the energy counter's difference over the burst divided by "
+            "its calls ('-' where a burst fell short or the counter failed); step_w, step_sm_mhz, step_util_pct: "
+            "samples during the step's burst; peak_mem_gib: device-wide memory in use (every model and CUDA-graph "
+            "pool alive counts), not the workload's own peak."
         )
     else:
         ctx.note("No GPU: NVML telemetry (energy, power, clock, utilisation, images per joule) is not recorded.")
-        load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-        ctx.note(f"CPU load average (1, 5, 15 min) at the end: {load} on {os.cpu_count()} cores; other processes skew CPU timings.")
     for batch in setup.stack_batches:
         ctx.note(stack_comparison(setup, ctx.device, batch))
     return rows
