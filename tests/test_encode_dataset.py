@@ -154,7 +154,8 @@ def test_two_process_gloo_run_equals_one_process(setup, tmp_path):
     assert one.keys() == two.keys()
     for name in one:
         for key in one[name]:
-            assert rel_err(two[name][key], one[name][key]) <= 1e-6, (name, key)
+            # fp32: each torchrun process has its own thread count, so sums run in another order
+            assert rel_err(two[name][key], one[name][key]) <= 1e-5, (name, key)
     manifest_one = json.loads((single / "manifest.json").read_text())
     manifest_two = json.loads((double / "manifest.json").read_text())
     assert manifest_two["shards"] == manifest_one["shards"] and manifest_two["complete"]

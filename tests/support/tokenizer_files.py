@@ -14,11 +14,17 @@ SAMPLES = {"cats/chelsea.png": "chelsea", "misc/astronaut.png": "astronaut", "mi
 
 
 def save_tiny_tokenizer(directory: Path, seed: int = 0) -> SoftVQVAE:
-    """A random tokenizer (ViT-S width, 1 block each, 32 px, 4 tokens, 2 codebooks of 16 x 8), saved."""
+    """A random tokenizer (ViT-S width, 1 block each, 32 px, 4 tokens, 2 codebooks of 16 x 8), saved.
+    Its layer scales are 1, not DINOv2's initial 1e-5, so that the latents depend on the image
+    (otherwise every image's latents agree to about 1e-5 and a test cannot tell two images apart)."""
     torch.manual_seed(seed)
     config = SoftVQConfig(image_size=32, base_image_size=32, codebook_size=16, codebook_embed_dim=8, num_codebooks=2,
                           tau=0.07, num_latent_tokens=4, encoder_depth=1, decoder_depth=1, codebook_show_usage=False)
     model = SoftVQVAE(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".gamma"):
+                parameter.fill_(1.0)
     model.save_pretrained(directory)
     return model
 
