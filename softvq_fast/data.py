@@ -2,20 +2,29 @@
 `softvq-fast encode-dataset`.
 
 Output folder layout:
-  manifest.json            settings, normalisation stats, shard list (rewritten when complete)
-  files.txt                the images in dataset order (paths relative to the input folder)
+  manifest.json            settings (with the tokenizer's content hashes), normalisation stats, the
+                           shard list and the images that could not be read (rewritten when complete)
+  files.jsonl              the images in dataset order, one JSON object a line: "path" (relative to
+                           the input folder), "size" (bytes) and "mtime_ns" when the run started.
+                           JSON, so that any file name (a newline in it too) reads back unchanged
   shard-00000.safetensors  `latents` (n, T, D) float32, `indices` (n,) int64 dataset positions,
                            `labels` (n,) int64 when the input has class subfolders,
-                           `latents_flip` (n, T, D) with --hflip; metadata: vq_mean, vq_std and
-                           the shard's latent sum, sum of squares and element count.
-A shard is written to a temporary name and renamed when complete, so an interrupted run never
-leaves a partial shard; a rerun skips every shard that exists.
+                           `latents_flip` (n, T, D) with --hflip; metadata: vq_mean, vq_std, the
+                           shard's latent sum, sum of squares and element count, and `skipped`, a
+                           JSON list of [position, reason] of the images that could not be read.
+Shard i covers the dataset positions [i * shard_size, (i + 1) * shard_size); its n rows are those
+positions minus its unreadable images. A shard is written to a temporary name and renamed when
+complete, so an interrupted run never leaves a partial shard; a rerun skips every shard that
+exists, encodes again each one holding an image whose size or mtime changed, and refuses to
+continue when the settings, the image names or the tokenizer's files changed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,15 +36,49 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, Sampler
 
+logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MANIFEST_NAME = "manifest.json"
-FILES_NAME = "files.txt"
+FILES_NAME = "files.jsonl"
+LEGACY_FILES_NAME = "files.txt"  # names one a line, written before files.jsonl; read, never written
+# Pillow modes of one channel deeper than 8 bits -> the value that is white. Pillow opens 16-bit
+# files as I;16* or (older versions, some TIFFs) I; float files as F, taken to hold [0, 1].
+HIGH_BIT_DEPTH_WHITE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+# What a killed run can leave in the output folder (write_shard's and _write_text_atomic's names).
+TEMPORARY_NAME = re.compile(r"shard-\d{5,}\.safetensors\.tmp-.+|(manifest\.json|files\.jsonl)\.partial")
+HASH_CHUNK = 1 << 24
+
+
+class DatasetError(ValueError):
+    """A bad image folder or output folder; `argument` is the one at fault ("images" or "out")."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"{argument}: {message}")
+        self.argument, self.message = argument, message
 
 
 # ------------------------------------------------------------------------------ preprocessing
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. One-channel images deeper than 8 bits are scaled to 0..255, not clipped (16-bit
+    by 255/65535, float from [0, 1]); values outside that range raise ValueError. Other modes go
+    through Pillow's convert (alpha is dropped; 16-bit RGB PNGs already open as 8-bit RGB)."""
+    white = HIGH_BIT_DEPTH_WHITE.get(image.mode)
+    if white is None:
+        return image.convert("RGB")
+    array = np.asarray(image, dtype=np.float64)
+    low, high = float(array.min()), float(array.max())
+    if not (0 <= low and high <= white):  # NaN fails too
+        raise ValueError(f"mode {image.mode} image with values in [{low}, {high}], expected [0, {white}]")
+    return Image.fromarray(np.round(array * (255 / white)).astype(np.uint8)).convert("RGB")
+
+
 def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """The central square of the shorter side, resized to size x size (bicubic, antialiased), RGB."""
-    image = image.convert("RGB")
+    """The central square of the shorter side, resized to size x size (bicubic, antialiased), RGB
+    (`to_rgb`)."""
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    image = to_rgb(image)
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
@@ -59,24 +102,94 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
         return image_to_tensor(center_crop_resize(image, size))
 
 
+def try_load_image(path: str | Path, size: int) -> tuple[torch.Tensor | None, str]:
+    """(`load_image`, "") or (None, the reason) for a file that cannot be read as an image."""
+    try:
+        return load_image(path, size), ""
+    except Exception as exc:  # Pillow's decoders raise many types for damaged or odd files
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 # ---------------------------------------------------------------------------------- datasets
-def list_images(folder: Path) -> tuple[list[str], list[int] | None]:
-    """Image paths under `folder` (relative, sorted) and, when every image sits in a first-level
-    subfolder, a class label per image (index of its sorted subfolder name), else None."""
-    files = sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+@dataclass(frozen=True)
+class ImageListing:
+    """Image paths relative to the folder (sorted) and, when every image sits in a subfolder, a
+    label per image: the index of its first-level folder among `classes` (the sorted names of the
+    first-level folders that hold images)."""
+
+    files: list[str]
+    labels: list[int] | None
+    classes: list[str]
+
+
+def _walk_image_files(folder: Path) -> list[str]:
+    """Relative paths of the image files under `folder`, symbolic links to files and to folders
+    followed alike. A link back to a folder that contains it (a loop) and a link to nothing are
+    skipped with a warning; a folder that cannot be read is an error (a class would vanish)."""
+    found: list[str] = []
+    top = folder.stat()
+    stack: list[tuple[Path, tuple[str, ...], frozenset]] = [(folder, (), frozenset({(top.st_dev, top.st_ino)}))]
+    while stack:
+        directory, relative, ancestors = stack.pop()
+        try:
+            with os.scandir(directory) as scan:
+                entries = list(scan)
+        except OSError as exc:
+            raise DatasetError("images", f"cannot read the folder {directory} ({exc.strerror or exc})") from exc
+        for entry in entries:
+            parts = (*relative, entry.name)
+            if entry.is_dir():
+                status = entry.stat()
+                key = (status.st_dev, status.st_ino)
+                if key in ancestors:
+                    logger.warning("%s: skipped, a link back to a folder that contains it", entry.path)
+                    continue
+                stack.append((Path(entry.path), parts, ancestors | {key}))
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                if entry.is_file():
+                    found.append(os.path.join(*parts))
+                elif entry.is_symlink():
+                    logger.warning("%s: skipped, a link to nothing", entry.path)
+    return sorted(found)
+
+
+def list_images(folder: Path) -> ImageListing:
+    """The images under `folder` (`_walk_image_files`) with class labels when every image sits in
+    a subfolder; a warning says why there are no labels when only some do, and which first-level
+    folders hold no image (they are not classes). DatasetError when there is no image."""
+    files = _walk_image_files(folder)
     if not files:
-        raise ValueError(f"images: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
-    parts = [Path(f).parts for f in files]
-    if any(len(p) < 2 for p in parts):
-        return files, None
-    classes = sorted({p[0] for p in parts})
-    return files, [classes.index(p[0]) for p in parts]
+        raise DatasetError("images", f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
+    top_level = [f for f in files if os.sep not in f]
+    if top_level:
+        if len(top_level) < len(files):
+            logger.warning("%s: no class labels: %d of %d images sit directly in the folder (%s, ...), not in a "
+                           "class folder", folder, len(top_level), len(files), top_level[0])
+        return ImageListing(files, None, [])
+    first_level = [f.split(os.sep, 1)[0] for f in files]
+    classes = sorted(set(first_level))
+    index = {name: i for i, name in enumerate(classes)}
+    with os.scandir(folder) as scan:
+        empty = sorted(e.name for e in scan if e.is_dir() and e.name not in index)
+    if empty:
+        logger.warning("%s: %d folders hold no image and are not classes: %s", folder, len(empty), ", ".join(empty[:5]))
+    return ImageListing(files, [index[name] for name in first_level], classes)
+
+
+def image_stats(folder: Path, files: list[str]) -> list[tuple[int, int]]:
+    """(size in bytes, mtime in ns) of each file, links followed: what tells a resumed run that an
+    image changed under the same name."""
+    stats = []
+    for name in files:
+        status = os.stat(folder / name)
+        stats.append((status.st_size, status.st_mtime_ns))
+    return stats
 
 
 class ImageFolderDataset(Dataset):
-    """Items (index, image (3, size, size) in [-1, 1], label or -1)."""
+    """Items (index, image (3, size, size) in [-1, 1], label or -1, error). An image that cannot
+    be read is all zeros with `error` its reason ("" otherwise), so one bad file does not end a
+    long run; the consumer drops it."""
 
     def __init__(self, folder: Path, files: list[str], labels: list[int] | None, size: int) -> None:
         self.folder, self.files, self.labels, self.size = folder, files, labels, size
@@ -84,9 +197,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, int, str]:
         label = self.labels[index] if self.labels is not None else -1
-        return index, load_image(self.folder / self.files[index], self.size), label
+        image, error = try_load_image(self.folder / self.files[index], self.size)
+        return index, image if image is not None else torch.zeros(3, self.size, self.size), label, error
 
 
 # ------------------------------------------------------------------------------------ shards
@@ -149,13 +263,36 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     os.replace(temporary, path)
 
 
+def remove_stale_temporaries(out: Path) -> list[str]:
+    """Delete what killed runs left in `out` (only names of `TEMPORARY_NAME`, only in `out` itself);
+    returns their names. Call it before any process of this run writes."""
+    stale = sorted(e.name for e in os.scandir(out) if TEMPORARY_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False))
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    return stale
+
+
 def latent_stats(latents: torch.Tensor) -> dict[str, str]:
     x = latents.double()
     return {"sum": repr(x.sum().item()), "sum_sq": repr(x.square().sum().item()), "count": str(x.numel())}
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def files_digest(files: list[str]) -> str:
-    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------- manifest
+# Where the inputs were read from: recorded, not compared on resume (their content is).
+UNCOMPARED_SETTINGS = frozenset({"model", "images"})
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -165,59 +302,126 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def _write_json(path: Path, value: dict) -> None:
+    _write_text_atomic(path, json.dumps(value, indent=1) + "\n")
+
+
+def read_manifest(out: Path) -> dict:
+    """The manifest in `out`; DatasetError naming it when it cannot be read."""
+    path = out / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError("out", f"{path} cannot be read ({exc}); use a new output folder") from exc
+    if not isinstance(manifest, dict):
+        raise DatasetError("out", f"{path} is not a manifest (not a JSON object); use a new output folder")
+    return manifest
+
+
+def _read_file_records(out: Path, manifest: dict) -> list[dict]:
+    path = out / manifest.get("files", FILES_NAME)
+    try:
+        text = path.read_text()
+        if path.name == LEGACY_FILES_NAME:
+            return [{"path": line} for line in text.splitlines()]
+        return [json.loads(line) for line in text.splitlines()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError("out", f"{path} cannot be read ({exc}); use a new output folder") from exc
+
+
+def read_file_list(out: Path) -> list[str]:
+    """The image paths of an output folder in dataset order (shard `indices` index this list);
+    reads files.jsonl, or the files.txt of folders written before it."""
+    return [record["path"] for record in _read_file_records(out, read_manifest(out))]
+
+
 def check_same_files(out: Path, files: list[str]) -> None:
     """Raise unless `files` is the list the manifest in `out` was started with."""
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest = read_manifest(out)
     if manifest["files_sha256"] != files_digest(files):
-        raise ValueError(
-            f"images: this process lists {len(files)} images, not the {manifest['num_images']} of "
-            f"{out / FILES_NAME} that rank 0 listed; every rank must see the same image folder"
+        raise DatasetError(
+            "images",
+            f"this process lists {len(files)} images, not the {manifest['num_images']} of "
+            f"{out / FILES_NAME} that rank 0 listed; every rank must see the same image folder",
         )
 
 
-def write_manifest_start(out: Path, settings: dict, files: list[str]) -> None:
-    """Create files.txt and manifest.json, or check that an existing manifest has the same
-    settings and file list (a resumed run must not mix two datasets in one folder)."""
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST_NAME
+def _setting_change(key: str, old, new) -> str:
+    if old is None:
+        return f"{key}: not recorded (started by an older softvq-fast)"
+    if key == "model_sha256":
+        names = sorted(name for name in {*old, *new} if old.get(name) != new.get(name))
+        return f"model_sha256: the tokenizer's {', '.join(names)} changed"
+    if key == "files_sha256":
+        return "files_sha256: the image names differ"
+    return f"{key}: {old!r} -> {new!r}"
+
+
+def _write_file_list(out: Path, files: list[str], stats: list[tuple[int, int]]) -> None:
+    records = (json.dumps({"path": f, "size": size, "mtime_ns": mtime}) for f, (size, mtime) in zip(files, stats))
+    _write_text_atomic(out / FILES_NAME, "".join(line + "\n" for line in records))
+
+
+def prepare_output(out: Path, settings: dict, files: list[str], stats: list[tuple[int, int]], plan: ShardPlan) -> list[int]:
+    """Rank 0's step before any process writes a shard. A new `out`: create it, files.jsonl and
+    manifest.json. A started one: check that its run has the same settings and image names
+    (else DatasetError naming what changed: a resumed run must not mix two datasets or two
+    tokenizers in one folder), then delete the shards holding an image whose size or mtime
+    changed since that run started, so that they are encoded again. Returns those shards."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError("out", f"cannot create the folder {out} ({exc.strerror or exc})") from exc
     settings = {**settings, "files": FILES_NAME, "files_sha256": files_digest(files)}
-    if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
-        changed = sorted(k for k in settings if previous.get(k) != settings[k])
-        if changed:
-            raise ValueError(
-                f"out: {out} holds a run with different settings ({', '.join(changed)}); use a new output folder"
-            )
-        _write_text_atomic(manifest_path, json.dumps({**previous, "complete": False}, indent=1) + "\n")
-        return
-    _write_text_atomic(out / FILES_NAME, "\n".join(files) + "\n")
-    _write_text_atomic(manifest_path, json.dumps({**settings, "complete": False}, indent=1) + "\n")
-
-
-def finish_manifest(out: Path, plan: ShardPlan) -> dict:
-    """Add the shard list and dataset latent mean/std to the manifest once every shard exists."""
     manifest_path = out / MANIFEST_NAME
-    manifest = json.loads(manifest_path.read_text())
+    if not manifest_path.exists():
+        if any(out.glob("shard-*.safetensors")):
+            raise DatasetError("out", f"{out} holds shard files but no {MANIFEST_NAME}; use a new output folder")
+        _write_file_list(out, files, stats)
+        _write_json(manifest_path, {**settings, "complete": False})
+        return []
+    previous = read_manifest(out)
+    changes = [_setting_change(k, previous.get(k), v) for k, v in settings.items()
+               if k not in UNCOMPARED_SETTINGS and previous.get(k) != v]
+    if changes:
+        raise DatasetError("out", f"{out} holds a run with different settings ({'; '.join(changes)}); "
+                                  "use a new output folder")
+    recorded = [(r["size"], r["mtime_ns"]) for r in _read_file_records(out, previous)]
+    changed = sorted({i // plan.shard_size for i, (old, new) in enumerate(zip(recorded, stats)) if old != new})
+    for shard in changed:  # before the new stats are recorded: a kill in between re-encodes again
+        shard_path(out, shard).unlink(missing_ok=True)
+    if changed:
+        _write_file_list(out, files, stats)
+    _write_json(manifest_path, {**previous, **settings, "complete": False})
+    return changed
+
+
+def finish_manifest(out: Path, plan: ShardPlan, files: list[str]) -> dict:
+    """Add the shard list, the unreadable images and the dataset latent mean/std to the manifest
+    once every shard exists. DatasetError when no image could be read."""
+    manifest = read_manifest(out)
     total = total_sq = 0.0
     count = 0
-    shards = []
+    shards, skipped = [], []
     for shard in range(plan.num_shards):
         path = shard_path(out, shard)
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
+            rows = f.get_slice("indices").get_shape()[0]
         total += float(meta["sum"])
         total_sq += float(meta["sum_sq"])
         count += int(meta["count"])
+        skipped += [{"index": i, "path": files[i], "reason": reason} for i, reason in json.loads(meta["skipped"])]
         start, stop = plan.bounds(shard)
-        shards.append({"file": path.name, "start": start, "count": stop - start})
+        shards.append({"file": path.name, "start": start, "stop": stop, "count": rows})
+    manifest.update(shards=shards, skipped=skipped)
+    if count == 0:
+        _write_json(out / MANIFEST_NAME, manifest)
+        raise DatasetError("images", f"none of the {plan.num_images} images could be read (the reasons are in "
+                                     f"{out / MANIFEST_NAME}, 'skipped')")
     mean = total / count
-    manifest.update(
-        shards=shards,
-        latent_mean=mean,
-        latent_std=max(total_sq / count - mean * mean, 0.0) ** 0.5,
-        complete=True,
-    )
-    _write_text_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    manifest.update(latent_mean=mean, latent_std=max(total_sq / count - mean * mean, 0.0) ** 0.5, complete=True)
+    _write_json(out / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -232,27 +436,39 @@ def encode_shards(
     metadata: dict[str, str],
     tag: str,
     on_batch: Callable[[int], None] = lambda n: None,
+    on_skip: Callable[[int, str], None] = lambda index, reason: None,
 ) -> int:
-    """Consume batches (indices, images, labels) in the sampler's order, write each shard as soon
-    as its last batch is encoded. Returns the number of shards written."""
+    """Consume batches (indices, images, labels, errors) in the sampler's order, write each shard
+    as soon as its last batch is encoded. Images with an error are left out of the shard, listed
+    in its `skipped` metadata and passed to `on_skip(index, reason)`. Returns the number of
+    shards written."""
     pending: dict[str, list[torch.Tensor]] = {}
+    skipped: list[tuple[int, str]] = []
     written = 0
-    for indices, images, labels in loader:
-        parts = {"indices": indices.long(), "latents": encode(images).cpu()}
+    for indices, images, labels, errors in loader:
+        readable = torch.tensor([not error for error in errors], dtype=torch.bool)
+        parts = {"indices": indices.long()[readable], "latents": encode(images).cpu()[readable]}
         if hflip:
-            parts["latents_flip"] = encode(images.flip(-1)).cpu()
+            parts["latents_flip"] = encode(images.flip(-1)).cpu()[readable]
         if with_labels:
-            parts["labels"] = labels.long()
+            parts["labels"] = labels.long()[readable]
         for key, value in parts.items():
             pending.setdefault(key, []).append(value)
+        for index, error in zip(indices.tolist(), errors):
+            if error:
+                skipped.append((index, error))
+                on_skip(index, error)
         on_batch(len(indices))
         shard = int(indices[0]) // plan.shard_size
         start, stop = plan.bounds(shard)
         if int(indices[-1]) == stop - 1:
             tensors = {key: torch.cat(values) for key, values in pending.items()}
             pending.clear()
-            if tensors["indices"].tolist() != list(range(start, stop)):
+            left_out = {i for i, _ in skipped}
+            if tensors["indices"].tolist() != [i for i in range(start, stop) if i not in left_out]:
                 raise RuntimeError(f"shard {shard}: batches arrived out of order (the sampler must yield shard by shard)")
-            write_shard(shard_path(out, shard), tensors, {**metadata, **latent_stats(tensors["latents"])}, tag)
+            shard_metadata = {**metadata, **latent_stats(tensors["latents"]), "skipped": json.dumps(skipped)}
+            write_shard(shard_path(out, shard), tensors, shard_metadata, tag)
+            skipped = []
             written += 1
     return written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,24 +14,48 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from softvq_fast import data
+from softvq_fast.commands import arguments
+
+EPILOG = """\
+images: every file with an image extension under --images (other files are ignored), symbolic
+  links to files and to folders followed alike; a link back to a folder that contains it, or to
+  nothing, is skipped with a warning, and a folder that cannot be read stops the run. When every
+  image sits in a subfolder, the first-level folder is the class: labels index the sorted names
+  of the folders that hold images (manifest.json "classes"). 16-bit grayscale images are scaled
+  to 8 bits, not clipped (float ones from [0, 1]); alpha is dropped. An image that cannot be
+  read is skipped with a warning naming it and listed with the reason in manifest.json
+  "skipped"; the other images keep their positions and labels.
+
+resuming: a rerun into the same --out skips finished shards and deletes files a killed run left
+  half-written. It refuses to continue (naming what changed) when the settings, the image names
+  or the tokenizer's files (sha256 of config.json and the weights) differ from the run that
+  started the folder. An image whose size or mtime changed since then makes its shard be encoded
+  again (so does fixing an unreadable one). Never run two encode-dataset processes (other than
+  the ranks of one torchrun) on one --out at once.
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "encode-dataset",
         help="encode an image folder to sharded safetensors latents",
-        description="Centre-crop and resize every image under --images, encode it with the tokenizer in "
-        "--model and write shards of latents to --out with a manifest.json. Rerunning skips finished "
-        "shards. Under torchrun each process takes every WORLD_SIZE-th shard.",
+        description="Centre-crop and resize every image under --images, encode it with the tokenizer in\n"
+        "--model and write shards of latents to --out with a manifest.json and files.jsonl (the\n"
+        "image list, JSON lines). Rerunning skips finished shards. Under torchrun each process takes\n"
+        "every WORLD_SIZE-th shard.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, type=Path, help="tokenizer folder (config.json + model.safetensors)")
     parser.add_argument("--images", required=True, type=Path, help="folder of images (class subfolders give labels)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
+    parser.add_argument("--batch-size", type=arguments.positive_int, default=32, help="images encoded at a time")
+    parser.add_argument("--shard-size", type=arguments.positive_int, default=1024, help="images per shard file")
     parser.add_argument("--hflip", action="store_true", help="also store latents of the horizontally flipped images")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
-    parser.add_argument("--device", default=None, help="default: this process's GPU (LOCAL_RANK) if there is one, else cpu")
+    parser.add_argument("--num-workers", type=arguments.non_negative_int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader worker processes (0: load in the main process)")
+    parser.add_argument("--device", type=arguments.device, default=None,
+                        help="default: this process's GPU (LOCAL_RANK) if there is one, else cpu")
     parser.add_argument("--bf16", action="store_true", help="run the encoder under bf16 autocast")
     parser.set_defaults(func=run)
 
@@ -50,13 +75,14 @@ def _distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _device(requested: str | None, local_rank: int) -> torch.device:
+def _device(requested: torch.device | None, local_rank: int) -> torch.device:
     """--device, else this process's GPU if there is one, else the CPU. A CUDA device without an
     index is the GPU of LOCAL_RANK (modulo the visible GPUs: a launcher may show each process
     only its own); it becomes the current device."""
     if requested is None and not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device(requested or "cuda")
+    device = requested or torch.device("cuda")
+    arguments.check_device_usable(device)
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -64,28 +90,55 @@ def _device(requested: str | None, local_rank: int) -> torch.device:
     return device
 
 
-def run(args: argparse.Namespace) -> int:
-    from softvq_fast.models import SoftVQVAE
-
-    for name in ("batch_size", "shard_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+def _check_paths(args: argparse.Namespace) -> None:
+    """The folder arguments, before any process loads or writes anything."""
+    if not args.images.exists():
+        raise SystemExit(f"--images: {args.images} does not exist")
     if not args.images.is_dir():
         raise SystemExit(f"--images: {args.images} is not a folder")
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"--out: {args.out} exists and is not a folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from softvq_fast.models.checkpoint import CheckpointError
+
+    _check_paths(args)
+    try:
+        return _encode(args)
+    except CheckpointError as exc:
+        raise SystemExit(f"--model: {exc}") from None
+    except data.DatasetError as exc:
+        raise SystemExit(f"--{exc.argument}: {exc.message}") from None
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from softvq_fast.models import SoftVQVAE
+
     rank, world, local_rank = _distributed()
     device = _device(args.device, local_rank)
     model = SoftVQVAE.from_pretrained(args.model, device=device)
     config = model.config
-    files, labels = data.list_images(args.images)
+    listing = data.list_images(args.images)
+    files, labels = listing.files, listing.labels
     plan = data.ShardPlan(len(files), args.shard_size)
-    settings = {
-        "model": str(args.model.resolve()), "image_size": config.image_size, "hflip": args.hflip,
-        "shard_size": args.shard_size, "num_images": len(files), "labels": labels is not None,
-        "latent_shape": [config.num_latent_tokens, config.codebook_embed_dim],
-        "vq_mean": config.vq_mean, "vq_std": config.vq_std, "normalized": False, "bf16": args.bf16,
-    }
     if rank == 0:
-        data.write_manifest_start(args.out, settings, files)
+        weights = Path(model.load_report.weights_file)
+        settings = {
+            "model": str(weights.parent.resolve()), "images": str(args.images.resolve()),
+            "model_sha256": {p.name: data.file_sha256(p) for p in (weights.parent / "config.json", weights)},
+            "image_size": config.image_size, "hflip": args.hflip, "shard_size": args.shard_size,
+            "num_images": len(files), "labels": labels is not None, "classes": listing.classes,
+            "latent_shape": [config.num_latent_tokens, config.codebook_embed_dim],
+            "vq_mean": config.vq_mean, "vq_std": config.vq_std, "normalized": False, "bf16": args.bf16,
+        }
+        stale = data.remove_stale_temporaries(args.out) if args.out.is_dir() else []
+        again = data.prepare_output(args.out, settings, files, data.image_stats(args.images, files), plan)
+        if stale:
+            print(f"{args.out}: removed {len(stale)} temporary files a killed run left")
+        if again:
+            print(f"{args.out}: images changed since the run started (size or mtime): encoding shards "
+                  f"{', '.join(map(str, again))} again")
     if world > 1:
         dist.barrier()
         if rank != 0:  # shards hold image indices into rank 0's list: every rank must see it
@@ -101,19 +154,24 @@ def run(args: argparse.Namespace) -> int:
     def encode(images: torch.Tensor) -> torch.Tensor:
         return model.encode(images.to(device, non_blocking=True), autocast_dtype=autocast)
 
+    def warn_skipped(index: int, reason: str) -> None:
+        tqdm.write(f"warning: {args.images / files[index]}: skipped, cannot be read ({reason})", file=sys.stderr)
+
     with tqdm(total=todo, unit="img", disable=rank != 0, desc=f"rank 0/{world}") as bar:
         written = data.encode_shards(
             encode, loader, plan, args.out, hflip=args.hflip, with_labels=labels is not None,
             metadata={"vq_mean": repr(config.vq_mean), "vq_std": repr(config.vq_std)},
-            tag=f"{rank}-{os.getpid()}", on_batch=bar.update,
+            tag=f"{rank}-{os.getpid()}", on_batch=bar.update, on_skip=warn_skipped,
         )
     print(f"rank {rank}: wrote {written} shards, skipped {len(plan.owned(rank, world)) - len(pending)} finished ones")
     if world > 1:
         dist.barrier()
     if rank == 0:
-        manifest = data.finish_manifest(args.out, plan)
-        print(f"{args.out}: {plan.num_shards} shards, {len(files)} images, latent mean {manifest['latent_mean']:.4f} "
-              f"std {manifest['latent_std']:.4f} (config vq_mean {config.vq_mean}, vq_std {config.vq_std})")
+        manifest = data.finish_manifest(args.out, plan, files)
+        readable = len(files) - len(manifest["skipped"])
+        print(f"{args.out}: {plan.num_shards} shards, {readable} images ({len(manifest['skipped'])} unreadable, "
+              f"listed in {data.MANIFEST_NAME}), latent mean {manifest['latent_mean']:.4f} std "
+              f"{manifest['latent_std']:.4f} (config vq_mean {config.vq_mean}, vq_std {config.vq_std})")
     if world > 1:
         dist.destroy_process_group()
     return 0
