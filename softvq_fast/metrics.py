@@ -9,8 +9,19 @@ SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
+def _check_images(a: torch.Tensor, b: torch.Tensor, function: str) -> None:
+    """ValueError naming `a` or `b` unless both are floating (B, C, H, W) tensors of one shape."""
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            described = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{function}: {name} must be a floating (B, C, H, W) tensor in [0, 1], got a {described}")
+    if a.shape != b.shape:
+        raise ValueError(f"{function} needs a and b of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB per image (B,), data range 1."""
+    _check_images(a, b, "psnr")
     mse = (a.double() - b.double()).square().flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-20))
 
@@ -27,8 +38,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     K1 = 0.01, K2 = 0.03, population (co)variances, averaged over the positions where the window
     fits inside the image and over channels (skimage's `structural_similarity` with
     gaussian_weights=True, use_sample_covariance=False, channel_axis=0). Images need H, W >= 11."""
-    if a.shape != b.shape or a.dim() != 4:
-        raise ValueError(f"ssim needs two (B, C, H, W) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    _check_images(a, b, "ssim")
     if min(a.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"ssim needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(a.shape[-2:])}")
     channels = a.shape[1]

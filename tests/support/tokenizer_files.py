@@ -40,3 +40,21 @@ def write_sample_images(folder: Path) -> list[Path]:
         Image.fromarray(np.asarray(getattr(data, name)())).save(path)
         paths.append(path)
     return paths
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (grayscale for (H, W), RGB for (H, W, 3) uint16 pixels), encoded by hand:
+    Pillow reads 16-bit RGB PNGs but cannot write them."""
+    import struct
+    import zlib
+
+    height, width = pixels.shape[:2]
+    color_type = 2 if pixels.ndim == 3 else 0
+    rows = pixels.astype(">u2").reshape(height, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
