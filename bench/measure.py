@@ -1,4 +1,5 @@
-"""Timing and peak-memory measurement shared by every suite.
+"""Timing and peak-memory measurement shared by every suite, and the side-by-side comparison
+most suites run (check_and_time).
 
 Times are medians over repeats after warm-up; on CUDA the device is synchronised around each
 repeat (CUDA events would hide host overhead that users pay too). Peak memory is the peak of
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch
+
+from bench.compare import relative_error
+from softvq_fast.dispatch import NoBackendError
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,54 @@ def time_round_robin(
             if round_index >= uncounted_rounds:
                 samples[label].append(median)
     return samples
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One workload of a side-by-side comparison: its round medians (ms), peak memory and error."""
+
+    samples_ms: list[float]
+    peak_bytes: int
+    rel_err: float | None
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    def columns(self) -> dict[str, float | None]:
+        """median_ms, peak_mib and rel_err, as table columns."""
+        return {"median_ms": self.median_ms, "peak_mib": self.peak_bytes / 2**20, "rel_err": self.rel_err}
+
+
+def _label(key: Hashable) -> str:
+    return " via ".join(key) if isinstance(key, tuple) else str(key)
+
+
+def check_and_time(
+    ctx: Any,
+    steps: dict[Hashable, Callable[[], Any]],
+    what: str,
+    *,
+    reference: torch.Tensor | None = None,
+    declined: Callable[[Hashable], type[BaseException]] = lambda key: NoBackendError,
+    **timing: Any,
+) -> dict[Hashable, Checked]:
+    """Runs each step once (its warm-up) and compares what it returns with `reference`, if given
+    (relative_error). A step that raises what `declined(key)` names cannot run these inputs: it is
+    left out with a note on `ctx` ("<what>: <key> left out (<reason>)"). The others are timed in
+    alternation (time_round_robin with `timing`), then their peak memory is measured."""
+    errors, kept = {}, {}
+    for key, step in steps.items():
+        try:
+            out = step()
+        except declined(key) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            ctx.note(f"{what}: {_label(key)} left out ({reason})")
+            continue
+        errors[key] = relative_error(out, reference) if reference is not None else None
+        kept[key] = step
+    samples = time_round_robin(kept, ctx.device, **timing)
+    return {key: Checked(samples[key], peak_memory_bytes(step, ctx.device), errors[key]) for key, step in kept.items()}
 
 
 def _cpu_profile(fn: Callable[[], Any], profile_memory: bool = False) -> "torch.profiler.profile":

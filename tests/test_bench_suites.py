@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from bench import measure
 from bench.harness import Context
 from bench.suites import attention, layernorm_modulate, linear, softvq, tokenizer
 from softvq_fast.models import SoftVQVAE
@@ -41,7 +42,7 @@ def _check_baselines(rows: list[dict], keys: tuple[str, ...], is_baseline) -> No
 
 
 def test_attention_suite(ctx, monkeypatch):
-    monkeypatch.setattr(attention, "time_round_robin", _fake_round_robin)
+    monkeypatch.setattr(measure, "time_round_robin", _fake_round_robin)
     monkeypatch.setattr(attention, "cases", lambda quick: [("generator", 2, 17, 72), ("tokenizer", 1, 33, 64)])
     rows = attention.run(ctx)
     assert [(r["S"], r["pass"], r["backend"], r["via"]) for r in rows] == [
@@ -50,7 +51,7 @@ def test_attention_suite(ctx, monkeypatch):
         for backend, via in (("softvq", "softvq_fast"), ("sdpa", "softvq_fast"), ("sdpa", "direct"))
     ]
     _check_baselines(rows, ("case", "S", "D", "pass"), lambda row: row["via"] == "direct")
-    assert all(row["rel_err"] < 1e-5 and row["peak_MB"] >= 0 for row in rows)
+    assert all(row["rel_err"] < 1e-5 and row["peak_mib"] >= 0 for row in rows)
     assert len({tuple(r) for r in rows}) == 1
 
 
@@ -64,7 +65,7 @@ def test_linear_suite(ctx, monkeypatch):
 
 
 def test_layernorm_modulate_suite(ctx, monkeypatch):
-    monkeypatch.setattr(layernorm_modulate, "time_round_robin", _fake_round_robin)
+    monkeypatch.setattr(measure, "time_round_robin", _fake_round_robin)
     monkeypatch.setattr(layernorm_modulate, "QUICK", [("SiT-S", 2, 5, 40)])
     rows = layernorm_modulate.run(ctx)
     # conftest runs Triton in its interpreter without a GPU: the fused kernels get rows too
@@ -78,7 +79,7 @@ def test_layernorm_modulate_suite(ctx, monkeypatch):
 
 
 def test_softvq_suite(ctx, monkeypatch):
-    monkeypatch.setattr(softvq, "time_round_robin", _fake_round_robin)
+    monkeypatch.setattr(measure, "time_round_robin", _fake_round_robin)
     monkeypatch.setattr(softvq, "QUICK", {"main": (2, 48), "sweep": [(1, 24)]})
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the plumbing, not the compiler
     rows = softvq.run(ctx)
@@ -97,7 +98,7 @@ def test_tokenizer_suite(ctx, monkeypatch, reference_dir):
         def from_preset(name):
             return SoftVQVAE.from_pretrained(reference_dir / "vectors" / "tokenizer_tiny")
 
-    monkeypatch.setattr(tokenizer, "time_round_robin", _fake_round_robin)
+    monkeypatch.setattr(measure, "time_round_robin", _fake_round_robin)
     monkeypatch.setattr(tokenizer, "SoftVQVAE", TinyPresets)
     monkeypatch.setattr(tokenizer, "QUICK", [("tiny", 2)])
     monkeypatch.setattr(tokenizer, "PROFILED_RUNS", 1)

@@ -19,14 +19,13 @@ other processes hits all of them alike.
 """
 from __future__ import annotations
 
-import statistics
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bench.compare import add_speedups, relative_error
-from bench.measure import peak_memory_bytes, time_round_robin
+from bench.compare import add_speedups
+from bench.measure import check_and_time
 from softvq_fast import attention
 from softvq_fast.dispatch import NoBackendError
 
@@ -109,32 +108,19 @@ def run(ctx) -> list[dict]:
             pass_name = "fwd+bwd" if backward else "fwd"
             reference = _step(lambda q, k, v: attention(q, k, v, backend="math"), qkv.double(),
                               grad.double() if backward else None)()
-            steps, errors = {}, {}
-            for key, call in calls.items():
-                step = _step(call, qkv, grad if backward else None)
-                # Ours may only decline the inputs; a library called directly may refuse them in its own way.
-                declined = NoBackendError if key[1] == "softvq_fast" else Exception
-                try:
-                    errors[key] = relative_error(step(), reference)  # also the warm-up
-                except declined as exc:
-                    ctx.note(f"{case} S={seq} D={head_dim} {pass_name}: {key[0]} via {key[1]} left out "
-                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
-                    continue
-                steps[key] = step
-            del reference
             # The first round is not counted: for a few milliseconds after the previous case (its
             # peak-memory profiling above all) whichever row runs first is measured slow.
-            medians = time_round_robin(
-                steps, device, rounds=rounds, repeats=repeats, warmup=2, max_seconds=max_seconds, uncounted_rounds=1
+            checked = check_and_time(
+                ctx, {key: _step(call, qkv, grad if backward else None) for key, call in calls.items()},
+                f"{case} S={seq} D={head_dim} {pass_name}", reference=reference,
+                # Ours may only decline the inputs; a library called directly may refuse them in its own way.
+                declined=lambda key: NoBackendError if key[1] == "softvq_fast" else Exception,
+                rounds=rounds, repeats=repeats, warmup=2, max_seconds=max_seconds, uncounted_rounds=1,
             )
-            for (name, via), step in steps.items():
-                rows.append({
-                    "case": case, "B": batch, "S": seq, "D": head_dim, "dtype": str(dtype).replace("torch.", ""),
-                    "pass": pass_name, "backend": name, "via": via,
-                    "median_ms": statistics.median(medians[name, via]),
-                    "peak_MB": peak_memory_bytes(step, device) / 2**20,
-                    "rel_err": errors[name, via],
-                })
+            del reference
+            shape = {"case": case, "B": batch, "S": seq, "D": head_dim, "dtype": str(dtype).replace("torch.", "")}
+            rows += [{**shape, "pass": pass_name, "backend": name, "via": via, **result.columns()}
+                     for (name, via), result in checked.items()]
             ctx.progress(rows)
         del qkv, grad
     add_speedups(rows, ("case", "S", "D", "pass"), lambda row: row["via"] == "direct")
@@ -142,6 +128,6 @@ def run(ctx) -> list[dict]:
         f"H={HEADS}; q, k, v are strided views of one (B, S, 3, H, D) tensor; medians of {rounds} alternating "
         f"rounds of up to {repeats} repeats after an uncounted one. rel_err: ||out - ref|| / ||ref|| against the "
         "math backend in float64 (forward: the output; fwd+bwd: the gradient of q, k, v for a random output "
-        "gradient). peak_MB: memory allocated during the call above what was allocated before it."
+        "gradient). peak_mib: memory allocated during the call above what was allocated before it."
     )
     return rows

@@ -20,15 +20,14 @@ longer on a small CPU than the quick mode's whole budget).
 """
 from __future__ import annotations
 
-import statistics
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bench.compare import add_speedups, relative_error
-from bench.measure import peak_memory_bytes, time_round_robin
-from softvq_fast.dispatch import NoBackendError, registered_ops
+from bench.compare import add_speedups
+from bench.measure import check_and_time
+from softvq_fast.dispatch import registered_ops
 from softvq_fast.ops.layernorm_modulate import layernorm_modulate
 
 TITLE = "LayerNorm-modulate (fused kernels vs F.layer_norm + modulation)"
@@ -99,26 +98,14 @@ def run(ctx) -> list[dict]:
         for backward in (False, True):
             pass_name = "fwd+bwd" if backward else "fwd"
             reference = _step(plain, x.double(), modulation.double(), grad.double() if backward else None)()
-            steps, errors = {}, {}
-            for key, call in calls.items():
-                step = _step(call, x, modulation, grad if backward else None)
-                try:
-                    errors[key] = relative_error(step(), reference)  # also the warm-up (and compilation)
-                except NoBackendError as exc:
-                    ctx.note(f"{model} B={batch} S={tokens} {pass_name}: {key[0]} left out "
-                             f"({str(exc).splitlines()[0]})")
-                    continue
-                steps[key] = step
-            medians = time_round_robin(steps, device, rounds=rounds, repeats=repeats, warmup=2, max_seconds=max_seconds,
-                                       uncounted_rounds=1)
-            for (name, via), step in steps.items():
-                rows.append({
-                    "case": model, "B": batch, "S": tokens, "D": dim, "dtype": str(dtype).replace("torch.", ""),
-                    "pass": pass_name, "backend": name, "via": via,
-                    "median_ms": statistics.median(medians[name, via]),
-                    "peak_mib": peak_memory_bytes(step, device) / 2**20,
-                    "rel_err": errors[name, via],
-                })
+            checked = check_and_time(
+                ctx, {key: _step(call, x, modulation, grad if backward else None) for key, call in calls.items()},
+                f"{model} B={batch} S={tokens} {pass_name}", reference=reference,
+                rounds=rounds, repeats=repeats, warmup=2, max_seconds=max_seconds, uncounted_rounds=1,
+            )
+            shape = {"case": model, "B": batch, "S": tokens, "D": dim, "dtype": str(dtype).replace("torch.", "")}
+            rows += [{**shape, "pass": pass_name, "backend": name, "via": via, **result.columns()}
+                     for (name, via), result in checked.items()]
             ctx.progress(rows)
     add_speedups(rows, ("case", "B", "S", "D", "pass"), lambda row: row["via"] == "direct" and row["backend"] == "torch")
     ctx.note(

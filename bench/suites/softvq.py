@@ -11,15 +11,13 @@ per round, so that load from other processes hits them alike.
 """
 from __future__ import annotations
 
-import statistics
 from typing import Callable
 
 import torch
 
 from bench.compare import add_speedups
-from bench.measure import peak_memory_bytes, time_round_robin
+from bench.measure import check_and_time
 from softvq_fast import soft_vq
-from softvq_fast.dispatch import NoBackendError
 
 TITLE = "Soft VQ: forward (z_q alone; with statistics and regulariser) and forward+backward"
 BASELINE = "the reference backend: the soft VQ in plain PyTorch (the authors' math), eager"
@@ -92,29 +90,20 @@ def _measure(ctx, rows: list[dict], batch: int, K: int, passes: tuple[str, ...],
     rounds = 3 if ctx.quick else 7
     case = f"B{batch}x{TOKENS} C{CODEBOOKS} K{K} D{DIM} fp32"
     for pass_name in passes:
-        fns, peaks = {}, {}
-        for label, backend_fn in _backends(device, pass_name != "fwd", with_compile).items():
-            fn = _pass(pass_name, backend_fn, z, codebook)
-            try:
-                fn()  # warm-up (and compilation)
-            except NoBackendError as exc:
-                ctx.note(f"{case} {pass_name}: {label} left out ({str(exc).splitlines()[0]})")
-                continue
-            fns[label] = fn
-            peaks[label] = peak_memory_bytes(fn, device)
-        samples = time_round_robin(fns, device, rounds=rounds)
-        medians = {label: statistics.median(values) for label, values in samples.items()}
+        fns = {label: _pass(pass_name, backend_fn, z, codebook)
+               for label, backend_fn in _backends(device, pass_name != "fwd", with_compile).items()}
+        checked = check_and_time(ctx, fns, f"{case} {pass_name}", rounds=rounds)  # warm-up: also compilation
         exps = EXPS_PER_LOGIT.get(pass_name)
         limit = _exp_limit_ms(device, batch * TOKENS * K, exps) if exps else None
-        for label in fns:
+        for label, result in checked.items():
             rows.append({
                 "case": case,
                 "pass": pass_name,
                 "backend": label,
-                "median_ms": medians[label],
-                "peak_mib": peaks[label] / 2**20,
-                "memory_vs_baseline": peaks[label] / max(peaks["reference"], 1),
-                "x_exp_limit": medians[label] / limit if limit else "",
+                "median_ms": result.median_ms,
+                "peak_mib": result.peak_bytes / 2**20,
+                "memory_vs_baseline": result.peak_bytes / max(checked["reference"].peak_bytes, 1),
+                "x_exp_limit": result.median_ms / limit if limit else "",
             })
         ctx.progress(rows)
 

@@ -16,15 +16,13 @@ fp32, a package not installed) is left out with a note.
 """
 from __future__ import annotations
 
-import statistics
 from functools import partial
 from typing import Callable
 
 import torch
 
-from bench.compare import add_speedups, relative_error
-from bench.measure import cpu_op_share_ms, peak_memory_bytes, time_round_robin
-from softvq_fast.dispatch import NoBackendError
+from bench.compare import add_speedups
+from bench.measure import check_and_time, cpu_op_share_ms
 from softvq_fast.models import SoftVQVAE
 
 TITLE = "Tokenizer encode/decode (SoftVQ-VAE presets, random weights)"
@@ -87,28 +85,19 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
         for pass_name, fn in passes.items():
             _use(model, MATH)
             reference = fn()
-            outputs, peaks = {}, {}
-            for label in backends:
-                _use(model, backends[label])
-                try:
-                    outputs[label] = fn()  # also the warm-up
-                except NoBackendError as exc:
-                    ctx.note(f"{name} {pass_name} {_precision(precision)}: {label} left out ({str(exc).splitlines()[0]})")
-                    continue
-                peaks[label] = peak_memory_bytes(fn, device)
-            samples = time_round_robin({label: partial(run_with, label, fn) for label in outputs}, device, rounds=ROUNDS)
-            for label in outputs:
-                median = statistics.median(samples[label])
+            checked = check_and_time(ctx, {label: partial(run_with, label, fn) for label in backends},
+                                     f"{name} {pass_name} {_precision(precision)}", reference=reference, rounds=ROUNDS)
+            for label, result in checked.items():
                 rows.append({
                     "case": f"{name} {size}px b{batch}",
                     "precision": _precision(precision),
                     "pass": pass_name,
                     "backend": label,
-                    "median_ms": median,
-                    "min_ms": min(samples[label]),
-                    "images_per_s": batch / median * 1e3,
-                    "peak_mib": peaks[label] / 2**20,
-                    "rel_err_vs_math": relative_error(outputs[label], reference),
+                    "median_ms": result.median_ms,
+                    "min_ms": min(result.samples_ms),
+                    "images_per_s": batch / result.median_ms * 1e3,
+                    "peak_mib": result.peak_bytes / 2**20,
+                    "rel_err_vs_math": result.rel_err,
                 })
         if device.type == "cpu" and precision is None:
             _note_time_split(ctx, model, f"{name} {size}px b{batch}", images, backends)
