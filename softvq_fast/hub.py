@@ -63,7 +63,8 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     from softvq_fast import __version__
 
     def not_cached() -> str:
-        why = "HF_HUB_OFFLINE is set: nothing is downloaded" if constants.HF_HUB_OFFLINE else "and the Hub could not be reached"
+        why = ("HF_HUB_OFFLINE is set: nothing is downloaded" if constants.HF_HUB_OFFLINE
+               else "and the Hub could not be reached")
         return f"not in the Hugging Face cache at {constants.HF_HUB_CACHE} ({why})"
 
     def fetch(filename: str) -> Path:
@@ -73,15 +74,19 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     try:
         config = fetch(CONFIG_NAME)
     except GatedRepoError as exc:
-        raise CheckpointError(f"Hub repo {where} is gated: accept its terms on the Hub and log in (hf auth login)") from exc
+        raise CheckpointError(
+            f"Hub repo {where} is gated: accept its terms on the Hub, then set HF_TOKEN or log in"
+        ) from exc
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
-            f"{where} is neither a local folder nor a Hub repo that can be read (not found, or private: log in)"
+            f"{where} is neither a local folder nor a Hub repo that can be read (not found, or private: set HF_TOKEN or log in)"
         ) from exc
     except RevisionNotFoundError as exc:
         raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision!r}") from exc
     except LocalEntryNotFoundError as exc:
-        raise CheckpointError(f"{where} is not a local folder, and as a Hub repo id its {CONFIG_NAME} is {not_cached()}") from exc
+        raise CheckpointError(
+            f"{where} is not a local folder, and as a Hub repo id its {CONFIG_NAME} is {not_cached()}"
+        ) from exc
     except EntryNotFoundError as exc:
         raise CheckpointError(f"Hub repo {where} has no {CONFIG_NAME}: not a release folder") from exc
     missing = []

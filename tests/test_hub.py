@@ -118,6 +118,49 @@ def test_missing_huggingface_hub_is_named(monkeypatch):
         SoftVQVAE.from_pretrained("softvq/tok")
 
 
+def _hub_error(name: str) -> Exception:
+    """A huggingface_hub error of that class (built without the HTTP response its __init__ wants)."""
+    from huggingface_hub import errors
+
+    cls = getattr(errors, name)
+    return cls.__new__(cls)
+
+
+@pytest.mark.parametrize("error, message", [
+    ("GatedRepoError", "Hub repo 'softvq/x' (revision 'v2') is gated: accept its terms on the Hub, then set HF_TOKEN "
+                       "or log in"),
+    ("RepositoryNotFoundError", "'softvq/x' (revision 'v2') is neither a local folder nor a Hub repo that can be read "
+                                "(not found, or private: set HF_TOKEN or log in)"),
+    ("RevisionNotFoundError", "Hub repo 'softvq/x' has no revision 'v2'"),
+    ("EntryNotFoundError", "Hub repo 'softvq/x' (revision 'v2') has no config.json: not a release folder"),
+])
+def test_online_hub_errors_name_the_repo_and_what_is_missing(error, message, monkeypatch):
+    import huggingface_hub
+
+    def download(repo_id, filename, **kwargs):
+        raise _hub_error(error)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(CheckpointError) as failure:
+        load_generator("softvq/x", revision="v2")
+    assert str(failure.value) == message
+
+
+def test_a_repo_without_weights_is_named(reference_dir, monkeypatch):
+    import huggingface_hub
+
+    def download(repo_id, filename, **kwargs):
+        if filename == "config.json":
+            return str(reference_dir / "vectors" / "sit_tiny" / "config.json")
+        raise _hub_error("EntryNotFoundError")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(CheckpointError) as failure:
+        SiT.from_pretrained("softvq/x")
+    assert str(failure.value) == ("Hub repo 'softvq/x' has config.json but no weights: model.safetensors (not in the repo), "
+                                  "pytorch_model.bin (not in the repo)")
+
+
 def test_huggingface_hub_is_imported_only_for_repo_ids(reference_dir):
     vectors = reference_dir / "vectors"
     code = (
