@@ -175,6 +175,29 @@ def test_huggingface_hub_is_imported_only_for_repo_ids(reference_dir):
     assert result.returncode == 0, result.stderr
 
 
+def test_generate_command_takes_repo_ids_through_the_environment(cache, tmp_path):
+    """A fresh process: HF_HUB_CACHE and HF_HUB_OFFLINE reach huggingface_hub as users set them."""
+    out = tmp_path / "grid.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "softvq_fast.cli", "generate", "--tokenizer", "softvq/tok", "--generator", "softvq/sit",
+         "--classes", "0,1", "--steps", "1", "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.is_file()
+    missing = subprocess.run(
+        [sys.executable, "-m", "softvq_fast.cli", "generate", "--tokenizer", "softvq/nothing", "--generator", "softvq/sit",
+         "--classes", "0", "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "softvq-fast generate: error: argument --tokenizer: 'softvq/nothing' is not a local folder, and as a Hub "
+        f"repo id its config.json is not in the Hugging Face cache at {cache} (HF_HUB_OFFLINE is set: nothing is "
+        "downloaded)"
+    )
+
+
 def test_profile_and_reconstruct_take_repo_ids(cache, tmp_path, capsys):
     from PIL import Image
 

@@ -1,35 +1,93 @@
-"""`softvq-fast generate`: class-conditional images from a tokenizer and a generator folder, saved as a grid PNG."""
+"""`softvq-fast generate`: class-conditional images from a tokenizer and a generator (folders or
+Hub repo ids), saved as one grid image."""
 from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
+from typing import Callable
 
 import torch
 
+from softvq_fast.commands import arguments
+from softvq_fast.sampling import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, PATHS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def parse_classes(text: str) -> list[int]:
-    """"1,2,3", "1 2 3" or ranges "0-7" -> [labels]."""
+    """argparse type: "1,2,3", "1 2 3" or ranges "0-7" -> [labels], each >= 0."""
     labels: list[int] = []
     for part in text.replace(",", " ").split():
-        if "-" in part[1:]:
-            first, last = part.split("-", 1)
-            labels.extend(range(int(first), int(last) + 1))
-        else:
-            labels.append(int(part))
+        first, dash, last = part.partition("-")
+        try:
+            values = range(int(first), int(last) + 1) if dash else [int(first)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected class labels such as \"1,2,3\", \"1 2 3\" or \"0-7\" (integers >= 0), got {part!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"the range {part!r} is empty (write low-high with low <= high)")
+        labels.extend(values)
     if not labels:
         raise argparse.ArgumentTypeError(f"no class labels in {text!r}")
     return labels
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> tuple[int, int]:
-    """images (B, 3, H, W) in [-1, 1] -> one PNG with the images in rows of `nrow` (default
-    about sqrt(B)). Returns (rows, columns)."""
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (not nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def output_file(extensions: tuple[str, ...]) -> Callable[[str], Path]:
+    """argparse type: a file to write, in an existing folder, its name ending in one of `extensions`."""
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if path.suffix.lower() not in extensions:
+            raise argparse.ArgumentTypeError(f"expected a file name ending in {', '.join(extensions)}, got {text!r}")
+        if not path.parent.is_dir():
+            raise argparse.ArgumentTypeError(f"the folder {str(path.parent)!r} does not exist")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder")
+        return path
+
+    return parse
+
+
+def model_source(text: str) -> str:
+    """argparse type: an existing folder or a Hugging Face Hub repo id "owner/name"."""
+    from softvq_fast import hub
+
+    if not (Path(text).is_dir() or hub.is_repo_id(text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a folder nor a Hugging Face Hub repo id 'owner/name'")
+    return text
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> tuple[int, int]:
+    """images (B, 3, H, W) in [-1, 1] -> one image file with the images in rows of `nrow`
+    (a positive integer; default about sqrt(B)). Returns (rows, columns)."""
     from PIL import Image
 
+    from softvq_fast.models import fields
+
     count, _, height, width = images.shape
-    columns = nrow or math.ceil(math.sqrt(count))
+    columns = fields.optional_integer("nrow", nrow) or math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
     pixels = ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
     grid = torch.zeros(rows * height, columns * width, 3, dtype=torch.uint8)
@@ -40,13 +98,62 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> tuple
     return rows, columns
 
 
-def run(args: argparse.Namespace) -> int:
-    from softvq_fast.generation import generate, load_generator
-    from softvq_fast.models import SoftVQVAE
+def _check_before_loading(args: argparse.Namespace, device: torch.device):
+    """Resolve both models and check every argument against their configs (nothing loaded yet);
+    returns (tokenizer folder, generator folder, generator family)."""
+    from softvq_fast import hub
+    from softvq_fast.generation import check_class_labels, check_pair, check_sampling_arguments, generator_family
+    from softvq_fast.models.checkpoint import CheckpointError, read_config
+    from softvq_fast.models.fields import FieldError
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = SoftVQVAE.from_pretrained(args.tokenizer, device=device)
-    generator = load_generator(args.generator, device=device)
+    if args.guidance_low > args.guidance_high:
+        args.error(f"argument --guidance-low: {args.guidance_low} is above --guidance-high {args.guidance_high}")
+    arguments.check_device_usable(device)
+    folders = {}
+    for option in ("tokenizer", "generator"):
+        try:
+            folders[option] = hub.resolve(getattr(args, option))
+        except CheckpointError as exc:
+            args.error(f"argument --{option}: {exc}")
+    try:
+        tokenizer_config = read_config(folders["tokenizer"])
+    except CheckpointError as exc:
+        args.error(f"argument --tokenizer: {exc}")
+    try:
+        family = generator_family(folders["generator"])
+        skeleton = family.from_config(folders["generator"])
+        check_pair(tokenizer_config, skeleton)
+    except ValueError as exc:  # CheckpointError included
+        args.error(f"argument --generator: {exc}")
+    try:
+        check_class_labels(args.classes, skeleton.y_embedder.num_classes)
+    except ValueError as exc:
+        args.error(f"argument --classes: {exc}")
+    try:
+        check_sampling_arguments(skeleton, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                                 guidance_interval=(args.guidance_low, args.guidance_high), path=args.path,
+                                 seed=args.seed, cuda_graph=None)
+    except FieldError as exc:  # what remains after parsing: the choices that depend on the generator
+        args.error(f"argument --{exc.name.replace('_', '-')}: {exc}")
+    return folders["tokenizer"], folders["generator"], family
+
+
+def run(args: argparse.Namespace) -> int:
+    from softvq_fast.generation import generate
+    from softvq_fast.models import SoftVQVAE
+    from softvq_fast.models.checkpoint import CheckpointError
+
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer_folder, generator_folder, family = _check_before_loading(args, device)
+
+    def load(option: str, loader, folder):
+        try:
+            return loader(folder, device=device)
+        except CheckpointError as exc:  # the weights: keys, shapes, dtypes, a damaged file
+            args.error(f"argument --{option}: {exc}")
+
+    tokenizer = load("tokenizer", SoftVQVAE.from_pretrained, tokenizer_folder)
+    generator = load("generator", family.from_pretrained, generator_folder)
     images = generate(
         tokenizer,
         generator,
@@ -68,20 +175,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help=__doc__.split(":", 1)[1].strip(), description=__doc__)
-    parser.add_argument("--tokenizer", required=True, help="SoftVQ tokenizer folder (config.json + model.safetensors)")
-    parser.add_argument("--generator", required=True, help="SiT or DiT folder (config.json + model.safetensors)")
+    parser = subparsers.add_parser(
+        "generate", help=__doc__.split(":", 1)[1].strip(), description=__doc__,
+        epilog="Every argument is checked, against both models' config.json too, before any weights load.",
+    )
+    source = "folder (config.json + model.safetensors) or Hugging Face Hub repo id"
+    parser.add_argument("--tokenizer", required=True, type=model_source,
+                        help=f"SoftVQ tokenizer {source}, e.g. SoftVQVAE/softvq-b-64")
+    parser.add_argument("--generator", required=True, type=model_source,
+                        help=f"SiT or DiT {source}, e.g. SoftVQVAE/sit-xl_softvq-b-64")
     parser.add_argument("--classes", required=True, type=parse_classes, help='class labels: "1,2,3", "1 2 3" or "0-7"')
-    parser.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
-    parser.add_argument("--sampler", default=None, help="SiT: euler (default), heun, sde; DiT: ddpm (default), ddim")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval start in t in [0, 1]")
-    parser.add_argument("--guidance-high", type=float, default=1.0, help="guidance interval end in t in [0, 1]")
-    parser.add_argument("--path", choices=("linear", "cosine"), default=None, help="SiT interpolation path")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--out", type=output_file(IMAGE_EXTENSIONS), default=Path("grid.png"),
+                        help=f"output image in an existing folder, {'/'.join(IMAGE_EXTENSIONS)} (default grid.png)")
+    parser.add_argument("--sampler", choices=FLOW_SAMPLERS + DIFFUSION_SAMPLERS, default=None,
+                        help="SiT: euler (default), heun, sde; DiT: ddpm (default), ddim")
+    parser.add_argument("--steps", type=arguments.positive_int, default=50, help="sampling steps (default 50)")
+    parser.add_argument("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--guidance-low", type=unit_float, default=0.0, help="guidance interval start in t in [0, 1]")
+    parser.add_argument("--guidance-high", type=unit_float, default=1.0, help="guidance interval end in t in [0, 1]")
+    parser.add_argument("--path", choices=PATHS, default=None, help="SiT interpolation path")
+    parser.add_argument("--seed", type=arguments.non_negative_int, default=0)
+    parser.add_argument("--device", type=arguments.device, default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="generator precision")
     parser.add_argument("--no-cuda-graph", action="store_true", help="do not replay the sampling step as a CUDA graph")
-    parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default about sqrt(B))")
-    parser.set_defaults(func=run)
+    parser.add_argument("--nrow", type=arguments.positive_int, default=None, help="images per grid row (default about sqrt(B))")
+    parser.set_defaults(func=run, error=parser.error)

@@ -5,15 +5,30 @@ import argparse
 
 import torch
 
-from softvq_fast.commands.generate import DTYPES
+from softvq_fast.commands import arguments
+from softvq_fast.commands.generate import DTYPES, finite_float, model_source, output_file
+from softvq_fast.models.adaln_transformer import parse_preset
+
+
+def preset_name(text: str) -> str:
+    """argparse type: a generator preset such as SiT-XL/1."""
+    try:
+        parse_preset(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     from softvq_fast.generation import load_generator
     from softvq_fast.models import DiT, SiT
+    from softvq_fast.models.checkpoint import CheckpointError
 
     if args.generator:
-        return load_generator(args.generator, device=device, dtype=dtype)
+        try:
+            return load_generator(args.generator, device=device, dtype=dtype)
+        except CheckpointError as exc:
+            args.error(f"argument --generator: {exc}")
     family = DiT if args.preset.startswith("DiT") else SiT
     with torch.device(device):
         model = family.from_preset(args.preset, input_size=args.tokens, in_channels=args.channels, vae_1d=True)
@@ -27,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from softvq_fast.sampling import ConditionalModel
     from softvq_fast.telemetry import GpuTelemetry
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    arguments.check_device_usable(device)
     dtype = DTYPES[args.dtype]
     batch = args.batch or (64 if device.type == "cuda" else 2)
     model = _build(args, device, dtype)
@@ -47,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             for _ in range(args.steps):
                 with record_function("sampling_step"):
                     step(x, t)
-    prof.export_chrome_trace(args.out)
+    prof.export_chrome_trace(str(args.out))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     name = args.generator or args.preset
     print(
@@ -65,16 +81,21 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("profile", help=__doc__.split(":", 1)[1].strip(), description=__doc__)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--generator", default=None, help="SiT or DiT release folder")
-    source.add_argument("--preset", default="SiT-XL/1", help="random-weight preset, e.g. SiT-XL/1, DiT-B/1 (default SiT-XL/1)")
-    parser.add_argument("--tokens", type=int, default=64, help="latent tokens of the preset (default 64)")
-    parser.add_argument("--channels", type=int, default=32, help="channels per token of the preset (default 32)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 64 on CUDA, 2 on the CPU)")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (doubles the batch)")
+    source.add_argument("--generator", type=model_source, default=None,
+                        help="SiT or DiT release folder or Hugging Face Hub repo id")
+    source.add_argument("--preset", type=preset_name, default="SiT-XL/1",
+                        help="random-weight preset, e.g. SiT-XL/1, DiT-B/1 (default SiT-XL/1)")
+    parser.add_argument("--tokens", type=arguments.positive_int, default=64, help="latent tokens of the preset (default 64)")
+    parser.add_argument("--channels", type=arguments.positive_int, default=32,
+                        help="channels per token of the preset (default 32)")
+    parser.add_argument("--batch", type=arguments.positive_int, default=None,
+                        help="batch size (default 64 on CUDA, 2 on the CPU)")
+    parser.add_argument("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance (doubles the batch)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--cuda-graph", action="store_true", help="replay the step as a CUDA graph")
-    parser.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--top", type=int, default=15, help="rows of the kernel table (default 15)")
-    parser.add_argument("--out", default="profile_trace.json", help="Chrome trace file (default profile_trace.json)")
-    parser.set_defaults(func=run)
+    parser.add_argument("--steps", type=arguments.positive_int, default=3, help="profiled steps (default 3)")
+    parser.add_argument("--device", type=arguments.device, default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--top", type=arguments.positive_int, default=15, help="rows of the kernel table (default 15)")
+    parser.add_argument("--out", type=output_file((".json",)), default="profile_trace.json",
+                        help="Chrome trace file in an existing folder (default profile_trace.json)")
+    parser.set_defaults(func=run, error=parser.error)
