@@ -43,6 +43,8 @@ __all__ = [
     "VGG16Features",
     "locate_weights",
     "read_weights",
+    "check_layout",
+    "imagenet_pixels",
     "load_dinov2",
     "load_dino_vits16",
     "load_vgg16",
@@ -51,6 +53,7 @@ __all__ = [
     "resample_position_table",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "VGG16_TAPS",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
