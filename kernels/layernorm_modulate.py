@@ -19,7 +19,12 @@ import triton.language as tl
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr,
+    x_ptr,  # (B, S, D)
+    scale_ptr,  # (B, D), row stride mod_stride
+    shift_ptr,  # (B, D), row stride mod_stride
+    y_ptr,  # (B, S, D) out
+    mean_ptr,  # (B * S,) float32 out
+    rstd_ptr,  # (B * S,) float32 out
     S, D, mod_stride, eps,
     BLOCK_D: tl.constexpr,
 ):
@@ -41,7 +46,14 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dscale_part_ptr, dshift_part_ptr,
+    grad_y_ptr,  # (B, S, D)
+    x_ptr,  # (B, S, D)
+    scale_ptr,  # (B, D), row stride mod_stride
+    mean_ptr,  # (B * S,) float32
+    rstd_ptr,  # (B * S,) float32
+    grad_x_ptr,  # (B, S, D) out
+    grad_scale_part_ptr,  # (B, chunks, D) float32 out: per-chunk partial sums
+    grad_shift_part_ptr,  # (B, chunks, D) float32 out
     S, D, mod_stride, ROWS_PER_PROGRAM,
     BLOCK_D: tl.constexpr,
 ):
@@ -59,7 +71,7 @@ def _backward_kernel(
         if token < S:
             row = batch * S + token
             x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(grad_y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(mean_ptr + row)
             rstd = tl.load(rstd_ptr + row)
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -70,10 +82,10 @@ def _backward_kernel(
             g_mean = tl.sum(g, axis=0) / D
             gx_mean = tl.sum(g * xhat, axis=0) / D
             dx = rstd * (g - g_mean - xhat * gx_mean)
-            tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_x_ptr + row * D + cols, dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
     part = (batch * num_chunks + chunk) * D
-    tl.store(dscale_part_ptr + part + cols, dscale_acc, mask=mask)
-    tl.store(dshift_part_ptr + part + cols, dshift_acc, mask=mask)
+    tl.store(grad_scale_part_ptr + part + cols, dscale_acc, mask=mask)
+    tl.store(grad_shift_part_ptr + part + cols, dshift_acc, mask=mask)
 
 
 def _block_d(D: int) -> int:

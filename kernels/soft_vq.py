@@ -24,9 +24,9 @@ import triton.language as tl
 
 BLOCK_M = 64  # rows per program (row-major kernels), rows per step (code-major kernels)
 BLOCK_K = 64  # codes per step (row-major kernels), codes per program (code-major kernels)
-# 8 warps: with 4, the compiled gradient kernels keep their tiles on the stack (local memory):
-# grad_z 7.0 KB a thread in float32 at D = 32, 0.8 KB in bf16 (sm_90, triton 3.8; tests/support/triton_aot.py
-# reports it). _grad_z_config narrows grad_z's code blocks where 8 warps are not enough.
+# 8 warps: with 4, each thread's share of the gradient kernels' tiles outgrows its registers and
+# the compiled kernels keep them on the stack (local memory). _grad_z_config narrows grad_z's code
+# blocks where 8 warps are not enough; tests/test_triton_compile.py checks every kernel's stack.
 NUM_WARPS = 8
 
 
@@ -42,13 +42,18 @@ def _tile(c, first, count, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(
-    Z, E, ZQ, STATS, IDX, M, K, D, inv_tau, inv_t,
+    z_ptr,  # (C, M, D)
+    codebook_ptr,  # (C, K, D)
+    z_q_ptr,  # (C, M, D) out
+    row_stats_ptr,  # (4, C, M) float32 out: ROW_STATS
+    indices_ptr,  # (C, M) int64 out
+    M, K, D, inv_tau, inv_t,
     WITH_STATS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     c = tl.program_id(1)
     tile, tile_ok, rows, row_ok = _tile(c, tl.program_id(0) * BLOCK_M, M, D, BLOCK_M, BLOCK_D)
-    z = tl.load(Z + tile, mask=tile_ok, other=0.0)
+    z = tl.load(z_ptr + tile, mask=tile_ok, other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -57,7 +62,7 @@ def _forward_kernel(
     best = tl.zeros((BLOCK_M,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
         e_tile, e_ok, codes, code_ok = _tile(c, k0, K, D, BLOCK_K, BLOCK_D)
-        e = tl.load(E + e_tile, mask=e_ok, other=0.0)
+        e = tl.load(codebook_ptr + e_tile, mask=e_ok, other=0.0)
         s = tl.dot(z, tl.trans(e), input_precision=PRECISION)
         s = tl.where(code_ok[None, :], s, float("-inf"))
         block_max = tl.max(s, axis=1)
@@ -78,13 +83,13 @@ def _forward_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(e.dtype), e, input_precision=PRECISION)
         m_i = m_new
     z_q = acc / l_i[:, None]
-    tl.store(ZQ + tile, z_q.to(ZQ.dtype.element_ty), mask=tile_ok)
-    stat = STATS + c * M + rows
+    tl.store(z_q_ptr + tile, z_q.to(z_q_ptr.dtype.element_ty), mask=tile_ok)
+    stat = row_stats_ptr + c * M + rows
     rows_total = tl.num_programs(1) * M
     tl.store(stat, m_i, mask=row_ok)
     tl.store(stat + rows_total, tl.log(l_i), mask=row_ok)
     if WITH_STATS:
-        tl.store(IDX + c * M + rows, best.to(tl.int64), mask=row_ok)
+        tl.store(indices_ptr + c * M + rows, best.to(tl.int64), mask=row_ok)
     if WITH_ENTROPY:
         log_t = tl.log(l_t)
         tl.store(stat + 2 * rows_total, log_t, mask=row_ok)
@@ -93,50 +98,62 @@ def _forward_kernel(
 
 @triton.jit
 def _column_sum_kernel(
-    Z, E, STATS, COLSUM, M, K, D, inv_t,
+    z_ptr,  # (C, M, D)
+    codebook_ptr,  # (C, K, D)
+    row_stats_ptr,  # (4, C, M) float32
+    column_sum_ptr,  # (C, K) float32 out
+    M, K, D, inv_t,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     c = tl.program_id(1)
     e_tile, e_ok, codes, code_ok = _tile(c, tl.program_id(0) * BLOCK_K, K, D, BLOCK_K, BLOCK_D)
-    e = tl.load(E + e_tile, mask=e_ok, other=0.0)
+    e = tl.load(codebook_ptr + e_tile, mask=e_ok, other=0.0)
     rows_total = tl.num_programs(1) * M
     total = tl.zeros((BLOCK_K,), tl.float32)
     for m0 in range(0, M, BLOCK_M):
         tile, tile_ok, rows, row_ok = _tile(c, m0, M, D, BLOCK_M, BLOCK_D)
-        z = tl.load(Z + tile, mask=tile_ok, other=0.0)
-        m = tl.load(STATS + c * M + rows, mask=row_ok, other=0.0)
-        log_t = tl.load(STATS + 2 * rows_total + c * M + rows, mask=row_ok, other=0.0)
+        z = tl.load(z_ptr + tile, mask=tile_ok, other=0.0)
+        m = tl.load(row_stats_ptr + c * M + rows, mask=row_ok, other=0.0)
+        log_t = tl.load(row_stats_ptr + 2 * rows_total + c * M + rows, mask=row_ok, other=0.0)
         s = tl.dot(e, tl.trans(z), input_precision=PRECISION)
         q = tl.exp((s - m[None, :]) * inv_t - log_t[None, :])
         total += tl.sum(tl.where(row_ok[None, :], q, 0.0), axis=1)
-    tl.store(COLSUM + c * K + codes, total, mask=code_ok)
+    tl.store(column_sum_ptr + c * K + codes, total, mask=code_ok)
 
 
 @triton.jit
 def _grad_z_kernel(
-    G, GH, GC, Z, E, ZQ, STATS, DZ, M, K, D, inv_tau, inv_t,
+    grad_z_q_ptr,  # (C, M, D)
+    grad_row_entropy_ptr,  # (C, M) float32
+    grad_column_sum_ptr,  # (C, K) float32
+    z_ptr,  # (C, M, D)
+    codebook_ptr,  # (C, K, D)
+    z_q_ptr,  # (C, M, D)
+    row_stats_ptr,  # (4, C, M) float32
+    grad_z_ptr,  # (C, M, D) out
+    M, K, D, inv_tau, inv_t,
     WITH_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     c = tl.program_id(1)
     tile, tile_ok, rows, row_ok = _tile(c, tl.program_id(0) * BLOCK_M, M, D, BLOCK_M, BLOCK_D)
-    z = tl.load(Z + tile, mask=tile_ok, other=0.0)
-    g = tl.load(G + tile, mask=tile_ok, other=0.0)
-    g_dot_zq = tl.sum(g.to(tl.float32) * tl.load(ZQ + tile, mask=tile_ok, other=0.0).to(tl.float32), axis=1)
+    z = tl.load(z_ptr + tile, mask=tile_ok, other=0.0)
+    g = tl.load(grad_z_q_ptr + tile, mask=tile_ok, other=0.0)
+    g_dot_zq = tl.sum(g.to(tl.float32) * tl.load(z_q_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32), axis=1)
     rows_total = tl.num_programs(1) * M
-    stat = STATS + c * M + rows
+    stat = row_stats_ptr + c * M + rows
     m = tl.load(stat, mask=row_ok, other=0.0)
     log_l = tl.load(stat + rows_total, mask=row_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     if WITH_ENTROPY:
         log_t = tl.load(stat + 2 * rows_total, mask=row_ok, other=0.0)
         h = tl.load(stat + 3 * rows_total, mask=row_ok, other=0.0)
-        g_h = tl.load(GH + c * M + rows, mask=row_ok, other=0.0)
+        g_h = tl.load(grad_row_entropy_ptr + c * M + rows, mask=row_ok, other=0.0)
         q_acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # sum_j q_j E_j
         q_dot_gc = tl.zeros((BLOCK_M,), tl.float32)  # sum_j q_j G_j
     for k0 in range(0, K, BLOCK_K):
         e_tile, e_ok, codes, code_ok = _tile(c, k0, K, D, BLOCK_K, BLOCK_D)
-        e = tl.load(E + e_tile, mask=e_ok, other=0.0)
+        e = tl.load(codebook_ptr + e_tile, mask=e_ok, other=0.0)
         # dlogits sum to ~0 over codes (softmax): their products with E cancel, so they meet E in
         # float32, never rounded to half precision (TF32, where the caller allowed it)
         e32 = e.to(tl.float32)
@@ -145,7 +162,7 @@ def _grad_z_kernel(
         g_e = tl.dot(g, tl.trans(e), input_precision=PRECISION)
         d_s = p * (g_e - g_dot_zq[:, None]) * inv_tau
         if WITH_ENTROPY:
-            gc = tl.load(GC + c * K + codes, mask=code_ok, other=0.0)
+            gc = tl.load(grad_column_sum_ptr + c * K + codes, mask=code_ok, other=0.0)
             log_q = s * inv_t - log_t[:, None]
             q = tl.exp(log_q)
             d_s += q * (gc[None, :] - g_h[:, None] * (log_q + h[:, None])) * inv_t
@@ -156,30 +173,35 @@ def _grad_z_kernel(
         acc += tl.dot(d_s, e32, input_precision=PRECISION)
     if WITH_ENTROPY:
         acc -= (q_dot_gc * inv_t)[:, None] * q_acc
-    tl.store(DZ + tile, acc.to(DZ.dtype.element_ty), mask=tile_ok)
+    tl.store(grad_z_ptr + tile, acc.to(grad_z_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
 def _grad_codebook_kernel(
-    G, Z, E, STATS, DE, M, K, D, inv_tau,
+    grad_z_q_ptr,  # (C, M, D)
+    z_ptr,  # (C, M, D)
+    codebook_ptr,  # (C, K, D)
+    row_stats_ptr,  # (4, C, M) float32
+    grad_codebook_ptr,  # (C, K, D) out
+    M, K, D, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     c = tl.program_id(1)
     e_tile, e_ok, codes, code_ok = _tile(c, tl.program_id(0) * BLOCK_K, K, D, BLOCK_K, BLOCK_D)
-    e = tl.load(E + e_tile, mask=e_ok, other=0.0)
+    e = tl.load(codebook_ptr + e_tile, mask=e_ok, other=0.0)
     rows_total = tl.num_programs(1) * M
     acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
     for m0 in range(0, M, BLOCK_M):
         tile, tile_ok, rows, row_ok = _tile(c, m0, M, D, BLOCK_M, BLOCK_D)
-        z = tl.load(Z + tile, mask=tile_ok, other=0.0)
-        g = tl.load(G + tile, mask=tile_ok, other=0.0)
-        m = tl.load(STATS + c * M + rows, mask=row_ok, other=0.0)
-        log_l = tl.load(STATS + rows_total + c * M + rows, mask=row_ok, other=0.0)
+        z = tl.load(z_ptr + tile, mask=tile_ok, other=0.0)
+        g = tl.load(grad_z_q_ptr + tile, mask=tile_ok, other=0.0)
+        m = tl.load(row_stats_ptr + c * M + rows, mask=row_ok, other=0.0)
+        log_l = tl.load(row_stats_ptr + rows_total + c * M + rows, mask=row_ok, other=0.0)
         s = tl.dot(e, tl.trans(z), input_precision=PRECISION)
         p = tl.exp((s - m[None, :]) * inv_tau - log_l[None, :])
         p = tl.where(row_ok[None, :], p, 0.0)
         acc += tl.dot(p.to(g.dtype), g, input_precision=PRECISION)
-    tl.store(DE + e_tile, acc.to(DE.dtype.element_ty), mask=e_ok)
+    tl.store(grad_codebook_ptr + e_tile, acc.to(grad_codebook_ptr.dtype.element_ty), mask=e_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,9 +210,10 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 # Shared memory the grad-codebook kernel (the largest) needs in float32 with the blocks chosen
-# before any shrinking for the device, AOT-compiled with 8 warps for sm_80 and sm_90, the larger of
-# the two (triton 3.8; tests/support/triton_aot.py compiles these configurations): {(BLOCK_D, precision):
-# bytes}. Where a device allows less, the blocks halve again.
+# before any shrinking for the device, compiled with 8 warps for sm_80 and sm_90, the larger of
+# the two: {(BLOCK_D, precision): bytes}. Where a device allows less, the blocks halve again.
+# tests/support/triton_aot.py compiles these configurations; tests/test_triton_compile.py fails
+# where one needs more than an A100 or H100/H200 allows.
 FP32_SHARED_BYTES = {(128, "ieee"): 156_672, (128, "tf32"): 230_400, (256, "ieee"): 150_016, (256, "tf32"): 168_448}
 
 
@@ -207,12 +230,11 @@ def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
     precision = "tf32" if allow_tf32 and z.dtype == torch.float32 else "ieee"
     block_d = max(16, triton.next_power_of_2(D))
     # float32 without TF32 multiplies on the CUDA cores, each thread holding its share of the
-    # operand tiles in registers: with 32-code blocks grad_z's stack at D = 32 is 48 bytes a thread
-    # (sm_90, 8 warps; 808 with 64-code blocks).
+    # operand tiles in registers: 32-code blocks fit them there, 64-code blocks spill grad_z's.
     block_k = BLOCK_K // 2 if z.dtype == torch.float32 and precision == "ieee" else BLOCK_K
-    # D = 256 at 64 x 64 blocks needs ~340 KB of shared memory in the grad-codebook kernel (sm_90
-    # has 227 KB): halve the row and code blocks there, and again in float32 where the device
-    # allows less than FP32_SHARED_BYTES (sm_80: 166,912 bytes).
+    # D = 256 at 64 x 64 blocks needs more shared memory in the grad-codebook kernel than an
+    # H100/H200 has (227 KB a block): halve the row and code blocks there, and again in float32
+    # where the device allows less than FP32_SHARED_BYTES (an A100: 163 KB).
     shrink = 2 if block_d > 128 else 1
     if z.dtype == torch.float32 and FP32_SHARED_BYTES.get((block_d, precision), 0) > _shared_memory_per_block(z.device):
         shrink *= 2
@@ -226,10 +248,9 @@ def _config(z: torch.Tensor, allow_tf32: bool) -> dict:
 
 def _grad_z_config(config: dict, with_entropy: bool) -> dict:
     """The grad-z kernel's blocks: `config` but at most 32 codes a block where its entropy terms
-    meet E on the CUDA cores (PRECISION "ieee", float32 products whatever the input dtype). With
-    64-code blocks the compiled kernel keeps tiles on the stack in half precision: 0.8-3.0 KB a
-    thread at D = 32 and 1.5-5.6 KB at D = 64 with triton 3.6 (sm_90, sm_80), 0.5 KB at D = 64 with
-    3.8; with 32-code blocks at most 64 bytes (tests/support/triton_aot.py)."""
+    meet E on the CUDA cores (PRECISION "ieee", float32 products whatever the input dtype): with
+    64-code blocks the compiled kernel keeps those tiles on the stack in half precision, with 32
+    they stay in registers (tests/test_triton_compile.py checks the stack)."""
     if with_entropy and config["PRECISION"] == "ieee":
         return dict(config, BLOCK_K=max(16, min(config["BLOCK_K"], BLOCK_K // 2)))
     return config

@@ -29,7 +29,8 @@ LAYERNORM_DIMS = (1152, 4608)  # SiT-XL width; a wide one (16 warps)
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _SCALARS = {"M": "i32", "K": "i32", "D": "i32", "S": "i32", "mod_stride": "i32", "ROWS_PER_PROGRAM": "i32",
             "inv_tau": "fp32", "inv_t": "fp32", "eps": "fp32"}
-_FLOAT32_BUFFERS = {"STATS", "GH", "GC", "COLSUM", "mean_ptr", "rstd_ptr", "dscale_part_ptr", "dshift_part_ptr"}
+_FLOAT32_BUFFERS = {"row_stats_ptr", "grad_row_entropy_ptr", "grad_column_sum_ptr", "column_sum_ptr", "mean_ptr",
+                    "rstd_ptr", "grad_scale_part_ptr", "grad_shift_part_ptr"}
 
 
 def _resources(kernel, dtype: str, constants: dict, num_warps: int, capability: int) -> dict:
@@ -45,7 +46,7 @@ def _resources(kernel, dtype: str, constants: dict, num_warps: int, capability: 
             signature[name] = "constexpr"
         elif name in _SCALARS:
             signature[name] = _SCALARS[name]
-        elif name == "IDX":
+        elif name == "indices_ptr":
             signature[name] = "*i64"
         else:
             signature[name] = "*fp32" if name in _FLOAT32_BUFFERS else f"*{dtype}"
