@@ -102,6 +102,7 @@ setup(
     packages=[
         "softvq_fast",
         "softvq_fast.ops",
+        "softvq_fast.ops.attention",
         "softvq_fast.nn",
         "softvq_fast.models",
         "softvq_fast.sampling",

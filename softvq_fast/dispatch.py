@@ -1,23 +1,28 @@
 """Backend selection shared by every op (xformers fmha style).
 
-Each op owns a list of `Backend` objects. A backend declares the devices and dtypes it handles
-and answers `not_supported_reasons(inputs)`; an empty list means it can run them. The
-dispatcher takes an explicit choice (argument, then environment variable) or, for "auto", the
-first backend of the op's per-device order with no reasons; when nothing fits it raises
-`NoBackendError` listing every backend's reasons.
+Each op registers one `OpBackends`: its backends and a `priority(inputs)` function that returns
+the automatic order of backend names for those inputs. A backend declares the devices and dtypes
+it handles and answers `not_supported_reasons(inputs)`; an empty list means it can run them. The
+op's inputs description (a small NamedTuple or dataclass built per call) carries at least
+`device`, `dtype` and `needs_grad`, plus whatever the op's backends and order look at.
+
+`select(inputs, requested)` takes an explicit choice (the argument, else the environment
+variable SOFTVQ_FAST_<OP>_BACKEND) or, for "auto", the first backend of `priority(inputs)` with no
+reasons; when nothing fits it raises `NoBackendError` listing every backend's reasons.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 AUTO = "auto"
-# Looked up once: torch.compile traces backend selection, and torch 2.11's dynamo refuses
-# to trace importlib.util.find_spec (fullgraph=True fails on the graph break).
+# Looked up once: torch.compile traces backend selection, and dynamo refuses to trace
+# importlib.util.find_spec (fullgraph=True fails on the graph break).
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
@@ -25,13 +30,22 @@ class NoBackendError(RuntimeError):
     """Raised when the requested backend, or every backend, cannot run the given inputs."""
 
 
+def grad_needed(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd is recording and one of `tensors` (None entries skipped) requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def backend_env_var(op: str) -> str:
+    """The environment variable that overrides `op`'s automatic choice: SOFTVQ_FAST_<OP>_BACKEND."""
+    return f"SOFTVQ_FAST_{op.upper()}_BACKEND"
+
+
 class Backend:
     """One implementation of an op.
 
     Subclasses set `name`, `devices` (device types such as "cpu", "cuda") and `dtypes`, and may
     override `unavailable_reason` (environment: missing package, extension, GPU) and
-    `input_reasons` (shapes, head dims, ...). `inputs` is the op's own description object; it
-    must have `device` (torch.device) and `dtype` (torch.dtype) attributes.
+    `input_reasons` (shapes, head dims, gradients, ...).
     """
 
     name: str = ""
@@ -87,13 +101,25 @@ class TritonBackend(Backend):
 
 @dataclass(frozen=True)
 class OpBackends:
-    """The backends of one op, the environment variable that overrides the choice, and the
-    automatic order per device type."""
+    """The backends of one op and its automatic order.
+
+    op: the op's name ("attention"); the override variable is SOFTVQ_FAST_<OP>_BACKEND.
+    priority: inputs -> backend names in the order `auto` tries them. A backend left out of it is
+        used only when asked for by name.
+    order_summary: the automatic order in words, for `softvq-fast env`.
+    legacy_env_var: an older name of the override variable, still read (with a
+        DeprecationWarning) when the new one is not set.
+    """
 
     op: str
     backends: tuple[Backend, ...]
-    env_var: str
-    auto_order: Callable[[str], Sequence[str]]
+    priority: Callable[[Any], Sequence[str]]
+    order_summary: str
+    legacy_env_var: str | None = None
+    env_var: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "env_var", backend_env_var(self.op))
 
     def get(self, name: str) -> Backend:
         for backend in self.backends:
@@ -102,21 +128,34 @@ class OpBackends:
         known = ", ".join([AUTO] + [b.name for b in self.backends])
         raise ValueError(f"{self.op}: unknown backend {name!r}; expected one of: {known}")
 
+    def env_choice(self) -> str | None:
+        """The backend named by the environment (the new variable, else the deprecated one), or
+        None. Read on every call, so that a change between calls applies."""
+        value = os.environ.get(self.env_var)
+        if value is None and self.legacy_env_var is not None:
+            value = os.environ.get(self.legacy_env_var)
+            if value is not None:
+                warnings.warn(
+                    f"{self.legacy_env_var} is deprecated; set {self.env_var} instead", DeprecationWarning, stacklevel=3
+                )
+        return value or None
+
     def select(self, inputs: Any, requested: str | None = None) -> Backend:
         """Pick the backend for `inputs`: `requested` if given and not "auto", else the
-        environment variable, else the first supported backend in the device's order."""
-        choice = requested if requested not in (None, AUTO) else os.environ.get(self.env_var, AUTO) or AUTO
+        environment's choice, else the first supported backend of `priority(inputs)`."""
+        explicit = requested not in (None, AUTO)
+        choice = requested if explicit else (self.env_choice() or AUTO)
         if choice != AUTO:
             backend = self.get(choice)
             reasons = backend.not_supported_reasons(inputs)
             if reasons:
-                source = "requested" if requested not in (None, AUTO) else f"set by {self.env_var}"
+                source = "requested" if explicit else f"set by {self.env_var}"
                 raise NoBackendError(
                     f"{self.op}: backend {choice!r} ({source}) cannot run these inputs: " + "; ".join(reasons)
                 )
             return backend
         collected = []
-        for name in self.auto_order(inputs.device.type):
+        for name in self.priority(inputs):
             backend = self.get(name)
             reasons = backend.not_supported_reasons(inputs)
             if not reasons:

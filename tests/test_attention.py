@@ -6,32 +6,18 @@ import torch
 
 from support.attention_cases import poison, qkv, reference, reference_grads
 from support.numerics import rel_err
+from support.machines import machine  # noqa: F401  (fixture)
 from softvq_fast._extension import extension_available, extension_has_cuda
 from softvq_fast.dispatch import NoBackendError
-from softvq_fast.ops import attention as attention_module
-from softvq_fast.ops.attention import (
-    AMX_CPU_RULES,
-    AVX2_CPU_RULES,
-    AVX512_CPU_RULES,
-    UNMEASURED_CPU_RULES,
-    OPS,
-    TRAINING_OPS,
-    _describe,
-    _kernel_op_available,
-    _ops_for,
-    attention,
-    detect_cpu_order_rules,
-)
+from softvq_fast.ops import cpu_rules
+from softvq_fast.ops.attention import BACKENDS, AttentionInputs, attention, backends, describe_inputs
+from softvq_fast.ops.attention.custom_op import kernel_op_available
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 needs_kernel = pytest.mark.skipif(
     not extension_available() or not hasattr(torch.ops.softvq_fast, "attention_fwd"),
     reason="softvq_fast._C with attention_fwd is not built",
 )
-
-
-
-
 
 
 # (batch, q_len, kv_len, heads, head_dim): lengths 1 .. 1089, not powers of two, cross lengths too.
@@ -110,8 +96,8 @@ def test_cpu_build_switch_rejects_unknown_name(monkeypatch):
 
 
 def _cpu_backends() -> list[str]:
-    inputs = _describe(*qkv(1, 3, 3, 1, 8, torch.float32)[:3])
-    return [b.name for b in OPS.backends if not b.not_supported_reasons(inputs)]
+    inputs = describe_inputs(*qkv(1, 3, 3, 1, 8, torch.float32)[:3])
+    return [b.name for b in BACKENDS.backends if not b.not_supported_reasons(inputs)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -168,124 +154,218 @@ def test_compiles_without_graph_breaks():
     assert rel_err(got, want) <= 1e-6 and rel_err(grad_got, grad_want) <= 1e-6
 
 
-def _auto_choice(inputs, needs_grad: bool) -> str:
-    return _ops_for(inputs, needs_grad).select(inputs).name
+OURS = "softvq" if kernel_op_available() else "sdpa"
 
 
-def test_auto_order_on_a_cpu_with_amx(monkeypatch):
-    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", AMX_CPU_RULES)
-    inputs = _describe(*qkv(1, 5, 5, 2, 16, torch.float32)[:3])
-    ours = "softvq" if _kernel_op_available() else "sdpa"
-    fp32_max, bf16_max = AMX_CPU_RULES.forward_max_len[torch.float32], AMX_CPU_RULES.forward_max_len[torch.bfloat16]
-    assert _auto_choice(inputs, needs_grad=False) == ours
-    long_inputs = inputs._replace(kv_len=fp32_max + 1)
-    long_bf16 = inputs._replace(dtype=torch.bfloat16, kv_len=bf16_max + 1)
-    for sdpa_faster in (long_inputs, long_bf16):
-        assert _auto_choice(sdpa_faster, needs_grad=False) == "sdpa"
-    assert _auto_choice(long_bf16._replace(kv_len=bf16_max), needs_grad=False) == ours
-    assert _auto_choice(inputs, needs_grad=True) == "sdpa"  # 5 keys: SDPA trains faster
-    training = inputs._replace(kv_len=AMX_CPU_RULES.training_lengths[torch.float32][0])
-    assert _auto_choice(training, needs_grad=True) == ours
-    assert _auto_choice(training._replace(dtype=torch.bfloat16), needs_grad=True) == "sdpa"
-    assert _auto_choice(long_inputs, needs_grad=True) == "sdpa"
+def _inputs(dtype=torch.float32, kv_len=5, needs_grad=False, device="cpu", head_dim=16) -> AttentionInputs:
+    return AttentionInputs(torch.device(device), dtype, needs_grad, 1, 2, 5, kv_len, head_dim, True)
 
 
-def test_auto_order_on_a_cpu_with_avx512_and_no_amx(monkeypatch):
-    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", AVX512_CPU_RULES)
-    ours = "softvq" if _kernel_op_available() else "sdpa"
+def _auto(dtype=torch.float32, kv_len=5, needs_grad=False) -> str:
+    return BACKENDS.select(_inputs(dtype, kv_len, needs_grad)).name
+
+
+def test_auto_order_on_the_measured_xeon_with_amx(machine, monkeypatch):
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine("GenuineIntel", "AVX512+AMX", 2)
+    windows = cpu_rules.cpu_rule("attention").windows
+    fp32_max, bf16_max = windows[(torch.float32, False)]["kv_len"][1], windows[(torch.bfloat16, False)]["kv_len"][1]
+    assert (fp32_max, bf16_max) == (1200, 32)
+    assert _auto() == OURS
+    for sdpa_faster in (dict(kv_len=fp32_max + 1), dict(dtype=torch.bfloat16, kv_len=bf16_max + 1)):
+        assert _auto(**sdpa_faster) == "sdpa"
+    assert _auto(torch.bfloat16, bf16_max) == OURS
+    assert _auto(needs_grad=True) == "sdpa"  # 5 keys: SDPA trains faster
+    training_min = windows[(torch.float32, True)]["kv_len"][0]
+    assert training_min == 64 and _auto(kv_len=64, needs_grad=True) == OURS
+    assert _auto(torch.bfloat16, 64, needs_grad=True) == "sdpa"
+    assert _auto(kv_len=fp32_max + 1, needs_grad=True) == "sdpa"
+
+
+def test_auto_order_on_the_measured_zen4(machine, monkeypatch):
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine("AuthenticAMD", "AVX512", 2)
     for dtype in (torch.float32, torch.bfloat16):
         for kv_len in (1, 5, 64, 1089, 4096):
-            inputs = _describe(*qkv(1, 5, 5, 2, 16, dtype)[:3])._replace(kv_len=kv_len)
-            assert _auto_choice(inputs, needs_grad=False) == ours
-            assert _auto_choice(inputs, needs_grad=True) == ours
-    fp16 = _describe(*qkv(1, 5, 5, 2, 16, torch.float16)[:3])  # our CPU kernel has no fp16
-    assert _auto_choice(fp16, needs_grad=False) == "sdpa" and _auto_choice(fp16, needs_grad=True) == "sdpa"
-
-
-def test_auto_order_on_a_cpu_with_avx2_only(monkeypatch):
-    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", AVX2_CPU_RULES)
-    ours = "softvq" if _kernel_op_available() else "sdpa"
-    fp32 = _describe(*qkv(1, 5, 5, 2, 16, torch.float32)[:3])
-    bf16 = fp32._replace(dtype=torch.bfloat16)
-    expected = {  # (inputs, needs_grad) -> backend
-        (fp32._replace(kv_len=1200), False): ours, (fp32._replace(kv_len=1201), False): "sdpa",
-        (fp32._replace(kv_len=32), True): ours, (fp32._replace(kv_len=2048), True): "sdpa",
-        (bf16._replace(kv_len=1089), False): ours, (bf16._replace(kv_len=1089), True): ours,
-        (bf16._replace(kv_len=4096), False): "sdpa",
-    }
-    assert {key: _auto_choice(*key) for key in expected} == expected
-
-
-def test_unmeasured_cpus_put_sdpa_first(monkeypatch):
-    monkeypatch.setattr(attention_module, "CPU_ORDER_RULES", UNMEASURED_CPU_RULES)
-    for dtype in (torch.float32, torch.bfloat16):
-        inputs = _describe(*qkv(1, 5, 5, 2, 16, dtype)[:3])
-        assert _auto_choice(inputs, needs_grad=False) == "sdpa" and _auto_choice(inputs, needs_grad=True) == "sdpa"
+            assert _auto(dtype, kv_len) == OURS and _auto(dtype, kv_len, needs_grad=True) == OURS
+    # our CPU kernel has no float16
+    assert _auto(torch.float16) == "sdpa" and _auto(torch.float16, needs_grad=True) == "sdpa"
 
 
 @pytest.mark.parametrize(
-    "has_amx, capability, rules",
-    [(True, "AVX512", AMX_CPU_RULES), (False, "AVX512", AVX512_CPU_RULES), (False, "AVX2", AVX2_CPU_RULES),
-     (False, "DEFAULT", UNMEASURED_CPU_RULES), (False, "SVE256", UNMEASURED_CPU_RULES)],
+    "vendor, isa, threads",
+    [
+        ("AuthenticAMD", "AVX512", 1),  # the measured CPU at other thread counts
+        ("AuthenticAMD", "AVX512", 4),
+        ("GenuineIntel", "AVX512+AMX", 8),
+        ("GenuineIntel", "AVX512", 2),  # AVX-512 without AMX on Intel (Skylake to Ice Lake): not measured
+        ("AuthenticAMD", "AVX2", 2),  # AVX2 was only emulated on the Zen 4: not measured
+        ("GenuineIntel", "AVX2", 2),
+        ("", "SVE256", 2),
+        ("", "DEFAULT", 2),
+    ],
 )
-def test_cpu_order_rules_follow_the_cpu(monkeypatch, has_amx, capability, rules):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx, raising=False)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert detect_cpu_order_rules() is rules
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert detect_cpu_order_rules() is (AVX512_CPU_RULES if rules is AMX_CPU_RULES else rules)  # API gone: no AMX
+def test_machines_not_measured_put_sdpa_first(machine, monkeypatch, vendor, isa, threads):
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine(vendor, isa, threads)
+    rule = cpu_rules.cpu_rule("attention")
+    assert rule.windows == {} and rule.source.startswith("not measured")
+    for dtype in (torch.float32, torch.bfloat16):
+        for kv_len in (5, 64, 1089):
+            assert _auto(dtype, kv_len) == "sdpa" and _auto(dtype, kv_len, needs_grad=True) == "sdpa"
 
 
-def test_auto_order_and_environment_override(monkeypatch):
-    inputs = _describe(*qkv(1, 5, 5, 2, 16, torch.float32)[:3])
+@needs_kernel
+def test_choice_follows_set_num_threads(machine, monkeypatch):
+    """The thread count is read at call time: on the measured Zen 4 ours runs at 2 threads and
+    SDPA at 1, in one process, through the remembered choices."""
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine("AuthenticAMD", "AVX512", 2)
+    calls = _record_calls(monkeypatch, ("softvq", "sdpa"))
+    q, k, v = qkv(1, 7, 7, 2, 16, torch.float32)
+    for threads in (2, 1, 2):
+        torch.set_num_threads(threads)
+        attention(q, k, v)
+    assert calls == ["softvq", "sdpa", "softvq"]
+
+
+def _record_calls(monkeypatch, names) -> list[str]:
+    calls = []
+    for name in names:
+        backend = BACKENDS.get(name)
+        monkeypatch.setattr(backend, "fn", lambda *a, _name=name, _fn=backend.fn: calls.append(_name) or _fn(*a))
+    return calls
+
+
+def test_cuda_order_prefers_flash_attn_then_sdpa_and_never_picks_softvq(monkeypatch):
+    """Our CUDA kernel has never run on a GPU: `auto` leaves it out; it runs only by name."""
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    monkeypatch.setattr(backends, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(backends, "cuda_capability", lambda index: (9, 0))
+    for needs_grad in (False, True):
+        inputs = _inputs(torch.bfloat16, 64, needs_grad, device="cuda", head_dim=64)
+        assert list(BACKENDS.priority(inputs)) == ["flash_attn", "sdpa", "xformers", "math"]
+        monkeypatch.setattr(BACKENDS.get("flash_attn"), "package_problem", "package flash_attn is not installed")
+        assert BACKENDS.select(inputs).name == "sdpa"
+        monkeypatch.setattr(BACKENDS.get("flash_attn"), "package_problem", None)
+        assert BACKENDS.select(inputs).name == "flash_attn"
+        if kernel_op_available():
+            assert BACKENDS.select(inputs, "softvq").name == "softvq"
+            monkeypatch.setenv(BACKENDS.env_var, "softvq")
+            assert BACKENDS.select(inputs).name == "softvq"
+            monkeypatch.delenv(BACKENDS.env_var)
+
+
+def test_environment_override(monkeypatch):
     monkeypatch.delenv("SOFTVQ_FAST_ATTENTION", raising=False)
-    ours = "softvq" if _kernel_op_available() else "sdpa"
-    assert OPS.select(inputs).name == ours  # measured fastest in CPU float32 (module docstring)
-    assert [b for b in TRAINING_OPS.auto_order("cuda")][:2] == ["flash_attn", "sdpa"]  # native backwards first
+    monkeypatch.setenv("SOFTVQ_FAST_ATTENTION_BACKEND", "math")
+    assert BACKENDS.env_var == "SOFTVQ_FAST_ATTENTION_BACKEND"
+    assert BACKENDS.select(_inputs()).name == "math" and BACKENDS.select(_inputs(needs_grad=True)).name == "math"
+    assert BACKENDS.select(_inputs(), "sdpa").name == "sdpa"  # the argument wins over the variable
+
+
+def test_the_old_environment_variable_still_works_with_a_warning(monkeypatch):
+    monkeypatch.delenv("SOFTVQ_FAST_ATTENTION_BACKEND", raising=False)
     monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", "math")
-    assert OPS.select(inputs).name == "math" and TRAINING_OPS.select(inputs).name == "math"
-    assert OPS.select(inputs, "sdpa").name == "sdpa"  # the argument wins over the variable
+    calls = _record_calls(monkeypatch, ("math",))
+    with pytest.warns(DeprecationWarning, match="SOFTVQ_FAST_ATTENTION is deprecated; set SOFTVQ_FAST_ATTENTION_BACKEND"):
+        attention(*qkv(1, 7, 7, 2, 16, torch.float32))
+    assert calls == ["math"]
+    monkeypatch.setenv("SOFTVQ_FAST_ATTENTION_BACKEND", "sdpa")  # the new name wins
+    assert BACKENDS.select(_inputs()).name == "sdpa"
 
 
 def test_choice_follows_the_environment_between_calls(monkeypatch):
     # attention() remembers its choices per input description: the override must still apply.
-    calls = []
-    for name in ("math", "sdpa"):
-        backend = OPS.get(name)
-        monkeypatch.setattr(backend, "fn", lambda *a, _name=name, _fn=backend.fn: calls.append(_name) or _fn(*a))
+    calls = _record_calls(monkeypatch, ("math", "sdpa"))
     q, k, v = qkv(1, 7, 7, 2, 16, torch.float32)
     for name in ("math", "sdpa", "math"):
-        monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", name)
+        monkeypatch.setenv("SOFTVQ_FAST_ATTENTION_BACKEND", name)
         attention(q, k, v)
     assert calls == ["math", "sdpa", "math"]
 
 
 def test_a_package_that_fails_to_import_is_an_unavailable_backend(tmp_path, monkeypatch):
-    from softvq_fast.ops.attention import _package_problem
-
     (tmp_path / "broken_attention_pkg").mkdir()
     (tmp_path / "broken_attention_pkg" / "__init__.py").write_text("raise ImportError('built for another torch')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert _package_problem("broken_attention_pkg") == (
+    assert backends.package_problem("broken_attention_pkg") == (
         "package broken_attention_pkg is installed but fails to import (ImportError: built for another torch)"
     )
-    assert _package_problem("no_such_attention_pkg") == "package no_such_attention_pkg is not installed"
-    assert _package_problem("json") is None
+    assert backends.package_problem("no_such_attention_pkg") == "package no_such_attention_pkg is not installed"
+    assert backends.package_problem("json") is None
 
 
 def test_cuda_kernels_refuse_gpus_before_ampere(monkeypatch):
     """Without a GPU: an sm_75 GPU (no bf16 mma.sync) is a reason, an sm_90 one is not."""
-    import softvq_fast.ops.attention as ops
-
-    monkeypatch.setattr(ops, "extension_has_cuda", lambda: True)
-    inputs = ops.AttentionInputs(torch.device("cuda", 0), torch.float16, 2, 4, 64, 64, 64, True)
-    softvq = next(b for b in ops.ATTENTION_BACKENDS if b.name == "softvq")
-    monkeypatch.setattr(ops, "_cuda_capability", lambda index: (7, 5))
+    monkeypatch.setattr(backends, "extension_has_cuda", lambda: True)
+    inputs = AttentionInputs(torch.device("cuda", 0), torch.float16, False, 2, 4, 64, 64, 64, True)
+    softvq = BACKENDS.get("softvq")
+    monkeypatch.setattr(backends, "cuda_capability", lambda index: (7, 5))
     assert softvq.input_reasons(inputs) == [
         "cuda kernels need compute capability >= 8.0 (bf16/fp16 mma.sync), this GPU has 7.5"
     ]
-    monkeypatch.setattr(ops, "_cuda_capability", lambda index: (9, 0))
+    monkeypatch.setattr(backends, "cuda_capability", lambda index: (9, 0))
     assert softvq.input_reasons(inputs) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_keys_give_zeros_and_auto_falls_back(machine, monkeypatch, dtype):
+    """No keys: the empty sum, zeros, with zero gradients, from every backend that accepts them;
+    `softvq` declares the reason and `auto` (ours first on the measured Zen 4) falls back to
+    SDPA. (auto used to raise the kernel's error.)"""
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine("AuthenticAMD", "AVX512", 2)
+    q = torch.randn(2, 5, 3, 16).to(dtype).requires_grad_()
+    k = v = torch.randn(2, 0, 3, 16).to(dtype)
+    calls = _record_calls(monkeypatch, ("sdpa",))
+    for backend in ("auto", "sdpa", "math"):
+        out = attention(q, k, v, backend=backend)
+        (grad,) = torch.autograd.grad(out.sum(), q)
+        assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+        assert torch.equal(out, torch.zeros_like(out)) and torch.equal(grad, torch.zeros_like(grad))
+    assert calls == ["sdpa", "sdpa"]
+    with pytest.raises(NoBackendError, match=r"'softvq' \(requested\).*no keys \(kv length 0\)"):
+        attention(q, k, v, backend="softvq")
+    cuda = _inputs(torch.bfloat16, 0, device="cuda", head_dim=64)
+    assert {b.name: b.input_reasons(cuda) for b in BACKENDS.backends if b.name != "softvq"} == {
+        "flash_attn": ["no keys (kv length 0)"], "xformers": ["no keys (kv length 0)"],
+        "sdpa": ["no keys (kv length 0): zeros from sdpa are tested on the cpu only"], "math": [],
+    }
+
+
+@pytest.mark.parametrize("backend", ["auto", "softvq", "sdpa", "math"])
+def test_head_dim_zero_names_head_dim(backend):
+    """Used to raise ZeroDivisionError (1/sqrt(0)) on every backend."""
+    q = torch.randn(1, 4, 2, 0)
+    with pytest.raises(ValueError, match=r"head_dim \(the last dimension of q, k, v\) must be at least 1"):
+        attention(q, q, q, backend=backend)
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(q, q, q, scale=1.0, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "scale, error, message",
+    [
+        (True, TypeError, "scale must be a real number .float. or None, got bool"),
+        ("0.5", TypeError, "scale must be a real number .float. or None, got str"),
+        (torch.tensor(0.5), TypeError, r"got Tensor \(a tensor scale would get no gradient"),
+        (float("nan"), ValueError, "scale must be finite, got nan"),
+        (float("inf"), ValueError, "scale must be finite, got inf"),
+    ],
+)
+def test_bad_scale_names_scale(scale, error, message):
+    q, k, v = qkv(1, 5, 5, 2, 16, torch.float32)
+    with pytest.raises(error, match=message):
+        attention(q, k, v, scale=scale)
+
+
+def test_scale_accepts_ints_and_numpy_numbers():
+    numpy = pytest.importorskip("numpy")
+    q, k, v = qkv(1, 5, 5, 2, 16, torch.float32)
+    want = attention(q, k, v, scale=0.5, backend="math")
+    assert torch.equal(attention(q, k, v, scale=numpy.float32(0.5), backend="math"), want)
+    assert torch.equal(attention(q, k, v, scale=1, backend="math"), attention(q, k, v, scale=1.0, backend="math"))
 
 
 def test_explicit_backend_that_cannot_run_lists_reasons():
@@ -306,6 +386,14 @@ def test_bad_inputs_name_the_argument():
         attention(q, k[..., :8], v)
     with pytest.raises(ValueError, match="share a dtype"):
         attention(q, k.double(), v)
+    with pytest.raises(TypeError, match="attention: v must be a torch.Tensor, got list"):
+        attention(q, k, v.tolist())
+    with pytest.raises(ValueError, match="q, k, v must be floating point .* got torch.int64"):
+        attention(q.long(), k.long(), v.long())
+    with pytest.raises(ValueError, match="q, k, v must be on one device, got cpu, meta, cpu"):
+        attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match=r"k must be 4-D .* got shape \(5, 2, 16\)"):
+        attention(q, k[0], v)
 
 
 @needs_kernel
@@ -332,3 +420,30 @@ def test_extension_loads_and_registers_kernels():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("softvq_fast::attention_fwd", "CPU")
     if extension_has_cuda():
         assert torch._C._dispatch_has_kernel_for_dispatch_key("softvq_fast::attention_fwd", "CUDA")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [((64, 0), "Attention: num_heads must be a positive int, got 0"),
+     ((64, 2.0), "Attention: num_heads must be a positive int, got 2.0"),
+     ((0, 2), "Attention: dim must be a positive int, got 0"),
+     ((64, 3), "Attention: dim=64 must be divisible by num_heads=3")],
+)
+def test_attention_module_checks_its_arguments(args, message):
+    """num_heads=0 used to raise ZeroDivisionError; a float head count or dim 0 built a module."""
+    from softvq_fast.nn.transformer import Attention
+
+    with pytest.raises(ValueError, match=message):
+        Attention(*args)
+
+
+def test_attention_module_names_the_input_shape():
+    from softvq_fast.nn.transformer import Attention
+
+    module = Attention(64, 4)
+    with pytest.raises(ValueError, match=r"Attention: x must be a tensor of shape \(B, S, 64\), got shape \(5, 64\)"):
+        module(torch.randn(5, 64))  # used to fail with "too many values to unpack"
+    with pytest.raises(ValueError, match=r"got list"):
+        module([[0.0] * 64])
+    with pytest.raises(ValueError, match=r"linear: x must be \(\.\.\., in_features=64\)"):
+        module(torch.randn(2, 5, 32))

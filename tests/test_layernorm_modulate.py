@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 from support.numerics import rel_err  # noqa: E402
 
 from softvq_fast.dispatch import NoBackendError  # noqa: E402
-from softvq_fast.ops.layernorm_modulate import BACKENDS, layernorm_modulate  # noqa: E402
+from softvq_fast.ops.layernorm_modulate import BACKENDS, LayerNormModulateInputs, layernorm_modulate  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -116,6 +116,30 @@ def test_bad_inputs_name_the_argument():
         layernorm_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.long))
 
 
+@pytest.mark.parametrize(
+    "args, kwargs, error, message",
+    [
+        (([[0.0]], torch.zeros(2, 8), torch.zeros(2, 8)), {}, TypeError, "x must be a torch.Tensor, got list"),
+        ((torch.zeros(2, 3, 8), None, torch.zeros(2, 8)), {}, TypeError, "shift must be a torch.Tensor, got NoneType"),
+        ((torch.zeros(2, 3, 8, dtype=torch.int32), torch.zeros(2, 8), torch.zeros(2, 8)), {}, ValueError,
+         "x must be floating point, got torch.int32"),
+        ((torch.zeros(2, 3, 0), torch.zeros(2, 0), torch.zeros(2, 0)), {}, ValueError,
+         r"x must be \(B, S, D\) with D >= 1, got shape \(2, 3, 0\)"),
+        ((torch.zeros(2, 3, 8), torch.zeros(2, 8), torch.zeros(2, 8)), {"eps": True}, TypeError,
+         "eps must be a real number .float., got bool"),
+        ((torch.zeros(2, 3, 8), torch.zeros(2, 8), torch.zeros(2, 8)), {"eps": "1e-6"}, TypeError,
+         "eps must be a real number .float., got str"),
+        ((torch.zeros(2, 3, 8), torch.zeros(2, 8), torch.zeros(2, 8)), {"eps": float("nan")}, ValueError,
+         "eps must be finite and >= 0, got nan"),
+        ((torch.zeros(2, 3, 8), torch.zeros(2, 8), torch.zeros(2, 8)), {"eps": -1e-6}, ValueError,
+         "eps must be finite and >= 0, got -1e-06"),
+    ],
+)
+def test_more_bad_inputs_name_the_argument(args, kwargs, error, message):
+    with pytest.raises(error, match=f"layernorm_modulate: {message}"):
+        layernorm_modulate(*args, **kwargs)
+
+
 def test_mixed_dtypes_compute_in_the_promoted_dtype():
     x = torch.randn(2, 3, 8)
     shift, scale = torch.randn(2, 8).bfloat16(), torch.randn(2, 8).bfloat16()
@@ -128,12 +152,28 @@ def test_mixed_dtypes_compute_in_the_promoted_dtype():
 
 def test_auto_backend_per_device(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    inputs = type("Inputs", (), {"device": torch.device("cpu"), "dtype": torch.float32, "dim": 64})()
+    inputs = LayerNormModulateInputs(torch.device("cpu"), torch.float32, False, 64)
     assert BACKENDS.select(inputs).name == "reference"
     with pytest.raises(NoBackendError, match="device cpu not supported"):
         BACKENDS.select(inputs, "triton")
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in BACKENDS.get("triton").unavailable_reason()
+    assert list(BACKENDS.priority(LayerNormModulateInputs(torch.device("cuda"), torch.bfloat16, True, 64))) == [
+        "triton", "reference"]
+
+
+def test_environment_override_and_its_old_name(monkeypatch):
+    inputs = LayerNormModulateInputs(torch.device("cpu"), torch.float32, False, 64)
+    monkeypatch.delenv("SOFTVQ_FAST_LN_MODULATE_BACKEND", raising=False)
+    monkeypatch.setenv("SOFTVQ_FAST_LAYERNORM_MODULATE_BACKEND", "nope")
+    with pytest.raises(ValueError, match="layernorm_modulate: unknown backend 'nope'"):
+        BACKENDS.select(inputs)
+    monkeypatch.delenv("SOFTVQ_FAST_LAYERNORM_MODULATE_BACKEND")
+    monkeypatch.setenv("SOFTVQ_FAST_LN_MODULATE_BACKEND", "nope")
+    with pytest.warns(DeprecationWarning, match="SOFTVQ_FAST_LN_MODULATE_BACKEND is deprecated; set "
+                                                "SOFTVQ_FAST_LAYERNORM_MODULATE_BACKEND"):
+        with pytest.raises(ValueError, match="unknown backend 'nope'"):
+            BACKENDS.select(inputs)
 
 
 @pytest.mark.cuda

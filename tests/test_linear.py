@@ -2,19 +2,20 @@
 and the drop-in `softvq_fast.nn.Linear`."""
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
+from support.machines import machine  # noqa: F401  (fixture)
 from support.numerics import rel_err
 from support.onednn import ONEDNN, needs_onednn
 
-import softvq_fast.ops.linear as linear_op
 from softvq_fast.dispatch import NoBackendError
 from softvq_fast.nn import Linear
 from softvq_fast.nn.linear import set_linear_backend
-from softvq_fast.ops.linear import linear, select_backend
+from softvq_fast.ops import cpu_rules
+from softvq_fast.ops.linear import BACKENDS, LinearInputs, linear, select_backend
+
+MEASURED = ("AuthenticAMD", "AVX512", 2)  # the built-in table's linear rule: oneDNN first from 2^21 multiply-adds
 
 
 REFERENCE_ACTIVATIONS = {
@@ -84,33 +85,68 @@ def test_gradients_match_float64(activation):
 
 
 @needs_onednn
-def test_auto_order(monkeypatch, onednn_calls):
-    monkeypatch.delenv("SOFTVQ_FAST_LINEAR", raising=False)
-    monkeypatch.setattr(linear_op, "ONEDNN_FIRST_CPU", True)
+def test_auto_order(machine, monkeypatch, onednn_calls):
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine(*MEASURED)
     large = _inputs((2, 289, 768), 768)  # the tokenizer's attention projection at batch 2
     with torch.no_grad():
         assert select_backend(*large).name == "onednn"
         linear(*large)
         assert len(onednn_calls.weights) == 1
-        linear(*_inputs((2, 768), 768))  # below ONEDNN_MIN_MACS: torch
+        linear(*_inputs((2, 768), 768))  # below the rule's 2^21 multiply-adds: torch
         linear(*_inputs((2, 4096, 16), 768))  # 16 input features: torch
         assert len(onednn_calls.weights) == 1
-        monkeypatch.setenv("SOFTVQ_FAST_LINEAR", "torch")
+        monkeypatch.setenv("SOFTVQ_FAST_LINEAR_BACKEND", "torch")
         linear(*large)
         assert len(onednn_calls.weights) == 1
-        monkeypatch.setenv("SOFTVQ_FAST_LINEAR", "onednn")
+        monkeypatch.setenv("SOFTVQ_FAST_LINEAR_BACKEND", "onednn")
         linear(*_inputs((2, 768), 768))  # an explicit choice runs whatever the size
         assert len(onednn_calls.weights) == 2
-    monkeypatch.delenv("SOFTVQ_FAST_LINEAR")
+    monkeypatch.delenv("SOFTVQ_FAST_LINEAR_BACKEND")
     x, weight, b = large
     linear(x, weight.requires_grad_(), b)  # a gradient is needed: torch
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear(x, weight, b).dtype == torch.bfloat16  # autocast: torch's cast, as nn.Linear
     assert len(onednn_calls.weights) == 2
-    monkeypatch.setattr(linear_op, "ONEDNN_FIRST_CPU", False)
+    machine("GenuineIntel", "AVX512+AMX", 2)  # measured for attention only: torch first
     with torch.no_grad():
         linear(*large)
     assert len(onednn_calls.weights) == 2
+
+
+def test_rule_windows_bound_the_multiply_adds_and_input_features(machine):
+    machine(*MEASURED)
+    rule = cpu_rules.cpu_rule("linear")
+    assert rule.first == "onednn" and set(rule.windows) == {(torch.float32, False)}
+
+    def first(macs, in_features, dtype=torch.float32, needs_grad=False):
+        inputs = LinearInputs(torch.device("cpu"), dtype, needs_grad, dtype, False, False, macs, in_features)
+        return BACKENDS.priority(inputs)[0]
+
+    assert first(2**21, 64) == "onednn" and first(2**40, 4096) == "onednn"
+    assert first(2**21 - 1, 64) == "torch" and first(2**21, 63) == "torch"
+    assert first(2**21, 64, torch.bfloat16) == "torch" and first(2**21, 64, needs_grad=True) == "torch"
+
+
+@needs_onednn
+def test_choice_follows_set_num_threads(machine, monkeypatch, onednn_calls):
+    """The rule was measured at 2 threads: at 1 or 4 threads torch goes first, read per call."""
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine(*MEASURED)
+    large = _inputs((2, 289, 768), 768)
+    with torch.no_grad():
+        for threads in (2, 1, 4, 2):
+            torch.set_num_threads(threads)
+            linear(*large)
+    assert len(onednn_calls.weights) == 2
+
+
+def test_the_old_environment_variable_still_works_with_a_warning(monkeypatch):
+    monkeypatch.delenv("SOFTVQ_FAST_LINEAR_BACKEND", raising=False)
+    monkeypatch.setenv("SOFTVQ_FAST_LINEAR", "torch")
+    x, weight, b = _inputs((600, 96), 200)
+    with pytest.warns(DeprecationWarning, match="SOFTVQ_FAST_LINEAR is deprecated; set SOFTVQ_FAST_LINEAR_BACKEND"):
+        assert select_backend(x, weight, b).name == "torch"
 
 
 @needs_onednn
@@ -120,7 +156,7 @@ def test_explicit_onednn_lists_its_reasons():
         linear(x.requires_grad_(), weight, b, backend="onednn")
     with torch.no_grad():
         with pytest.raises(NoBackendError, match=r"dtype bfloat16 not supported.*weight dtype torch.float32 differs"):
-            linear(x.bfloat16(), weight, b, backend="onednn")
+            select_backend(x.bfloat16(), weight, b, backend="onednn")
         with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(NoBackendError, match="autocast"):
             linear(x, weight, b, backend="onednn")
     with pytest.raises(ValueError, match="unknown backend 'mkl'"):
@@ -137,6 +173,22 @@ def test_bad_inputs_name_the_argument():
         linear(x, weight, b[:4])
     with pytest.raises(ValueError, match="activation must be one of"):
         linear(x, weight, b, activation="relu")
+    with pytest.raises(ValueError, match=r"activation must be one of .*, got \['gelu'\]"):
+        linear(x, weight, b, activation=["gelu"])
+    with pytest.raises(TypeError, match="linear: x must be a torch.Tensor, got list"):
+        linear(x.tolist(), weight, b)
+    with pytest.raises(TypeError, match="linear: bias must be a torch.Tensor or None, got float"):
+        linear(x, weight, 0.0)
+    with pytest.raises(TypeError, match="linear: weight dtype torch.float64 differs from x dtype torch.float32"):
+        linear(x, weight.double(), b)
+    with pytest.raises(TypeError, match="linear: bias dtype torch.bfloat16 differs from x dtype torch.float32"):
+        linear(x, weight, b.bfloat16())
+    with pytest.raises(ValueError, match="linear: weight is on meta, expected x's device cpu"):
+        linear(x, weight.to("meta"), b)  # torch returned an unwritten CPU tensor
+    with pytest.raises(ValueError, match="linear: bias is on meta, expected x's device cpu"):
+        linear(x, weight, b.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts mixed dtypes itself
+        assert linear(x, weight.bfloat16(), b).dtype == torch.bfloat16
 
 
 @needs_onednn
@@ -161,9 +213,9 @@ def test_compiles_with_fullgraph(backend):
 
 
 @needs_onednn
-def test_forward_ad_and_torch_func_transforms_run_on_torch(monkeypatch, onednn_calls):
-    monkeypatch.delenv("SOFTVQ_FAST_LINEAR", raising=False)
-    monkeypatch.setattr(linear_op, "ONEDNN_FIRST_CPU", True)
+def test_forward_ad_and_torch_func_transforms_run_on_torch(machine, monkeypatch, onednn_calls):
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine(*MEASURED)
     torch.manual_seed(4)
     x, weight, b = _inputs((600, 96), 200)  # large enough for oneDNN in plain use
     tangent = torch.randn_like(x)
@@ -208,6 +260,11 @@ def test_checkpoint_with_a_strided_bias(tmp_path):
         assert rel_err(layer(x), _reference(x, weight, bias, "none")) <= 1e-5
 
 
+def test_module_checks_its_activation_when_built():
+    with pytest.raises(ValueError, match=r"Linear: activation must be one of \['gelu', 'gelu_tanh', 'none'\], got 'relu'"):
+        Linear(4, 5, activation="relu")  # used to fail only at the first forward
+
+
 def test_module_is_a_drop_in_nn_linear():
     torch.manual_seed(3)
     plain = torch.nn.Linear(24, 40)
@@ -223,29 +280,27 @@ def test_module_is_a_drop_in_nn_linear():
     assert [m.linear_backend for m in model.modules() if isinstance(m, Linear)] == ["torch", "torch"]
 
 
-def test_cpu_rule_reads_the_vendor(monkeypatch):
-    def cpuinfo(vendor):
-        return lambda *args, **kwargs: io.StringIO(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu\n")
-
-    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    monkeypatch.setattr(linear_op, "open", cpuinfo("AuthenticAMD"), raising=False)
-    assert linear_op._cpu_prefers_onednn()
-    monkeypatch.setattr(linear_op, "open", cpuinfo("GenuineIntel"), raising=False)
-    assert not linear_op._cpu_prefers_onednn()
-    monkeypatch.setattr(linear_op, "open", cpuinfo("AuthenticAMD"), raising=False)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not linear_op._cpu_prefers_onednn()
+@pytest.mark.parametrize(
+    "vendor, isa, threads, first",
+    [(*MEASURED, "onednn"), ("AuthenticAMD", "AVX512", 1, "torch"), ("AuthenticAMD", "AVX512", 8, "torch"),
+     ("GenuineIntel", "AVX512", 2, "torch"), ("AuthenticAMD", "AVX2", 2, "torch"), ("", "DEFAULT", 2, "torch")],
+)
+def test_only_the_measured_machine_puts_onednn_first(machine, monkeypatch, vendor, isa, threads, first):
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine(vendor, isa, threads)
+    with torch.no_grad():
+        assert select_backend(*_inputs((2, 289, 768), 768)).name == (first if ONEDNN else "torch")
 
 
-def test_benchmark_suite_rows(monkeypatch, tmp_path):
+def test_benchmark_suite_rows(machine, monkeypatch, tmp_path):
     from bench.harness import Context
     from bench.suites import linear as suite
 
     monkeypatch.setattr(suite, "SHAPES", [("big", 64, 128, 256, "gelu"), ("small", 2, 16, 8, "none")])
-    monkeypatch.setattr(linear_op, "ONEDNN_FIRST_CPU", True)
-    monkeypatch.delenv("SOFTVQ_FAST_LINEAR", raising=False)
-    rows = suite.run(Context(device=torch.device("cpu"), quick=True, out_dir=str(tmp_path)))
+    machine(*MEASURED)
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    rows = [r for r in suite.run(Context(device=torch.device("cpu"), quick=True, out_dir=str(tmp_path)))
+            if r.get("via", "softvq_fast") == "softvq_fast"]
     backends = ["onednn", "torch"] if ONEDNN else ["torch"]
     assert [(r["case"], r["backend"]) for r in rows] == [(case, b) for case in ("big", "small") for b in backends]
     assert [r["auto"] for r in rows] == ["onednn" if ONEDNN else "torch"] * len(backends) + ["torch"] * len(backends)

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import softvq_fast
 from softvq_fast import cli
 from softvq_fast._extension import extension_available, extension_has_cuda
-from softvq_fast.dispatch import AUTO, Backend, NoBackendError, OpBackends
+from softvq_fast.dispatch import AUTO, Backend, NoBackendError, OpBackends, registered_ops
 
 
 def test_extension_imports_without_gpu():
@@ -73,8 +74,8 @@ def test_cli_help_lists_every_command(capsys):
 
 
 class _Inputs:
-    def __init__(self, device="cpu", dtype=torch.float32, n=4):
-        self.device, self.dtype, self.n = torch.device(device), dtype, n
+    def __init__(self, device="cpu", dtype=torch.float32, n=4, needs_grad=False):
+        self.device, self.dtype, self.n, self.needs_grad = torch.device(device), dtype, n, needs_grad
 
 
 class _Small(Backend):
@@ -91,8 +92,13 @@ class _Missing(Backend):
         return "package xyz is not installed"
 
 
-def _op():
-    return OpBackends("toy", (_Missing(), _Small()), "SOFTVQ_FAST_TOY_BACKEND", lambda device: ["missing", "small"])
+class _Any(Backend):
+    name, devices, dtypes = "any", frozenset({"cpu"}), frozenset({torch.float32, torch.bfloat16})
+
+
+def _op(legacy_env_var=None):
+    return OpBackends("toy", (_Missing(), _Small()), lambda inputs: ["missing", "small"], "missing, small",
+                      legacy_env_var=legacy_env_var)
 
 
 def test_dispatch_auto_takes_first_supported(monkeypatch):
@@ -116,3 +122,39 @@ def test_dispatch_explicit_and_env_choice(monkeypatch):
         _op().select(_Inputs())
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         _op().select(_Inputs(), "nope")
+
+
+def test_dispatch_priority_sees_the_inputs(monkeypatch):
+    """The automatic order is a function of the inputs (size, needs_grad, ...), not of the device alone."""
+    monkeypatch.delenv("SOFTVQ_FAST_TOY_BACKEND", raising=False)
+    op = OpBackends("toy", (_Small(), _Any()),
+                    lambda inputs: ["any", "small"] if inputs.needs_grad or inputs.n > 2 else ["small", "any"], "")
+    assert op.select(_Inputs(n=2)).name == "small"
+    assert op.select(_Inputs(n=3)).name == "any"
+    assert op.select(_Inputs(n=2, needs_grad=True)).name == "any"
+    assert op.select(_Inputs(n=20)).name == "any"
+
+
+def test_dispatch_old_environment_name_warns_and_yields_to_the_new(monkeypatch):
+    monkeypatch.delenv("SOFTVQ_FAST_TOY_BACKEND", raising=False)
+    monkeypatch.setenv("TOY_OLD", "missing")
+    op = _op(legacy_env_var="TOY_OLD")
+    with pytest.warns(DeprecationWarning, match="TOY_OLD is deprecated; set SOFTVQ_FAST_TOY_BACKEND instead"):
+        with pytest.raises(NoBackendError, match=r"'missing' \(set by SOFTVQ_FAST_TOY_BACKEND\)"):
+            op.select(_Inputs())
+    monkeypatch.setenv("SOFTVQ_FAST_TOY_BACKEND", "small")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert op.select(_Inputs()).name == "small"
+
+
+def test_every_op_registers_one_backends_object_with_one_env_name_pattern():
+    import importlib
+
+    ops = registered_ops()
+    assert set(ops) == {"attention", "soft_vq", "linear", "layernorm_modulate"}
+    for name, op in ops.items():
+        assert op.env_var == f"SOFTVQ_FAST_{name.upper()}_BACKEND"
+        assert importlib.import_module(f"softvq_fast.ops.{name}").BACKENDS is op
+    assert {op.legacy_env_var for op in ops.values()} == {
+        "SOFTVQ_FAST_ATTENTION", "SOFTVQ_FAST_BACKEND", "SOFTVQ_FAST_LINEAR", "SOFTVQ_FAST_LN_MODULATE_BACKEND"}

@@ -2,6 +2,8 @@
 registration, torch.compile, bad inputs, NaN semantics and the fused path's memory bound."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from support.numerics import rel_err
@@ -9,7 +11,13 @@ from support.soft_vq_cases import SHAPES, TAU, assert_matches_float64, make_prob
 
 from softvq_fast import SoftVQStats, soft_vq
 from softvq_fast.dispatch import NoBackendError
-from softvq_fast.ops.soft_vq import soft_vq_backward, soft_vq_forward
+from softvq_fast.ops.soft_vq import (
+    BACKENDS,
+    TEMPERATURE_RANGE,
+    SoftVQInputs,
+    soft_vq_backward,
+    soft_vq_forward,
+)
 
 CPU_BACKENDS = ("reference", "cpu")
 
@@ -112,14 +120,119 @@ def test_bad_inputs_name_the_argument(z, codebook, message):
 def test_unavailable_backend_lists_reasons():
     with pytest.raises(NoBackendError, match="cpu"):
         soft_vq(torch.randn(2, 4, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64), TAU, backend="cpu")
-    with pytest.raises(ValueError, match="tau must be > 0"):
+    with pytest.raises(ValueError, match=r"tau must be a finite number in \[1.18e-38, 8.51e\+37\].*got 0.0"):
         soft_vq(torch.randn(2, 4, 8), torch.randn(5, 8), 0.0)
 
 
+ALL_BACKENDS = ("auto", "reference", "cpu", "triton")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("name", ["tau", "entropy_temperature"])
+@pytest.mark.parametrize("value", [float("inf"), 1e38, float("nan"), 0.0, -0.5, 1e-39])
+def test_temperatures_outside_the_float32_range_are_refused(backend, name, value):
+    """1/t must be a normal float32 (the fused kernels scale by it): inf and 1e38 gave NaN on the
+    cpu backend where the reference gave uniform weights."""
+    z, codebook = torch.randn(2, 4, 8), torch.randn(2, 5, 8)
+    kwargs = {"tau": TAU, name: value}
+    with pytest.raises(ValueError, match=rf"soft_vq: {name} must be a finite number in .*got {re.escape(str(value))}$"):
+        soft_vq(z, codebook, return_stats=True, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_temperatures_at_the_ends_of_the_range(backend):
+    """The largest tau gives uniform weights (z_q = its codebook's mean), the smallest the argmax
+    code, on every backend: no NaN at either end. (Small logits: the reference divides them by
+    tau before the softmax, which overflows for |logit| > 4 at the smallest tau.)"""
+    low, high = TEMPERATURE_RANGE
+    z, codebook = torch.randn(2, 6, 8), 0.1 * torch.randn(2, 5, 8)
+    segment = torch.arange(6) // 3  # the codebook of each token
+    z_q = soft_vq(z, codebook, high, backend=backend)
+    assert rel_err(z_q, codebook.double().mean(1)[segment].expand(2, 6, 8)) <= 1e-6
+    z_q, stats = soft_vq(z, codebook, low, return_stats=True, entropy_temperature=high, backend=backend)
+    assert torch.equal(z_q, codebook[segment, stats.indices])
+    assert torch.isfinite(stats.entropy_loss) and torch.isfinite(stats.max_prob)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize(
+    "codebook, what",
+    [(torch.randn(2, 0, 8), "K >= 1"), (torch.randn(0, 8), "K >= 1"), (torch.randn(0, 5, 8), "C >= 1")],
+    ids=["K0", "K0-2d", "C0"],
+)
+def test_empty_codebooks_are_refused(backend, codebook, what):
+    """K = 0 gave NaN (cpu), zeros (reference) or an IndexError with stats; C = 0 a ZeroDivisionError."""
+    for return_stats in (False, True):
+        with pytest.raises(ValueError, match=rf"soft_vq: codebook needs {what} \(.*\), got shape"):
+            soft_vq(torch.randn(2, 4, 8), codebook, TAU, return_stats=return_stats, backend=backend)
+
+
+def test_zero_code_dimension_is_refused():
+    with pytest.raises(ValueError, match=r"codebook needs D >= 1 \(code dimension\), got shape \(2, 5, 0\)"):
+        soft_vq(torch.randn(2, 4, 0), torch.randn(2, 5, 0), TAU)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(tau=True), TypeError, "tau must be a real number .float., got bool"),
+        (dict(tau="0.5"), TypeError, "tau must be a real number .float., got str"),
+        (dict(tau=torch.tensor(0.5)), TypeError, r"got Tensor \(a tensor tau would get no gradient"),
+        (dict(entropy_temperature=None), TypeError, "entropy_temperature must be a real number"),
+        (dict(l2_norm="yes"), TypeError, "l2_norm must be True or False, got 'yes'"),
+        (dict(return_stats=1), TypeError, "return_stats must be True or False, got 1"),
+        (dict(entropy=None), TypeError, "entropy must be True or False, got None"),
+        (dict(allow_tf32="no"), TypeError, "allow_tf32 must be True, False or None, got 'no'"),
+        (dict(backend=3), ValueError, "unknown backend 3"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, message):
+    z, codebook = torch.randn(2, 4, 8), torch.randn(5, 8)
+    with pytest.raises(error, match=message):
+        soft_vq(z, codebook, **{"tau": TAU, **kwargs})
+
+
+@pytest.mark.parametrize("z, codebook, name", [([[1.0]], torch.randn(5, 8), "z"), (torch.randn(4, 8), None, "codebook")])
+def test_non_tensors_are_refused(z, codebook, name):
+    with pytest.raises(TypeError, match=rf"soft_vq: {name} must be a torch.Tensor of shape .*, got"):
+        soft_vq(z, codebook, TAU)
+
+
+def test_tau_accepts_python_and_numpy_numbers():
+    numpy = pytest.importorskip("numpy")
+    z, codebook = torch.randn(2, 4, 8), torch.randn(5, 8)
+    want = soft_vq(z, codebook, 0.5)
+    assert torch.equal(soft_vq(z, codebook, numpy.float64(0.5)), want)
+    assert torch.equal(soft_vq(z, codebook, 1), soft_vq(z, codebook, 1.0))
+
+
 def test_environment_variable_picks_the_backend(monkeypatch):
-    monkeypatch.setenv("SOFTVQ_FAST_BACKEND", "nonexistent")
+    monkeypatch.delenv("SOFTVQ_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("SOFTVQ_FAST_SOFT_VQ_BACKEND", "nonexistent")
     with pytest.raises(ValueError, match="unknown backend 'nonexistent'"):
         soft_vq(torch.randn(2, 4, 8), torch.randn(5, 8), TAU)
+    monkeypatch.setenv("SOFTVQ_FAST_SOFT_VQ_BACKEND", "reference")
+    assert BACKENDS.select(SoftVQInputs(torch.device("cpu"), torch.float32, False, 8)).name == "reference"
+
+
+def test_the_old_environment_variable_still_works_with_a_warning(monkeypatch):
+    monkeypatch.delenv("SOFTVQ_FAST_SOFT_VQ_BACKEND", raising=False)
+    monkeypatch.setenv("SOFTVQ_FAST_BACKEND", "reference")
+    inputs = SoftVQInputs(torch.device("cpu"), torch.float32, False, 8)
+    with pytest.warns(DeprecationWarning, match="SOFTVQ_FAST_BACKEND is deprecated; set SOFTVQ_FAST_SOFT_VQ_BACKEND"):
+        assert BACKENDS.select(inputs).name == "reference"
+    monkeypatch.setenv("SOFTVQ_FAST_SOFT_VQ_BACKEND", "cpu")  # the new name wins
+    assert BACKENDS.select(inputs).name == "cpu"
+
+
+def test_auto_order_per_device():
+    def auto(device, dtype=torch.float32, dim=8):
+        return list(BACKENDS.priority(SoftVQInputs(torch.device(device), dtype, False, dim)))
+
+    assert auto("cpu") == ["cpu", "reference"]
+    assert auto("cuda") == ["triton", "reference"]
+    assert auto("meta") == ["reference"]
+    assert BACKENDS.select(SoftVQInputs(torch.device("cpu"), torch.float64, True, 8)).name == "reference"
 
 
 def test_custom_ops_pass_opcheck():

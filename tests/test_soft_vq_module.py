@@ -77,3 +77,26 @@ def test_bad_input_names_the_shape():
         module(torch.randn(2, 8, 4))
     with pytest.raises(ValueError, match=r"\(B, S, 4\)"):
         module(torch.randn(2, 9, 5))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(n_e=0), ValueError, "n_e must be a positive int, got 0"),
+        (dict(e_dim=2.5), ValueError, "e_dim must be a positive int, got 2.5"),
+        (dict(num_codebooks=True), ValueError, "num_codebooks must be a positive int, got True"),
+        (dict(tau=float("inf")), ValueError, "SoftVectorQuantizer: tau must be a finite number in"),
+        (dict(tau="0.07"), TypeError, "SoftVectorQuantizer: tau must be a real number"),
+        (dict(l2_norm="yes"), TypeError, "l2_norm must be True or False, got 'yes'"),
+        (dict(show_usage=1), TypeError, "show_usage must be True or False, got 1"),
+        (dict(entropy_loss_ratio=float("nan")), ValueError, "entropy_loss_ratio must be a finite number, got nan"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SoftVectorQuantizer(**{"n_e": 16, "e_dim": 4, **kwargs})
+
+
+def test_non_tensor_input_is_refused():
+    with pytest.raises(TypeError, match="SoftVectorQuantizer: z must be a torch.Tensor, got list"):
+        SoftVectorQuantizer(16, 4)([[0.0] * 4])

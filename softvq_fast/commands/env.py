@@ -43,30 +43,42 @@ def _devices() -> list[str]:
     return devices
 
 
+# The ops whose CPU order follows softvq_fast.ops.cpu_rules, and their order outside its windows.
+CPU_RULE_DEFAULTS = {"attention": "sdpa first", "linear": "torch first"}
+
+
+def _cpu_rule_lines() -> list[str]:
+    from softvq_fast.ops import cpu_rules
+
+    machine = cpu_rules.MACHINE
+    lines = [f"machine: {machine.model or 'unknown model'}, vendor {machine.vendor or 'unknown'}, ISA {machine.isa}, "
+             f"{cpu_rules.torch_threads()} torch threads",
+             f"calibration file: {cpu_rules.calibration_status()}"]
+    for op, default in CPU_RULE_DEFAULTS.items():
+        try:
+            lines.append(f"{op}: {cpu_rules.cpu_rule(op).describe(default)}")
+        except ValueError as exc:
+            lines.append(f"{op}: {exc}")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from softvq_fast.dispatch import registered_ops
-    from softvq_fast.ops.attention import CPU_ORDER_RULES
-    from softvq_fast.ops.linear import ONEDNN_FIRST_CPU, ONEDNN_MIN_MACS
 
     for key, value in _versions():
         print(f"{key:<12} {value}")
     print("devices:")
     for line in _devices():
         print(f"  {line}")
-    print("backends (`auto` takes the first usable one in the order shown; README: per-input orders):")
+    print("backends (`auto` takes the first usable one of the op's order for the inputs):")
     for op_name, op in registered_ops().items():
-        cpu_order = ", ".join(op.auto_order("cpu"))
-        cuda_order = ", ".join(op.auto_order("cuda"))
-        print(f"  {op_name}  (override: {op.env_var}; auto order cpu: {cpu_order}; cuda: {cuda_order})")
+        print(f"  {op_name}  (override: {op.env_var}; auto order: {op.order_summary})")
         for backend in op.backends:
             reason = backend.unavailable_reason()
             print(f"    {backend.name:<12} {'available' if reason is None else 'unavailable: ' + reason}")
-    print(f"attention auto order on this CPU: the rules for CPUs {CPU_ORDER_RULES.cpu}")
-    if ONEDNN_FIRST_CPU:
-        print(f"linear auto order on this CPU: onednn first from 2^{ONEDNN_MIN_MACS.bit_length() - 1} multiply-adds "
-              "(AVX-512 on a CPU not made by Intel, where MKL's float32 GEMM leaves AVX-512 unused)")
-    else:
-        print("linear auto order on this CPU: torch first")
+    print("CPU rules in force:")
+    for line in _cpu_rule_lines():
+        print(f"  {line}")
     return 0
 
 

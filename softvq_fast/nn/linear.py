@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from softvq_fast.dispatch import AUTO
-from softvq_fast.ops.linear import linear
+from softvq_fast.ops.linear import ACTIVATIONS, linear
 
 
 class Linear(nn.Linear):
@@ -16,6 +16,8 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, activation: str = "none",
                  linear_backend: str = AUTO, device=None, dtype=None) -> None:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
+            raise ValueError(f"Linear: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
         self.linear_backend = linear_backend

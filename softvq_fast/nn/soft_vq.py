@@ -1,11 +1,14 @@
 """SoftVectorQuantizer: drop-in for the authors' module of the same name, on the fused soft_vq op."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softvq_fast.ops.soft_vq import soft_vq
+from softvq_fast.ops.soft_vq import check_temperature, soft_vq
 
 USAGE_WINDOW = 65536  # codes remembered per codebook for the usage statistic (the authors' buffer width)
 
@@ -38,6 +41,16 @@ class SoftVectorQuantizer(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        for name, value in (("n_e", n_e), ("e_dim", e_dim), ("num_codebooks", num_codebooks)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SoftVectorQuantizer: {name} must be a positive int, got {value!r}")
+        for name, value in (("l2_norm", l2_norm), ("show_usage", show_usage)):
+            if not isinstance(value, bool):
+                raise TypeError(f"SoftVectorQuantizer: {name} must be True or False, got {value!r}")
+        if isinstance(entropy_loss_ratio, bool) or not isinstance(entropy_loss_ratio, numbers.Real) \
+                or not math.isfinite(entropy_loss_ratio):
+            raise ValueError(f"SoftVectorQuantizer: entropy_loss_ratio must be a finite number, got {entropy_loss_ratio!r}")
+        tau = check_temperature("tau", tau, where="SoftVectorQuantizer")
         self.n_e = n_e
         self.e_dim = e_dim
         self.entropy_loss_ratio = entropy_loss_ratio
@@ -53,6 +66,8 @@ class SoftVectorQuantizer(nn.Module):
             self.register_buffer("codebook_used", torch.zeros(num_codebooks, USAGE_WINDOW))
 
     def forward(self, z: torch.Tensor):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"SoftVectorQuantizer: z must be a torch.Tensor, got {type(z).__name__}")
         if z.dim() == 4:
             z = z.permute(0, 2, 3, 1).reshape(z.shape[0], -1, z.shape[1])
         if z.dim() != 3 or z.shape[-1] != self.e_dim:

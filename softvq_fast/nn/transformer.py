@@ -31,8 +31,12 @@ class Attention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Attention: {name} must be a positive int, got {value!r}")
         if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+            raise ValueError(f"Attention: dim={dim} must be divisible by num_heads={num_heads}")
+        self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.backend = backend
@@ -44,6 +48,9 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Attention: x must be a tensor of shape (B, S, {self.dim}), got {got}")
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

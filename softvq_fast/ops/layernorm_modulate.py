@@ -3,19 +3,22 @@
 The operation at the entry of every DiT/SiT attention and MLP branch and of the final layer.
 x is (B, S, D); scale and shift are (B, D), one row per sample, broadcast over the S tokens.
 
-Backends (`SOFTVQ_FAST_LN_MODULATE_BACKEND` or the `backend` argument overrides `auto`):
+Backends (the `backend` argument or SOFTVQ_FAST_LAYERNORM_MODULATE_BACKEND overrides `auto`,
+which takes triton then reference on CUDA, reference elsewhere):
   triton     fused Triton kernels, forward and backward (CUDA; on the CPU only under
              TRITON_INTERPRET=1, for tests)
-  reference  torch.nn.functional.layer_norm followed by the modulation (any device)
+  reference  torch.nn.functional.layer_norm followed by the modulation (CPU, CUDA)
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from softvq_fast.dispatch import AUTO, Backend, OpBackends, TritonBackend, register_op
+from softvq_fast.dispatch import AUTO, Backend, OpBackends, TritonBackend, grad_needed, register_op
 
 _FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16})
 _MAX_TRITON_DIM = 16384
@@ -25,6 +28,7 @@ _MAX_TRITON_DIM = 16384
 class LayerNormModulateInputs:
     device: torch.device
     dtype: torch.dtype
+    needs_grad: bool
     dim: int
 
 
@@ -43,14 +47,17 @@ class ReferenceBackend(Backend):
     dtypes = _FLOATS | {torch.float64}
 
 
-BACKENDS = register_op(
-    OpBackends(
-        op="layernorm_modulate",
-        backends=(LayerNormModulateTritonBackend(), ReferenceBackend()),
-        env_var="SOFTVQ_FAST_LN_MODULATE_BACKEND",
-        auto_order=lambda device_type: ("triton", "reference") if device_type == "cuda" else ("reference",),
-    )
-)
+def _priority(inputs: LayerNormModulateInputs) -> tuple[str, ...]:
+    return ("triton", "reference") if inputs.device.type == "cuda" else ("reference",)
+
+
+BACKENDS = register_op(OpBackends(
+    op="layernorm_modulate",
+    backends=(LayerNormModulateTritonBackend(), ReferenceBackend()),
+    priority=_priority,
+    order_summary="cuda: triton, reference; elsewhere: reference",
+    legacy_env_var="SOFTVQ_FAST_LN_MODULATE_BACKEND",
+))
 
 
 @torch.library.custom_op("softvq_fast::layernorm_modulate_triton", mutates_args=())
@@ -99,9 +106,14 @@ def _backward(ctx, dy, _dmean, _drstd):
 _triton_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
-    if x.dim() != 3:
-        raise ValueError(f"layernorm_modulate: x must be (B, S, D), got shape {tuple(x.shape)}")
+def _check(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> None:
+    for name, t in (("x", x), ("shift", shift), ("scale", scale)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"layernorm_modulate: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"layernorm_modulate: {name} must be floating point, got {t.dtype}")
+    if x.dim() != 3 or x.shape[2] == 0:
+        raise ValueError(f"layernorm_modulate: x must be (B, S, D) with D >= 1, got shape {tuple(x.shape)}")
     expected = (x.shape[0], x.shape[2])
     for name, t in (("shift", shift), ("scale", scale)):
         if tuple(t.shape) != expected:
@@ -111,8 +123,10 @@ def _check(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
             )
         if t.device != x.device:
             raise ValueError(f"layernorm_modulate: {name} is on {t.device}, expected x's device {x.device}")
-        if not t.is_floating_point():
-            raise ValueError(f"layernorm_modulate: {name} must be floating point, got {t.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"layernorm_modulate: eps must be a real number (float), got {type(eps).__name__}")
+    if not 0 <= eps < math.inf:  # NaN fails too
+        raise ValueError(f"layernorm_modulate: eps must be finite and >= 0, got {eps}")
 
 
 def _modulation_rows(scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +148,12 @@ def layernorm_modulate(
     `* (1 + scale[:, None]) + shift[:, None]` with shift, scale of shape (B, D). Returns (B, S, D),
     computed in the promoted dtype of the three inputs (under autocast the modulation arrives in
     bf16 and the residual stream in float32: the result is float32)."""
-    _check(x, shift, scale)
+    _check(x, shift, scale, eps)
+    eps = float(eps)
     dtype = torch.promote_types(torch.promote_types(x.dtype, shift.dtype), scale.dtype)
     x, shift, scale = x.to(dtype), shift.to(dtype), scale.to(dtype)
-    chosen = BACKENDS.select(LayerNormModulateInputs(x.device, x.dtype, x.shape[-1]), backend)
+    inputs = LayerNormModulateInputs(x.device, x.dtype, grad_needed(x, shift, scale), x.shape[-1])
+    chosen = BACKENDS.select(inputs, backend)
     if chosen.name == "triton":
         scale, shift = _modulation_rows(scale, shift)
         return _triton_forward(x.contiguous(), scale, shift, eps)[0]

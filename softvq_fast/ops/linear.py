@@ -1,56 +1,49 @@
 """Linear layers, y = activation(x·Wᵀ + b), with backend dispatch.
 
-Why an op of our own: on the CPU, torch's float32 `nn.Linear` runs MKL's sgemm, which on CPUs not
-made by Intel leaves AVX-512 unused: on an AMD EPYC (Zen 4, AVX-512, 2 threads, torch 2.14.1 with
-MKL 2024.2) it ran as fast with MKL_ENABLE_INSTRUCTIONS=AVX2 as without (an exploratory timing).
-oneDNN, which torch also carries, picks its kernels by instruction set. There, float32, oneDNN
-against MKL (`python -m bench --suite linear`, bench/RESULTS.md): 1.5-2.7x faster at the
-tokenizer's and the generators' layer shapes, 0.4-0.9x for SiT-S's 2-row layers and its
-32-feature embedder. An exploratory sweep outside the harness put the break-even near 2^20-2^21
-multiply-adds (oneDNN sets up each call in about 15 us), hence ONEDNN_MIN_MACS; with both held to
-AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 too) the two were level (0.87-1.39x): the gain is AVX-512.
+Why an op of our own: on the CPU, torch's float32 `nn.Linear` runs its BLAS GEMM (MKL on x86-64),
+whose kernel choice does not always follow the CPU's instruction set; oneDNN, which torch also
+carries, picks its kernels by instruction set and fuses the activation into the GEMM's epilogue.
+Which one is faster depends on the CPU, the thread count and the layer size, so `auto` puts oneDNN
+first only where the CPU rule in force says so (softvq_fast.ops.cpu_rules: a calibration of this
+machine, else the built-in table of measured machines; windows over the multiply-adds
+rows x in_features x out_features and in_features), and torch first everywhere else.
 
-Backends (the `backend` argument or `SOFTVQ_FAST_LINEAR` overrides `auto`):
+Backends (the `backend` argument or SOFTVQ_FAST_LINEAR_BACKEND overrides `auto`):
   onednn  torch.ops.mkldnn._linear_pointwise with the activation in its epilogue: CPU, float32,
           forward only (inputs that need a gradient, forward-mode AD, torch.func transforms and
           CPU autocast go to `torch`)
   torch   torch.nn.functional.linear, then the activation (in place when no gradient is needed):
           any device and dtype, as nn.Linear
-
-auto: on the CPU, onednn first where AVX-512 is there, the CPU is not Intel's and torch uses MKL
-(`ONEDNN_FIRST_CPU`, read once) for layers of at least 2^21 multiply-adds with 64 or more input
-features; torch first everywhere else (Intel CPUs: not measured; CUDA: cuBLAS).
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-from softvq_fast.dispatch import AUTO, Backend, OpBackends, register_op
+from softvq_fast.dispatch import AUTO, Backend, OpBackends, grad_needed, register_op
+from softvq_fast.ops.cpu_rules import cpu_rule
 
-__all__ = ["linear", "select_backend", "LINEAR_BACKENDS", "ACTIVATIONS"]
+__all__ = ["linear", "select_backend", "BACKENDS", "ACTIVATIONS"]
 
 # activation -> (oneDNN post-op, its algorithm); the algorithm is also F.gelu's `approximate`
 # ("none": the erf form).
 ACTIVATIONS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
-# Below these, oneDNN's per-call set-up costs more than its faster kernel saves (module docstring).
-ONEDNN_MIN_MACS = 2**21
-ONEDNN_MIN_IN_FEATURES = 64
 
 
 class LinearInputs(NamedTuple):
-    """What the backends look at."""
+    """What the backends and the order look at."""
 
     device: torch.device
     dtype: torch.dtype
-    weight_dtype: torch.dtype
     needs_grad: bool
+    weight_dtype: torch.dtype
     transformed: bool  # inside forward-mode AD or a torch.func transform (vmap, grad, jvp)
     autocast: bool
+    macs: int  # multiply-adds: rows x in_features x out_features
+    in_features: int
 
 
 # Read once: torch.compile does not trace into torch.backends' queries.
@@ -87,31 +80,22 @@ class TorchBackend(Backend):
         return []
 
 
-LINEAR_BACKENDS: tuple[Backend, ...] = (OneDNNBackend(), TorchBackend())
-_TORCH = LINEAR_BACKENDS[1]
-ENV_VAR = "SOFTVQ_FAST_LINEAR"
+def _priority(inputs: LinearInputs) -> tuple[str, ...]:
+    if inputs.device.type == "cpu":
+        features = {"macs": inputs.macs, "in_features": inputs.in_features}
+        if cpu_rule("linear").puts_first(inputs.dtype, inputs.needs_grad, features):
+            return ("onednn", "torch")
+    return ("torch",)
 
 
-def _cpu_prefers_onednn() -> bool:
-    """True where MKL's float32 GEMM leaves AVX-512 unused: an AVX-512 CPU not made by Intel
-    (vendor from /proc/cpuinfo) with torch's BLAS being MKL. Read once."""
-    if not (torch.backends.mkl.is_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            vendor = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
-    except OSError:
-        return False
-    return vendor not in ("", "GenuineIntel")
-
-
-ONEDNN_FIRST_CPU = _cpu_prefers_onednn()
-
-ONEDNN_FIRST = register_op(OpBackends(
-    "linear", LINEAR_BACKENDS, ENV_VAR,
-    lambda device_type: ("onednn", "torch") if device_type == "cpu" and ONEDNN_FIRST_CPU else ("torch", "onednn"),
+BACKENDS = register_op(OpBackends(
+    op="linear",
+    backends=(OneDNNBackend(), TorchBackend()),
+    priority=_priority,
+    order_summary="torch; on the CPU onednn first where the CPU rule says so (below)",
+    legacy_env_var="SOFTVQ_FAST_LINEAR",
 ))
-TORCH_FIRST = OpBackends("linear", LINEAR_BACKENDS, ENV_VAR, lambda device_type: ("torch", "onednn"))
+_TORCH = BACKENDS.get("torch")
 
 
 # typing.Optional: the form torch's schema inference keys its table of argument types by.
@@ -129,8 +113,27 @@ def _(x, weight, bias, activation):
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
-    if activation not in ACTIVATIONS:
+    # The common, valid case in few attribute reads (this runs on every call). Other mismatched
+    # devices make the backend fail (then _raise_mismatch names the argument), but torch computes
+    # a CPU x with a meta weight or bias without complaint, hence is_meta here.
+    try:
+        valid = (activation in ACTIVATIONS and weight.dim() == 2 and x.dim() > 0 and x.shape[-1] == weight.shape[1]
+                 and weight.is_meta == x.is_meta
+                 and (bias is None or (tuple(bias.shape) == (weight.shape[0],) and bias.is_meta == x.is_meta)))
+    except (AttributeError, TypeError):  # a non-tensor, an unhashable activation
+        valid = False
+    if not valid:
+        _raise_invalid(x, weight, bias, activation)
+
+
+def _raise_invalid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
+    """Raises the error that says what is wrong with the arguments."""
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"linear: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+            raise TypeError(f"linear: {name} must be a torch.Tensor{' or None' if name == 'bias' else ''}, "
+                            f"got {type(t).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"linear: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
@@ -140,25 +143,39 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"linear: bias must be (out_features,) = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    _raise_mismatch(x, weight, bias)
+
+
+def _raise_mismatch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """After the backend failed: raises the error naming a weight or bias on another device or (outside
+    autocast, which casts them itself) of another dtype than x, if that is the cause."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"linear: {name} is on {t.device}, expected x's device {x.device}")
+        if t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"linear: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
 
 
 def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                    backend: str = AUTO) -> Backend:
-    """The backend `linear` runs these inputs on (`backend`, else SOFTVQ_FAST_LINEAR, else the
-    automatic order); raises NoBackendError with the reasons where the choice cannot run them."""
-    if x.device.type != "cpu" and backend == AUTO and not os.environ.get(ENV_VAR):
-        return _TORCH  # what the order below gives off the CPU, without its per-call checks
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    transformed = forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
-    inputs = LinearInputs(
-        x.device, x.dtype, weight.dtype, needs_grad, transformed,
-        x.device.type == "cpu" and torch.is_autocast_enabled("cpu"),
-    )
+    """The backend `linear` runs these inputs on (`backend`, else SOFTVQ_FAST_LINEAR_BACKEND, else
+    the automatic order); raises NoBackendError with the reasons where the choice cannot run them."""
+    if x.device.type != "cpu" and backend == AUTO and BACKENDS.env_choice() is None:
+        return _TORCH  # what the order gives off the CPU, without its per-call checks
     out_features, in_features = weight.shape
-    large = x.numel() * out_features >= ONEDNN_MIN_MACS and in_features >= ONEDNN_MIN_IN_FEATURES
-    return (ONEDNN_FIRST if large else TORCH_FIRST).select(inputs, backend)
+    inputs = LinearInputs(
+        device=x.device,
+        dtype=x.dtype,
+        needs_grad=grad_needed(x, weight, bias),
+        weight_dtype=weight.dtype,
+        transformed=forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None,
+        autocast=x.device.type == "cpu" and torch.is_autocast_enabled("cpu"),
+        macs=x.numel() * out_features,
+        in_features=in_features,
+    )
+    return BACKENDS.select(inputs, backend)
 
 
 def linear(
@@ -174,9 +191,13 @@ def linear(
     "gelu_tanh". Differentiable (inputs that need a gradient run on `torch`). See the module
     docstring for the backends and the automatic order."""
     _check(x, weight, bias, activation)
-    if select_backend(x, weight, bias, backend=backend).name == "onednn":
-        return _onednn_linear(x, weight, bias, activation)
-    y = F.linear(x, weight, bias)
+    try:
+        if select_backend(x, weight, bias, backend=backend).name == "onednn":
+            return _onednn_linear(x, weight, bias, activation)
+        y = F.linear(x, weight, bias)
+    except RuntimeError:  # checked only after a failure: the valid case pays nothing
+        _raise_mismatch(x, weight, bias)
+        raise
     if activation == "none":
         return y
     approximate = ACTIVATIONS[activation][1]

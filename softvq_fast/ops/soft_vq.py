@@ -4,7 +4,8 @@ Per codebook c (the S tokens split into C contiguous segments):
   logits = ẑ · Êᵀ (ẑ, Ê L2-normalised when l2_norm), p = softmax(logits / tau), z_q = p · Ê.
 The codebook gets gradient only through the value path p · Ê (the authors detach it in the logits).
 
-Backends (argument `backend`, else $SOFTVQ_FAST_BACKEND, else by device):
+Backends (argument `backend`, else $SOFTVQ_FAST_SOFT_VQ_BACKEND, else `auto`: cpu then reference on
+the CPU, triton then reference on CUDA):
   reference  plain PyTorch, the math as written (materialises tokens x codebook tensors)
   cpu        fused C++ kernels (csrc/cpu/soft_vq*.cpp: OpenMP tasks, AVX-512/AVX2), bounded workspace
   triton     fused Triton kernels for CUDA (softvq_fast.kernels.soft_vq); on the CPU only under
@@ -13,13 +14,14 @@ The fused backends are the torch.library custom ops softvq_fast::soft_vq_forward
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from softvq_fast._extension import EXTENSION_ERROR, extension_available
-from softvq_fast.dispatch import Backend, OpBackends, TritonBackend, register_op
+from softvq_fast.dispatch import AUTO, Backend, OpBackends, TritonBackend, grad_needed, register_op
 from softvq_fast.ops.soft_vq_reference import SoftVQParts, reference_parts
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -29,6 +31,10 @@ MAX_TRITON_DIM = 256
 # Rows of the fused forward's row_stats (4, C, M), all float32. The max logit is kept apart from
 # the log-sums so that exp(logit - max) stays exact when logits / temperature is large.
 ROW_STATS = ("max_logit", "log_sum_tau", "log_sum_entropy", "row_entropy")
+# Temperatures t whose 1/t is a normal float32: the fused kernels scale (logit - max) by 1/t in
+# float32, and a 1/t that is zero, subnormal (flushed to zero) or infinite turns the -inf of
+# padded codes into NaN. A larger tau means uniform weights: codebook.mean(-2) says it exactly.
+TEMPERATURE_RANGE = (2.0**-126, 2.0**126)
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class SoftVQInputs:
 
     device: torch.device
     dtype: torch.dtype
+    needs_grad: bool
     dim: int
 
 
@@ -64,14 +71,19 @@ class SoftVQTritonBackend(TritonBackend):
         return []
 
 
-SOFT_VQ_BACKENDS = register_op(
-    OpBackends(
-        op="soft_vq",
-        backends=(ReferenceBackend(), CpuBackend(), SoftVQTritonBackend()),
-        env_var="SOFTVQ_FAST_BACKEND",
-        auto_order=lambda device_type: ("triton", "reference") if device_type == "cuda" else ("cpu", "reference"),
-    )
-)
+def _priority(inputs: SoftVQInputs) -> tuple[str, ...]:
+    if inputs.device.type == "cuda":
+        return ("triton", "reference")
+    return ("cpu", "reference") if inputs.device.type == "cpu" else ("reference",)
+
+
+BACKENDS = register_op(OpBackends(
+    op="soft_vq",
+    backends=(ReferenceBackend(), CpuBackend(), SoftVQTritonBackend()),
+    priority=_priority,
+    order_summary="cuda: triton, reference; cpu: cpu, reference",
+    legacy_env_var="SOFTVQ_FAST_BACKEND",
+))
 
 
 # ----------------------------------------------------------------------------- fused custom ops
@@ -236,11 +248,12 @@ def entropy_regulariser(row_entropy: torch.Tensor, column_sum: torch.Tensor) -> 
     return row_entropy.mean() + (mean_probs * torch.log(mean_probs + 1e-6)).sum()
 
 
-def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, tau: float) -> None:
-    if not isinstance(z, torch.Tensor) or z.dim() not in (2, 3):
-        raise ValueError(f"soft_vq: z must be a tensor of shape (B, S, D) or (N, D), got {_describe(z)}")
-    if not isinstance(codebook, torch.Tensor) or codebook.dim() not in (2, 3):
-        raise ValueError(f"soft_vq: codebook must be a tensor of shape (C, K, D) or (K, D), got {_describe(codebook)}")
+def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    for name, t, shapes in (("z", z, "(B, S, D) or (N, D)"), ("codebook", codebook, "(C, K, D) or (K, D)")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"soft_vq: {name} must be a torch.Tensor of shape {shapes}, got {type(t).__name__}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"soft_vq: {name} must be a tensor of shape {shapes}, got shape {tuple(t.shape)}")
     if z.dtype not in REFERENCE_DTYPES:
         raise TypeError(f"soft_vq: z must be float32, bfloat16, float16 (or float64, reference only), got {z.dtype}")
     if codebook.dtype != z.dtype:
@@ -252,18 +265,37 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, tau: float) -> None:
             f"soft_vq: codebook code dimension {codebook.shape[-1]} != z dimension D={z.shape[-1]} "
             f"(z {tuple(z.shape)}, codebook {tuple(codebook.shape)})"
         )
-    num_codebooks = codebook.shape[0] if codebook.dim() == 3 else 1
+    num_codebooks, codes = (codebook.shape[0], codebook.shape[1]) if codebook.dim() == 3 else (1, codebook.shape[0])
+    for count, what in ((num_codebooks, "C >= 1 (codebooks)"), (codes, "K >= 1 (codes per codebook)"),
+                        (z.shape[-1], "D >= 1 (code dimension)")):
+        if count == 0:
+            raise ValueError(f"soft_vq: codebook needs {what}, got shape {tuple(codebook.shape)}")
     tokens = z.shape[-2]
     if tokens % num_codebooks:
         raise ValueError(
             f"soft_vq: z has {tokens} tokens per sample (dim -2), not divisible by the {num_codebooks} codebooks"
         )
-    if not tau > 0:
-        raise ValueError(f"soft_vq: tau must be > 0, got {tau}")
 
 
-def _describe(x) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+def check_temperature(name: str, value: float, where: str = "soft_vq") -> float:
+    """`value` as a float in TEMPERATURE_RANGE, else TypeError/ValueError naming `where` and `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = f" (a tensor {name} would get no gradient: pass float({name}))" if torch.is_tensor(value) else ""
+        raise TypeError(f"{where}: {name} must be a real number (float), got {type(value).__name__}{hint}")
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:  # NaN fails too
+        raise ValueError(
+            f"{where}: {name} must be a finite number in [{low:.3g}, {high:.3g}] (the fused kernels scale by "
+            f"1/{name} in float32; a larger {name} means uniform weights), got {value}"
+        )
+    return float(value)
+
+
+def _check_flags(**flags: object) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool) and not (name == "allow_tf32" and value is None):
+            expected = "True, False or None" if name == "allow_tf32" else "True or False"
+            raise TypeError(f"soft_vq: {name} must be {expected}, got {value!r}")
 
 
 def soft_vq(
@@ -275,21 +307,24 @@ def soft_vq(
     return_stats: bool = False,
     entropy: bool = True,
     entropy_temperature: float = ENTROPY_TEMPERATURE,
-    backend: str = "auto",
+    backend: str = AUTO,
     allow_tf32: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SoftVQStats]:
     """Soft vector quantization.
 
-    z: (B, S, D) or (N, D); codebook: (C, K, D) or (K, D), same dtype and device. With C codebooks
-    the S tokens (N rows) split into C contiguous segments; segment c uses codebook c.
-    Returns z_q shaped like z, and with `return_stats` also a SoftVQStats; `entropy=False` skips
+    z: (B, S, D) or (N, D); codebook: (C, K, D) or (K, D), same dtype and device, C, K, D >= 1.
+    With C codebooks the S tokens (N rows) split into C contiguous segments; segment c uses
+    codebook c. tau and entropy_temperature: floats in TEMPERATURE_RANGE. Returns z_q shaped like z, and with `return_stats` also a SoftVQStats; `entropy=False` skips
     the regulariser (about half the forward work of the stats; evaluation needs no loss).
     `allow_tf32` (fp32 inputs, triton backend): tensor-core TF32 dot products (logits to ~3e-4
     relative; z_q and the entropy terms less exact, as the logits are divided by tau); default:
     torch's float32 matmul setting (`torch.backends.cuda.matmul.fp32_precision`, or `allow_tf32`
-    before torch 2.9).
+    before torch 2.9). `backend`: "auto", "reference", "cpu" or "triton" (module docstring).
     """
-    _check_inputs(z, codebook, tau)
+    _check_inputs(z, codebook)
+    tau = check_temperature("tau", tau)
+    entropy_temperature = check_temperature("entropy_temperature", entropy_temperature)
+    _check_flags(l2_norm=l2_norm, return_stats=return_stats, entropy=entropy, allow_tf32=allow_tf32)
     z3 = z if z.dim() == 3 else z.unsqueeze(0)
     codebooks = codebook if codebook.dim() == 3 else codebook.unsqueeze(0)
     B, S, D = z3.shape
@@ -300,7 +335,7 @@ def soft_vq(
     if l2_norm:
         z_rows = F.normalize(z_rows, p=2, dim=-1)
         codebooks = F.normalize(codebooks, p=2, dim=-1)
-    chosen = SOFT_VQ_BACKENDS.select(SoftVQInputs(z.device, z.dtype, D), backend)
+    chosen = BACKENDS.select(SoftVQInputs(z.device, z.dtype, grad_needed(z, codebook), D), backend)
     with_entropy = return_stats and entropy
     if chosen.name == "reference":
         parts = reference_parts(z_rows, codebooks, tau, entropy_temperature, return_stats, with_entropy)
