@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-COMMANDS = ("env", "reconstruct", "encode_dataset", "generate", "profile")
+COMMANDS = ("env", "calibrate", "reconstruct", "encode_dataset", "generate", "profile")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,20 +43,17 @@ def _devices() -> list[str]:
     return devices
 
 
-# The ops whose CPU order follows softvq_fast.ops.cpu_rules, and their order outside its windows.
-CPU_RULE_DEFAULTS = {"attention": "sdpa first", "linear": "torch first"}
-
-
 def _cpu_rule_lines() -> list[str]:
     from softvq_fast.ops import cpu_rules
+    from softvq_fast.ops.calibration import PLANS
 
     machine = cpu_rules.MACHINE
     lines = [f"machine: {machine.model or 'unknown model'}, vendor {machine.vendor or 'unknown'}, ISA {machine.isa}, "
              f"{cpu_rules.torch_threads()} torch threads",
              f"calibration file: {cpu_rules.calibration_status()}"]
-    for op, default in CPU_RULE_DEFAULTS.items():
+    for op, plan in PLANS.items():
         try:
-            lines.append(f"{op}: {cpu_rules.cpu_rule(op).describe(default)}")
+            lines.append(f"{op}: {cpu_rules.cpu_rule(op).describe(f'{plan.default} first')}")
         except ValueError as exc:
             lines.append(f"{op}: {exc}")
     return lines
@@ -76,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         for backend in op.backends:
             reason = backend.unavailable_reason()
             print(f"    {backend.name:<12} {'available' if reason is None else 'unavailable: ' + reason}")
-    print("CPU rules in force:")
+    print("CPU rules in force (`softvq-fast calibrate` measures this machine):")
     for line in _cpu_rule_lines():
         print(f"  {line}")
     return 0
