@@ -1,16 +1,18 @@
 """SoftVQVAE against an independent float64 forward written from the authors' formulation
 (conv2d patch embedding, timm `_pos_embed`, (B, H, N, D) attention with q * scale @ k^T, complex
 RoPE products, einsum unpatchify), on weights drawn so that attention is far from uniform and the
-LayerScale branches matter (random checkpoints with gamma = 1e-5 barely exercise attention; with
-these weights a 5 % error in the softmax scale moves the outputs by about 2e-2)."""
+LayerScale branches matter (random checkpoints with gamma = 1e-5 barely exercise attention). The
+attention mutants of support.sharp_models must fail the same check."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 from support.numerics import rel_err
+from support.sharp_models import FP32_TOL, MUTANTS, inject_mutant, report, sharpen
 
 from softvq_fast.models import SoftVQConfig, SoftVQVAE
+from softvq_fast.models.config import vit_spec
 
 EPS = 1e-6
 
@@ -95,26 +97,6 @@ def reference_forward(state, config, heads, images):
     return latents, out.reshape(len(z), 3, grid * p, grid * p)
 
 
-def _sharpen(model: SoftVQVAE, seed: int) -> None:
-    """Weights with peaked attention and O(1) residual branches."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("gamma"):
-                param.copy_(0.5 + noise.abs())
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * noise)
-            elif name.endswith("freqs"):
-                param.mul_(1 + 0.2 * noise)
-            elif "qkv.weight" in name:
-                param.copy_(noise * 3 / param.shape[1] ** 0.5)
-            elif param.dim() >= 2 and "embedding" not in name:
-                param.copy_(noise / param[0].numel() ** 0.5)
-            elif "embedding" not in name:
-                param.copy_(0.1 * noise)
-
-
 VARIANTS = {
     "absolute": {},
     "registers": {"encoder_model": "vit_small_patch14_reg4_dinov2.lvd142m",
@@ -124,18 +106,36 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_matches_float64_reference(variant):
+def _sharp_model(variant: str) -> SoftVQVAE:
+    """64 px, 6 latent tokens, 2 blocks each; attention sharper than the bf16 checks' (gain 3)."""
     config = SoftVQConfig(image_size=64, base_image_size=64, codebook_size=32, codebook_embed_dim=8, num_codebooks=2,
                           tau=0.5, num_latent_tokens=6, encoder_depth=2, decoder_depth=2, codebook_show_usage=False,
                           **VARIANTS[variant])
     torch.manual_seed(0)
-    model = SoftVQVAE(config)
-    _sharpen(model, seed=1)
-    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    return sharpen(SoftVQVAE(config), seed=1, qk_gain=3.0)
+
+
+def reference_errors(model: SoftVQVAE, images: torch.Tensor) -> dict[str, float]:
+    """Relative errors of encode(images) and decode(latents) against reference_forward."""
     state = {k: v.double() for k, v in model.state_dict().items()}
-    ref_latents, ref_images = reference_forward(state, config, 6, images.double())
+    ref_latents, ref_images = reference_forward(state, model.config, vit_spec(model.config.encoder_model).heads, images.double())
     with torch.no_grad():
-        latents = model.encode(images)
-        assert rel_err(latents, ref_latents) <= 1e-5
-        assert rel_err(model.decode(ref_latents.float()), ref_images) <= 1e-5
+        return {"encode": rel_err(model.encode(images), ref_latents),
+                "decode": rel_err(model.decode(ref_latents.float()), ref_images)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_float64_reference(variant):
+    model = _sharp_model(variant)
+    errors = reference_errors(model, torch.rand(2, 3, 64, 64) * 2 - 1)
+    report(f"tokenizer float32 {variant}", errors)
+    assert max(errors.values()) <= FP32_TOL, errors
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_check_fails_on_attention_mutants(mutant, monkeypatch):
+    model = _sharp_model("absolute")
+    inject_mutant(monkeypatch, mutant)
+    errors = reference_errors(model, torch.rand(2, 3, 64, 64) * 2 - 1)
+    report(f"tokenizer float32 mutant {mutant}", errors)
+    assert min(errors.values()) > FP32_TOL, errors
