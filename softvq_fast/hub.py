@@ -62,40 +62,33 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
 
     from softvq_fast import __version__
 
-    def not_cached() -> str:
-        why = ("HF_HUB_OFFLINE is set: nothing is downloaded" if constants.HF_HUB_OFFLINE
-               else "and the Hub could not be reached")
-        return f"not in the Hugging Face cache at {constants.HF_HUB_CACHE} ({why})"
+    why = "HF_HUB_OFFLINE is set: nothing is downloaded" if constants.HF_HUB_OFFLINE else "and the Hub could not be reached"
+    not_cached = f"not in the Hugging Face cache at {constants.HF_HUB_CACHE} ({why})"
 
     def fetch(filename: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, revision=revision, library_name="softvq-fast",
                                     library_version=__version__))
 
+    # First match wins: a gated repo is also "not found", a missing cache entry also a missing file.
+    failures = (
+        (GatedRepoError, f"Hub repo {where} is gated: accept its terms on the Hub, then set HF_TOKEN or log in"),
+        (RepositoryNotFoundError, f"{where} is neither a local folder nor a Hub repo that can be read "
+                                  "(not found, or private: set HF_TOKEN or log in)"),
+        (RevisionNotFoundError, f"Hub repo {repo_id!r} has no revision {revision!r}"),
+        (LocalEntryNotFoundError, f"{where} is not a local folder, and as a Hub repo id its {CONFIG_NAME} is {not_cached}"),
+        (EntryNotFoundError, f"Hub repo {where} has no {CONFIG_NAME}: not a release folder"),
+    )
     try:
         config = fetch(CONFIG_NAME)
-    except GatedRepoError as exc:
-        raise CheckpointError(
-            f"Hub repo {where} is gated: accept its terms on the Hub, then set HF_TOKEN or log in"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise CheckpointError(
-            f"{where} is neither a local folder nor a Hub repo that can be read (not found, or private: set HF_TOKEN or log in)"
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise CheckpointError(f"Hub repo {repo_id!r} has no revision {revision!r}") from exc
-    except LocalEntryNotFoundError as exc:
-        raise CheckpointError(
-            f"{where} is not a local folder, and as a Hub repo id its {CONFIG_NAME} is {not_cached()}"
-        ) from exc
-    except EntryNotFoundError as exc:
-        raise CheckpointError(f"Hub repo {where} has no {CONFIG_NAME}: not a release folder") from exc
+    except tuple(kind for kind, _ in failures) as exc:
+        raise CheckpointError(next(message for kind, message in failures if isinstance(exc, kind))) from exc
     missing = []
     for weights in (SAFETENSORS_NAME, PICKLE_NAME):
         try:
             fetch(weights)
             return config.parent
         except LocalEntryNotFoundError:
-            missing.append(f"{weights} {not_cached()}")
+            missing.append(f"{weights} {not_cached}")
         except EntryNotFoundError:
             missing.append(f"{weights} (not in the repo)")
     raise CheckpointError(f"Hub repo {where} has {CONFIG_NAME} but no weights: " + ", ".join(missing))
