@@ -2,13 +2,17 @@
 SDE reaching the data distribution, DDPM/DDIM on a point mass, seeds, respacing, guidance."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from support.numerics import rel_err
+from support.sharp_models import (BF16_TOL, DEVICES, MUTANTS, device_backends, float64_copy, float64_evaluation,
+                                  inject_mutant, report, skip_if_backend_cannot_run, tiny_generator, tolerance)
 
-from softvq_fast.models import SiT
+from softvq_fast.models import DiT, SiT
+from softvq_fast.models.adaln_transformer import AdaLNTransformer
 from softvq_fast.sampling import (
     ConditionalModel,
     GaussianDiffusion,
@@ -158,6 +162,72 @@ def test_guidance_runs_inside_the_interval_only_and_mixes_the_halves():
     assert [fn.is_guided(t) for t in (0.0, 0.2, 0.6, 0.61)] == [False, True, True, False]
     with pytest.raises(ValueError, match="guidance_interval"):
         ConditionalModel(model, labels, cfg_scale=2.0, guidance_interval=(0.7, 0.2))
+
+
+# Sampling through the models in bf16 and on CUDA, on sharp attention (support.sharp_models):
+# the reference vectors' attention is nearly flat, so at bf16 tolerances they cannot tell
+# attention from its mutants. (sampler, path) per family; every run guided on part of the way.
+SAMPLERS = [("sit", "euler", "linear"), ("sit", "heun", "cosine"), ("sit", "sde", "linear"),
+            ("dit", "ddpm", None), ("dit", "ddim", None)]
+STEPS, CFG_SCALE, GUIDANCE_INTERVAL = 3, 2.5, (0.0, 0.7)
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """{family: the tiny sharp generator}."""
+    return {"sit": tiny_generator(SiT), "dit": tiny_generator(DiT)}
+
+
+def sampling_error(model: AdaLNTransformer, model64: AdaLNTransformer, labels: torch.Tensor, sampler: str,
+                   path: str | None, seed: int) -> float:
+    """Relative error of the samples drawn through `model` (its device and dtype) against those
+    drawn through its float64 copy (on the same device, so that the noise draws match: the
+    sampler's state is float32 in both runs)."""
+
+    def run(generator: AdaLNTransformer) -> torch.Tensor:
+        diffusion = isinstance(generator, DiT)
+        device = next(generator.parameters()).device
+        fn = ConditionalModel(generator, labels.to(device), cfg_scale=CFG_SCALE, guidance_interval=GUIDANCE_INTERVAL,
+                              time_scale=1000.0 if diffusion else 1.0)
+        noise = torch.randn((len(labels), *generator.latent_shape), generator=torch.Generator(device).manual_seed(seed),
+                            device=device)
+        rng = torch.Generator(device).manual_seed(seed + 1)
+        with torch.no_grad():
+            if diffusion:
+                return sample_diffusion(fn, noise, steps=STEPS, sampler=sampler, channel_dim=generator.channel_dim,
+                                        learn_sigma=generator.learn_sigma, generator=rng)
+            return sample_flow(fn, noise, steps=STEPS, sampler=sampler, path=path, generator=rng)
+
+    with float64_evaluation():
+        expected = run(model64)
+    return rel_err(run(model), expected)
+
+
+def _sampling_under_test(sharp, family: str, dtype: torch.dtype, device: str = "cpu", backend: str = "auto"):
+    """(a copy of the sharp generator in `dtype` on `device`, a float64 copy there, 3 random labels)."""
+    model = copy.deepcopy(sharp[family]).to(device=device, dtype=dtype).set_backends(attention=backend)
+    labels = torch.randint(0, model.y_embedder.num_classes, (3,))
+    return model, float64_copy(sharp[family], device), labels
+
+
+@pytest.mark.parametrize("device, backend", device_backends(cpu=("auto",)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("family, sampler, path", SAMPLERS)
+def test_sampling_matches_float64_on_sharp_attention(sharp, family, sampler, path, dtype, device, backend, seed):
+    with skip_if_backend_cannot_run(backend):
+        error = sampling_error(*_sampling_under_test(sharp, family, dtype, device, backend), sampler, path, seed)
+    report(f"{sampler} {device} {dtype} {backend}", {"samples": error})
+    assert error <= tolerance(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+@pytest.mark.parametrize("family, sampler, path", SAMPLERS)
+def test_bf16_sampling_check_fails_on_attention_mutants(sharp, family, sampler, path, mutant, device, seed, monkeypatch):
+    inject_mutant(monkeypatch, mutant)
+    error = sampling_error(*_sampling_under_test(sharp, family, torch.bfloat16, device), sampler, path, seed)
+    report(f"{sampler} {device} bf16 mutant {mutant}", {"samples": error})
+    assert error > BF16_TOL
 
 
 def test_unknown_sampler_and_path_are_named():
