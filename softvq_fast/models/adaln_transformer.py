@@ -59,7 +59,10 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """(N,) class labels -> (N, hidden). With dropout_prob > 0 the table has one more row, the
-    null class `num_classes` of classifier-free guidance, which training substitutes at random."""
+    null class `num_classes` of classifier-free guidance, which training substitutes at random:
+    in train mode each label becomes the null class where torch.rand(N, device=labels.device)
+    (one draw from that device's default generator per call) is below dropout_prob, unless the
+    caller passes the (N,) bool mask `drop` itself (applied in any mode). Eval mode draws nothing."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
         super().__init__()
@@ -67,9 +70,15 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
+    def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if drop is not None:
+            if self.dropout_prob <= 0:
+                raise ValueError("label_drop given, but this model was built with class_dropout_prob=0: it has no null class")
+            if drop.shape != labels.shape or drop.dtype != torch.bool:
+                raise ValueError(f"label_drop must be a bool tensor of shape {tuple(labels.shape)}, got {drop.dtype} {tuple(drop.shape)}")
+        elif self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        if drop is not None:
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
 
@@ -259,12 +268,17 @@ class AdaLNTransformer(nn.Module):
         if y.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"y must hold integer class labels, got {y.dtype}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: see the class docstring; t (B,) timesteps; y (B,) labels (null class allowed).
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, label_drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: see the class docstring; t (B,) timesteps; y (B,) labels (null class allowed);
+        label_drop (B,) bool: labels to replace by the null class (classifier-free guidance
+        training), or None: drawn in train mode with probability class_dropout_prob (see
+        LabelEmbedder), none in eval mode.
         Returns (B, T, out_channels) for 1-D inputs, (B, out_channels, H, W) for 2-D ones."""
         self._check_inputs(x, t, y)
         h = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        c = self.t_embedder(t) + self.y_embedder(y, label_drop)
         for block in self.blocks:
             h = block(h, c)
         out = self.final_layer(h, c)
