@@ -71,7 +71,7 @@ def direct_calls() -> dict[str, Attention]:
     return calls
 
 
-def calls_for(device: torch.device) -> dict[tuple[str, str], Attention]:
+def calls_for() -> dict[tuple[str, str], Attention]:
     """(backend, via) -> f(q, k, v): ours through the op, then the direct calls."""
     ours = {(name, "softvq_fast"): (lambda q, k, v, name=name: attention(q, k, v, backend=name)) for name in OURS}
     return {**ours, **{(name, "direct"): call for name, call in direct_calls().items()}}
@@ -99,7 +99,7 @@ def run(ctx) -> list[dict]:
     device = ctx.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rounds, repeats, max_seconds = (5, 10, 0.5) if ctx.quick else (3, 10, 1.0)
-    calls = calls_for(device)
+    calls = calls_for()
     rows: list[dict] = []
     for case, batch, seq, head_dim in cases(ctx.quick):
         qkv = torch.randn(batch, seq, 3, HEADS, head_dim, device=device, dtype=dtype)
