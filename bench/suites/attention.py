@@ -98,7 +98,7 @@ def _step(call: Attention, qkv: torch.Tensor, grad: torch.Tensor | None) -> Call
 def run(ctx) -> list[dict]:
     device = ctx.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rounds, repeats, max_seconds = (5, 10, 0.5) if ctx.quick else (3, 10, 1.0)
+    rounds, repeats, max_seconds = (3, 10, 0.3) if ctx.quick else (3, 10, 1.0)
     calls = calls_for()
     rows: list[dict] = []
     for case, batch, seq, head_dim in cases(ctx.quick):

@@ -58,7 +58,7 @@ def run(ctx) -> list[dict]:
         ctx.note("oneDNN is CPU-only: on CUDA the linear layers run on torch (cuBLAS); nothing to compare.")
         return []
     rows = []
-    rounds, repeats = 5, 20
+    rounds, repeats = (3, 10) if ctx.quick else (5, 20)
     backends = [b.name for b in registered_ops()["linear"].backends if b.unavailable_reason() is None]
     with torch.no_grad():
         for case, m, k, n, activation in SHAPES:

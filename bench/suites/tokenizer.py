@@ -47,8 +47,9 @@ FULL = [("softvq-s-32", 16), ("softvq-b-32", 16), ("softvq-b-64", 16), ("softvq-
 # products on every backend set, through MKL (torch) or oneDNN; with the MLP's GELU, which oneDNN
 # runs inside its matrix product and torch after it.
 LINEAR_OPS = frozenset({"aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "aten::gelu", "aten::gelu_"})
-PROFILED_RUNS = 3
-ROUNDS = 5
+PROFILED_RUNS = 2
+# Alternating rounds: quick mode, sized for the CI budget, and full mode.
+ROUNDS = {True: 3, False: 5}
 
 
 def _use(model: SoftVQVAE, choice: tuple[str, str, str]) -> None:
@@ -86,7 +87,8 @@ def _measure(ctx, model: SoftVQVAE, name: str, batch: int, precision: torch.dtyp
             _use(model, MATH)
             reference = fn()
             checked = check_and_time(ctx, {label: partial(run_with, label, fn) for label in backends},
-                                     f"{name} {pass_name} {_precision(precision)}", reference=reference, rounds=ROUNDS)
+                                     f"{name} {pass_name} {_precision(precision)}", reference=reference,
+                                     rounds=ROUNDS[ctx.quick])
             for label, result in checked.items():
                 rows.append({
                     "case": f"{name} {size}px b{batch}",
@@ -156,7 +158,7 @@ def run(ctx) -> list[dict]:
     add_speedups(rows, ("case", "precision", "pass"), lambda row: row["backend"].startswith(PLAIN))
     for case, precision in dict.fromkeys((r["case"], r["precision"]) for r in rows):
         _note_round_trip(ctx, rows, case, precision)
-    ctx.note(f"medians of {ROUNDS} alternating rounds; min_ms: the fastest of them. rel_err_vs_math: "
+    ctx.note(f"medians of {ROUNDS[ctx.quick]} alternating rounds; min_ms: the fastest of them. rel_err_vs_math: "
              "||out - ref|| / ||ref|| against math attention, the reference soft VQ and torch's linear layers "
              "at the row's precision (run once, untimed).")
     return rows
