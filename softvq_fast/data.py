@@ -1,9 +1,10 @@
 """Images in, latents out: preprocessing, image folders and the sharded latent dataset written by
-`softvq-fast encode-dataset`.
+`softvq-fast encode-dataset`, and its reader for training (`LatentShards`, `StreamSampler`).
 
 Output folder layout:
   manifest.json            settings (with the tokenizer's content hashes), normalisation stats, the
-                           shard list and the images that could not be read (rewritten when complete)
+                           shard list with each shard's fingerprint (its latent statistics) and the
+                           images that could not be read (rewritten when complete)
   files.jsonl              the images in dataset order, one JSON object a line: "path" (relative to
                            the input folder), "size" (bytes) and "mtime_ns" when the run started.
                            JSON, so that any file name (a newline in it too) reads back unchanged
@@ -20,6 +21,7 @@ continue when the settings, the image names or the tokenizer's files changed.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -277,6 +279,13 @@ def latent_stats(latents: torch.Tensor) -> dict[str, str]:
     return {"sum": repr(x.sum().item()), "sum_sq": repr(x.square().sum().item()), "count": str(x.numel())}
 
 
+def shard_fingerprint(metadata: dict[str, str]) -> str:
+    """The shard's latent sum, sum of squares and count as written in its metadata: recorded in
+    the manifest, so that a reader tells a shard of this run from a look-alike of another run
+    (same name, rows and positions) without reading its latents."""
+    return f"{metadata['sum']} {metadata['sum_sq']} {metadata['count']}"
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's bytes, read in chunks (checkpoints can be gigabytes)."""
     digest = hashlib.sha256()
@@ -402,7 +411,7 @@ def finish_manifest(out: Path, plan: ShardPlan, files: list[str]) -> dict:
     manifest = read_manifest(out)
     total = total_sq = 0.0
     count = 0
-    shards, skipped = [], []
+    shards, skipped, fingerprints = [], [], {}
     for shard in range(plan.num_shards):
         path = shard_path(out, shard)
         with safe_open(str(path), framework="pt") as f:
@@ -414,7 +423,8 @@ def finish_manifest(out: Path, plan: ShardPlan, files: list[str]) -> dict:
         skipped += [{"index": i, "path": files[i], "reason": reason} for i, reason in json.loads(meta["skipped"])]
         start, stop = plan.bounds(shard)
         shards.append({"file": path.name, "start": start, "stop": stop, "count": rows})
-    manifest.update(shards=shards, skipped=skipped)
+        fingerprints[path.name] = shard_fingerprint(meta)
+    manifest.update(shards=shards, skipped=skipped, shard_fingerprints=fingerprints)
     if count == 0:
         _write_json(out / MANIFEST_NAME, manifest)
         raise DatasetError("images", f"none of the {plan.num_images} images could be read (the reasons are in "
@@ -472,3 +482,242 @@ def encode_shards(
             skipped = []
             written += 1
     return written
+
+
+# ----------------------------------------------------------------------------- reading shards
+MAX_OPEN_SHARDS = 64
+_MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit integer that depends on every value (one splitmix64 round per value): the seeds
+    of per-epoch shuffles and per-item flips, which touch no global generator."""
+    state = 0
+    for value in values:
+        z = (state ^ (value & _MASK64)) + _GOLDEN64 & _MASK64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """One shard of a latent dataset: its file and the dataset rows [first, first + count) it holds."""
+
+    path: Path
+    first: int
+    count: int
+
+
+def _shard_problem(f, entry: dict, manifest: dict, fingerprint: str | None, expected_indices: list[int]) -> str | None:
+    """Why the open shard `f` is not the one `entry` of `manifest` lists, or None."""
+    keys = set(f.keys())
+    expected = {"latents", "indices"} | ({"labels"} if manifest.get("labels") else set()) \
+        | ({"latents_flip"} if manifest.get("hflip") else set())
+    if keys != expected:
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
+        return "incomplete or foreign: " + "; ".join(
+            part for part in (missing and f"no {', '.join(missing)}", extra and f"unexpected {', '.join(extra)}") if part
+        ) + f" (the manifest's run has labels={bool(manifest.get('labels'))}, hflip={bool(manifest.get('hflip'))})"
+    rows = (entry["count"], *manifest["latent_shape"])
+    for name in sorted(keys):
+        shape, dtype = tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()
+        want_shape, want_dtype = (rows, "F32") if name.startswith("latents") else (rows[:1], "I64")
+        if shape != want_shape or dtype != want_dtype:
+            return f"{name} is {dtype} {shape}, the manifest lists {want_dtype} {want_shape}"
+    meta = f.metadata() or {}
+    for name in ("vq_mean", "vq_std"):
+        try:
+            recorded = float(meta[name])
+        except (KeyError, ValueError):
+            return f"its metadata has no {name}"
+        if recorded != manifest[name]:
+            return f"foreign: made with {name} {recorded}, the manifest's tokenizer has {manifest[name]}"
+    if fingerprint is not None and (set(meta) < {"sum", "sum_sq", "count"} or shard_fingerprint(meta) != fingerprint):
+        return "foreign: its latent statistics differ from those manifest.json recorded for it (a shard of another run?)"
+    if f.get_tensor("indices").tolist() != expected_indices:
+        return f"foreign: its rows are not the images [{entry['start']}, {entry['stop']}) of this dataset"
+    return None
+
+
+def check_shards(folder: Path, manifest: dict) -> list[ShardRows]:
+    """The shards `manifest` lists, each checked: it exists, reads as safetensors (complete: the
+    header covers the file), holds the tensors of the manifest's settings in their shapes and
+    dtypes, records the manifest's vq_mean / vq_std and latent statistics, and holds the rows of
+    its dataset range. DatasetError("latents", ...) naming the first shard that fails."""
+    if not manifest.get("complete") or not isinstance(manifest.get("shards"), list):
+        raise DatasetError("latents", f"{folder / MANIFEST_NAME} describes an unfinished encode-dataset run "
+                                      "(run it again to finish)")
+    fingerprints = manifest.get("shard_fingerprints")  # absent from folders written before it was recorded
+    skipped = {record["index"] for record in manifest.get("skipped", [])}
+    shards, first = [], 0
+    for entry in manifest["shards"]:
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise DatasetError("latents", f"{path}: missing (listed in {MANIFEST_NAME})")
+        expected = [i for i in range(entry["start"], entry["stop"]) if i not in skipped]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                fingerprint = None if fingerprints is None else fingerprints.get(entry["file"], "")
+                problem = _shard_problem(f, entry, manifest, fingerprint, expected)
+        except (SafetensorError, OSError) as exc:
+            problem = f"damaged: cannot be read as safetensors ({exc})"
+        if problem is None and len(expected) != entry["count"]:
+            problem = f"the manifest lists {entry['count']} rows for {len(expected)} readable images"
+        if problem:
+            raise DatasetError("latents", f"{path}: {problem}")
+        shards.append(ShardRows(path, first, entry["count"]))
+        first += entry["count"]
+    return shards
+
+
+class LatentShards(Dataset):
+    """The latents of an `encode-dataset` output folder as items (latent (T, D) float32, label),
+    in shard order (the readable images in dataset order).
+
+    folder: the encode-dataset output (manifest.json + shard-NNNNN.safetensors).
+    flip: where the shards hold `latents_flip` (encode-dataset --hflip), return the latents of
+        the flipped image with probability 1/2, decided by (seed, epoch, item) alone
+        (`flipped`), never by a global generator: a rerun and a resumed run read the same items.
+    normalize: return (z - vq_mean) / vq_std with the tokenizer config's vq_mean and vq_std that
+        every shard records in its metadata (what SoftVQVAE.normalize_latents applies and
+        softvq_fast.generate inverts), not the latent_mean / latent_std measured in the manifest.
+    Keys: an item number i (in the epoch set by `set_epoch`, 0 at first) or a pair (i, epoch), as
+    `StreamSampler` yields them. The label is an int, -1 where the images had no class folders.
+
+    The constructor reads manifest.json and checks every shard it lists (`check_shards`): a
+    missing, damaged, incomplete or foreign shard is a DatasetError naming it before any
+    training starts. Shards are memory-mapped (safetensors safe_open) and opened lazily by each
+    process that reads them (a pickled copy, as DataLoader workers get, carries no open file), at
+    most MAX_OPEN_SHARDS at once; an item reads its own row only."""
+
+    def __init__(self, folder: str | Path, *, flip: bool = True, normalize: bool = True, seed: int = 0) -> None:
+        self.folder = Path(folder)
+        if not (self.folder / MANIFEST_NAME).is_file():
+            what = "does not exist" if not self.folder.exists() else f"holds no {MANIFEST_NAME}"
+            raise DatasetError("latents", f"{self.folder} {what} (expected an encode-dataset output folder)")
+        try:
+            manifest = read_manifest(self.folder)
+        except DatasetError as exc:
+            raise DatasetError("latents", exc.message.replace("use a new output folder", "encode the dataset again")) from None
+        self.shards = check_shards(self.folder, manifest)
+        self.latent_shape: tuple[int, int] = tuple(manifest["latent_shape"])
+        self.vq_mean, self.vq_std = float(manifest["vq_mean"]), float(manifest["vq_std"])
+        self.has_labels, self.has_flips = bool(manifest.get("labels")), bool(manifest.get("hflip"))
+        self.classes: list[str] = list(manifest.get("classes", []))
+        self.manifest = manifest
+        self.flip, self.normalize, self.seed = flip, normalize, seed
+        self.epoch = 0
+        self._firsts = [shard.first for shard in self.shards]
+        self._length = sum(shard.count for shard in self.shards)
+        self._open: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def num_classes(self) -> int:
+        """The number of class folders of the encoded images (0 without labels)."""
+        return len(self.classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain integer keys (for torch's DistributedSampler; DataLoader workers
+        copy the dataset when an iteration starts, so set it before)."""
+        self.epoch = epoch
+
+    def flipped(self, index: int, epoch: int) -> bool:
+        """Whether item `index` reads `latents_flip` in `epoch` (where the shards hold flips)."""
+        return self.flip and self.has_flips and bool(mix_seed(self.seed, epoch, index) >> 31 & 1)
+
+    def labels(self) -> torch.Tensor:
+        """Every item's label, (len,) int64 (-1 without labels)."""
+        if not self.has_labels:
+            return torch.full((len(self),), -1, dtype=torch.int64)
+        parts = []
+        for shard in self.shards:
+            with safe_open(str(shard.path), framework="pt") as f:
+                parts.append(f.get_tensor("labels"))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        if not 0 <= index < self._length:
+            raise IndexError(f"item {index} of a dataset of {self._length}")
+        number = bisect.bisect_right(self._firsts, index) - 1
+        row = index - self.shards[number].first
+        f = self._handle(number)
+        latent = f.get_slice("latents_flip" if self.flipped(index, epoch) else "latents")[row].float()
+        if self.normalize:
+            latent = (latent - self.vq_mean) / self.vq_std
+        return latent, int(f.get_slice("labels")[row]) if self.has_labels else -1
+
+    def _handle(self, number: int):
+        f = self._open.pop(number, None)
+        if f is None:
+            if len(self._open) >= MAX_OPEN_SHARDS:
+                self._open.pop(next(iter(self._open))).__exit__(None, None, None)  # the least recently read
+            f = safe_open(str(self.shards[number].path), framework="pt")
+        self._open[number] = f  # (re)inserted last: the dict's order is the reading order
+        return f
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}
+
+
+class EpochStream:
+    """One shuffled pass over `size` items after another: stream position p is item
+    permutation(p // size)[p % size], each epoch's permutation drawn from a generator seeded by
+    (seed, epoch) alone."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        if size < 1:
+            raise ValueError(f"an epoch stream needs at least one item, got size={size}")
+        self.size, self.seed = size, seed
+        self._cached: tuple[int, list[int]] | None = None
+
+    def permutation(self, epoch: int) -> list[int]:
+        if self._cached is None or self._cached[0] != epoch:
+            rng = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            self._cached = (epoch, torch.randperm(self.size, generator=rng).tolist())
+        return self._cached[1]
+
+    def at(self, position: int) -> tuple[int, int]:
+        """(item, epoch) at a stream position."""
+        epoch, offset = divmod(position, self.size)
+        return self.permutation(epoch)[offset], epoch
+
+
+class StreamSampler(Sampler[tuple[int, int]]):
+    """One process's share of the global batches of steps [start_step, stop_step) of an
+    `EpochStream`: global batch s is stream positions [s * G, (s + 1) * G), G = global_batch,
+    and rank r of W takes the contiguous slice [r * G / W, (r + 1) * G / W) of it. Yields
+    (item, epoch) keys (`LatentShards`); batch them by the per-rank batch or a divisor of it.
+
+    Over the ranks, each epoch's positions hold every item once (batches run across epoch
+    boundaries instead of dropping or repeating items), and which items a global batch holds
+    does not depend on the number of processes."""
+
+    def __init__(self, size: int, *, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start_step: int = 0, stop_step: int) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global_batch={global_batch} must be divisible by world_size={world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        self.stream = EpochStream(size, seed)
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.start_step, self.stop_step = start_step, stop_step
+
+    @property
+    def rank_batch(self) -> int:
+        return self.global_batch // self.world_size
+
+    def __len__(self) -> int:
+        return max(self.stop_step - self.start_step, 0) * self.rank_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for step in range(self.start_step, self.stop_step):
+            first = step * self.global_batch + self.rank * self.rank_batch
+            for position in range(first, first + self.rank_batch):
+                yield self.stream.at(position)
