@@ -52,11 +52,15 @@ class SpectralNormConv1d(nn.Module):
 
     def normalised_weight(self) -> torch.Tensor:
         matrix = self.weight_orig.flatten(1)
+        u, v = self.weight_u, self.weight_v
         if self.training:
             with torch.no_grad():
                 self.weight_v.copy_(F.normalize(matrix.t() @ self.weight_u, dim=0, eps=self.eps))
                 self.weight_u.copy_(F.normalize(matrix @ self.weight_v, dim=0, eps=self.eps))
-        sigma = torch.dot(self.weight_u, matrix @ self.weight_v)
+            # Copies for the graph: the next training forward (real and fake views are separate
+            # calls before one backward) updates the buffers in place.
+            u, v = self.weight_u.clone(), self.weight_v.clone()
+        sigma = torch.dot(u, matrix @ v)
         return self.weight_orig / sigma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
