@@ -1,6 +1,7 @@
 """Frozen networks of the tokenizer's losses, read from local files in their public layouts.
 
-- DINOv2 ViT-S/B/L/14 (`load_dinov2`, representation alignment): the official
+- DINOv2 ViT-S/B/L/14 (`load_dinov2`, representation alignment; `load_dinov2_weights` fills a
+  trainable ViT such as the tokenizer's encoder from the same files): the official
   `dinov2_vit{s,b,l}14[_reg4]_pretrain.pth` layout or timm's
   `vit_{small,base,large}_patch14[_reg4]_dinov2.lvd142m` layout of the same weights. The official
   layout is mapped onto timm's, which is the project's ViT (`softvq_fast.models.vit.Backbone`).
@@ -46,6 +47,7 @@ __all__ = [
     "check_layout",
     "imagenet_pixels",
     "load_dinov2",
+    "load_dinov2_weights",
     "load_dino_vits16",
     "load_vgg16",
     "dinov2_official_to_timm",
@@ -255,30 +257,26 @@ def _is_position_table(table: torch.Tensor, prefix: int, width: int) -> bool:
     return cells > 0 and math.isqrt(cells) ** 2 == cells
 
 
-def load_dinov2(
-    source: str | os.PathLike,
-    model_name: str = "vit_large_patch14_dinov2.lvd142m",
-    *,
-    image_size: int = 256,
-    patch_size: int = 16,
-    depth: int | None = None,
-    attention_backend: str = "auto",
-) -> FrozenDINOv2:
-    """The frozen DINOv2 `model_name` (timm's name, e.g. vit_small_patch14_reg4_dinov2.lvd142m)
-    from a local file in the official or timm layout, running at `image_size` with `patch_size`
-    (the authors' alignment target: patch 16 at 256 px). `depth`: the blocks the file holds when
-    it is cut shorter than the named model (default: all of them)."""
+def _dinov2_spec(model_name: str) -> ViTSpec:
     spec = vit_spec(model_name)
     if spec.swiglu:
         raise ValueError(f"model_name={model_name!r}: only the DINOv2 ViT-S/B/L (not the SwiGLU giant) are supported")
+    return spec
+
+
+def load_dinov2_weights(backbone: Backbone, source: str | os.PathLike, model_name: str) -> Path:
+    """Fill `backbone` (a ViT of `model_name`'s size in timm's layout, e.g. the tokenizer's
+    encoder, with the patch size and position grid it runs at) with DINOv2 `model_name`'s weights
+    from a local file in the official or timm layout: the patch kernel and the position table are
+    resampled to the backbone's patch size and grid. The file must hold as many blocks as the
+    backbone. Returns the file's path; FrozenWeightsError naming it and the layout expected."""
+    spec = _dinov2_spec(model_name)
     arch = _DINOV2_ARCHS[spec.width]
     official = f"dinov2_{_OFFICIAL_DINOV2[arch]}{'_reg4' if spec.reg_tokens else ''}_pretrain.pth"
-    module = FrozenDINOv2(spec, image_size, patch_size, depth, attention_backend)
-    blocks = len(module.model.blocks)
-    layout = f"the DINOv2 ViT-{arch} layout ({official} or timm's {model_name}, {blocks} blocks)"
+    layout = f"the DINOv2 ViT-{arch} layout ({official} or timm's {model_name}, {len(backbone.blocks)} blocks)"
     path = locate_weights(source, f"DINOv2 {model_name}")
     state = dinov2_official_to_timm(read_weights(path, layout))
-    expected = _shapes(module.model)
+    expected = _shapes(backbone)
     # The file's patch size and position grid are free: checked for structure, then resampled.
     geometry = {"patch_embed.proj.weight", "pos_embed"}
     check_layout({k: s for k, s in expected.items() if k not in geometry}, state, path, layout,
@@ -292,9 +290,29 @@ def load_dinov2(
             f"{path}: not {layout}: patch_embed.proj.weight {tuple(kernel.shape)} (expected ({spec.width}, 3, p, p)), "
             f"pos_embed {tuple(table.shape)} (expected (1, {prefix} + g*g, {spec.width}))"
         )
-    state["patch_embed.proj.weight"] = resample_patch_embedding(kernel, patch_size)
-    state["pos_embed"] = resample_position_table(table, image_size // patch_size, prefix)
-    module.model.load_state_dict(state, strict=True)
+    state["patch_embed.proj.weight"] = resample_patch_embedding(kernel, backbone.patch_embed.patch_size)
+    grid = math.isqrt(expected["pos_embed"][1] - prefix)
+    state["pos_embed"] = resample_position_table(table, grid, prefix)
+    with torch.no_grad():
+        backbone.load_state_dict(state, strict=True)
+    return path
+
+
+def load_dinov2(
+    source: str | os.PathLike,
+    model_name: str = "vit_large_patch14_dinov2.lvd142m",
+    *,
+    image_size: int = 256,
+    patch_size: int = 16,
+    depth: int | None = None,
+    attention_backend: str = "auto",
+) -> FrozenDINOv2:
+    """The frozen DINOv2 `model_name` (timm's name, e.g. vit_small_patch14_reg4_dinov2.lvd142m)
+    from a local file in the official or timm layout, running at `image_size` with `patch_size`
+    (the authors' alignment target: patch 16 at 256 px). `depth`: the blocks the file holds when
+    it is cut shorter than the named model (default: all of them)."""
+    module = FrozenDINOv2(_dinov2_spec(model_name), image_size, patch_size, depth, attention_backend)
+    load_dinov2_weights(module.model, source, model_name)
     return module.freeze()
 
 
