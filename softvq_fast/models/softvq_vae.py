@@ -10,11 +10,19 @@
 `encode` returns the soft-quantised latents (what generators are trained on); `decode` maps latents
 back to images. Generators use `normalize_latents` / `denormalize_latents` with the config's scalar
 `vq_mean`, `vq_std`.
+
+Training: `training_forward` (or `forward(images, training_outputs=True)`, the form a
+DistributedDataParallel wrapper calls) returns the reconstruction with what the losses need: the
+entropy regulariser of the fused soft-VQ op, the soft-quantised latents and, when the model holds
+the representation-alignment projector (`projection`, set by softvq_fast.training.tokenizer_model),
+the projected latents. Drop path (config `enc_drop_path_rate` / `dec_drop_path_rate`) acts in
+training mode only; `encode` / `decode` are the inference path.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,13 +32,37 @@ from torch import nn
 from softvq_fast import hub
 from softvq_fast.models import checkpoint, fields
 from softvq_fast.models.config import SoftVQConfig, preset_config, vit_spec
-from softvq_fast.models.vit import LatentDecoder, LatentEncoder
+from softvq_fast.models.vit import DropPathDraws, LatentDecoder, LatentEncoder
 from softvq_fast.nn.linear import Linear, set_linear_backend
 from softvq_fast.nn.soft_vq import SoftVectorQuantizer
 from softvq_fast.nn.transformer import Attention
 from softvq_fast.ops.soft_vq import soft_vq
 
 logger = logging.getLogger("softvq_fast")
+
+
+@dataclass
+class TrainingOutputs:
+    """One training forward of B images (T latent tokens of dimension D, C codebooks of K codes).
+
+    reconstructions: (B, 3, S, S) float32, the decoder's output (not clamped).
+    latents: (B, T, D) float32, the soft-quantised latents the decoder read.
+    entropy_loss: scalar float32, the soft-VQ entropy regulariser (mean row entropy minus the
+        entropy of the mean distribution, at temperature 0.01) before any weight; differentiable.
+    projected: (B, T, width) `projection(latents)` (the alignment loss's tokens), None without
+        a projector.
+    code_counts: (C, K) int64, how many tokens picked each code (argmax), for usage statistics.
+    max_prob: scalar, mean largest code probability at temperature tau.
+    cos: scalar, mean cosine similarity of the quantiser's input and output tokens.
+    """
+
+    reconstructions: torch.Tensor
+    latents: torch.Tensor
+    entropy_loss: torch.Tensor
+    projected: torch.Tensor | None
+    code_counts: torch.Tensor
+    max_prob: torch.Tensor
+    cos: torch.Tensor
 
 
 class SoftVQVAE(nn.Module):
@@ -50,7 +82,8 @@ class SoftVQVAE(nn.Module):
         rope = dict(use_rope=config.use_rope, rope_mixed=config.rope_mixed, rope_theta=config.rope_theta)
         self.encoder = LatentEncoder(
             enc, config.encoder_depth or enc.depth, config.image_size, config.enc_patch_size,
-            config.num_latent_tokens, config.base_image_size, attention_backend=attention_backend, **rope,
+            config.num_latent_tokens, config.base_image_size, attention_backend=attention_backend,
+            drop_path_rate=config.enc_drop_path_rate, **rope,
         )
         self.quant_conv = Linear(enc.width, config.codebook_embed_dim)
         # The usage buffer is training-only (ignored when loading), hence show_usage=False.
@@ -62,9 +95,11 @@ class SoftVQVAE(nn.Module):
         self.decoder = LatentDecoder(
             dec, config.decoder_depth or dec.depth, config.image_size, config.dec_patch_size,
             config.num_latent_tokens, config.base_image_size, config.dec_cls_token, config.use_ape,
-            attention_backend=attention_backend, **rope,
+            attention_backend=attention_backend, drop_path_rate=config.dec_drop_path_rate, **rope,
         )
         set_linear_backend(self, linear_backend)
+        # Training only: the representation-alignment projector, (B, T, D) -> (B, T, width).
+        self.projection: nn.Module | None = None
         self.load_report: checkpoint.LoadReport | None = None
         self.eval()
 
@@ -101,6 +136,26 @@ class SoftVQVAE(nn.Module):
         directory = hub.resolve(path, revision=revision)
         config = checkpoint.read_config(directory)
         state, source = checkpoint.read_state_dict(directory)
+        model = cls.from_state_dict(config, state, source, dtype=dtype, attention_backend=attention_backend,
+                                    soft_vq_backend=soft_vq_backend, linear_backend=linear_backend)
+        return model.to(device) if device is not None else model
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: SoftVQConfig,
+        state: dict[str, torch.Tensor],
+        source: Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        attention_backend: str = "auto",
+        soft_vq_backend: str = "auto",
+        linear_backend: str = "auto",
+    ) -> "SoftVQVAE":
+        """The model of a release's validated config and state dict read from the file `source`
+        (named in errors): what `from_pretrained` builds once it has read the folder. `config`'s
+        depths are set from the state's blocks; training-only keys are ignored and reported."""
+        dtype = checkpoint.check_dtype(dtype)
         state, ignored = checkpoint.split_training_only(state)
         config.encoder_depth = checkpoint.block_count(state, "encoder.model.blocks.")
         config.decoder_depth = checkpoint.block_count(state, "decoder.model.blocks.")
@@ -114,10 +169,11 @@ class SoftVQVAE(nn.Module):
         if cast:
             logger.info("%s: cast %d tensors to %s (stored as %s)", source, len(cast), dtype,
                         ", ".join(sorted(set(cast.values()))))
-        return model.to(device) if device is not None else model
+        return model
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write `config.json` + `model.safetensors` in the release layout."""
+        """Write `config.json` + `model.safetensors` in the release layout (with the projector's
+        `projection.*` keys when the model holds it, as the authors' releases do)."""
         checkpoint.write_release(Path(path), self.config, self.state_dict())
 
     def set_backends(self, *, attention: str | None = None, soft_vq: str | None = None, linear: str | None = None) -> None:
@@ -149,9 +205,44 @@ class SoftVQVAE(nn.Module):
         self._check_latents(latents)
         return self._sliced(self._decode, latents.to(self._dtype), max_batch, autocast_dtype)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Reconstruction: decode(encode(images))."""
+    def forward(self, images: torch.Tensor, *, training_outputs: bool = False, draws: DropPathDraws | None = None,
+                autocast_dtype: torch.dtype | None = None) -> torch.Tensor | TrainingOutputs:
+        """Reconstruction: decode(encode(images)); with `training_outputs`, `training_forward`'s
+        TrainingOutputs (the call a DistributedDataParallel wrapper makes)."""
+        if training_outputs:
+            return self.training_forward(images, draws=draws, autocast_dtype=autocast_dtype)
         return self.decode(self.encode(images))
+
+    def training_forward(self, images: torch.Tensor, *, draws: DropPathDraws | None = None,
+                         autocast_dtype: torch.dtype | None = None) -> TrainingOutputs:
+        """images (B, 3, S, S) in [-1, 1] -> TrainingOutputs, differentiable in every parameter
+        and in the images. The soft quantiser runs in float32 (as in `encode`), with its entropy
+        regulariser; `autocast_dtype` runs the ViTs and the projector under autocast. `draws`:
+        where drop path's decisions come from (torch's default generator when None); drop path
+        acts in training mode only."""
+        self._check_images(images)
+        z = self._pre_quantize(images.to(self._dtype), autocast_dtype, draws)
+        q = self.quantize
+        latents, stats = soft_vq(z.float(), q.embedding.float(), q.tau, l2_norm=q.l2_norm, return_stats=True,
+                                 backend=q.backend)
+        inputs = latents.to(self._dtype)
+        reconstructions = self._decode(inputs, autocast_dtype, draws)
+        projected = None
+        if self.projection is not None:
+            with _autocast(images.device, autocast_dtype):
+                projected = self.projection(inputs)
+        return TrainingOutputs(reconstructions, latents, stats.entropy_loss, projected, stats.usage, stats.max_prob,
+                               stats.cos)
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters no forward reads, kept so that the authors' checkpoints load: the decoder's
+        patch embedding, and its position table when the decoder adds no absolute positions
+        (RoPE). Training freezes them (DistributedDataParallel needs every trained parameter to
+        get a gradient)."""
+        names = ["decoder.model.patch_embed.proj.weight", "decoder.model.patch_embed.proj.bias"]
+        if not self.decoder.use_ape:
+            names.append("decoder.model.pos_embed")
+        return names
 
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(z - vq_mean) / vq_std: the scale generators are trained on."""
@@ -162,16 +253,22 @@ class SoftVQVAE(nn.Module):
         return x * self.config.vq_std + self.config.vq_mean
 
     # ------------------------------------------------------------------------------- internals
-    def _encode(self, images: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    def _pre_quantize(self, images: torch.Tensor, autocast_dtype: torch.dtype | None,
+                      draws: DropPathDraws | None = None) -> torch.Tensor:
+        """The quantiser's input (B, T, D): the encoder's latent tokens through quant_conv."""
         with _autocast(images.device, autocast_dtype):
-            z = self.quant_conv(self.encoder(images))
+            return self.quant_conv(self.encoder(images, draws))
+
+    def _encode(self, images: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+        z = self._pre_quantize(images, autocast_dtype)
         # Eval path: z_q only, the softmax over the codes at temperature tau in float32.
         q = self.quantize
         return soft_vq(z.float(), q.embedding.float(), q.tau, l2_norm=q.l2_norm, backend=q.backend)
 
-    def _decode(self, latents: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor, autocast_dtype: torch.dtype | None,
+                draws: DropPathDraws | None = None) -> torch.Tensor:
         with _autocast(latents.device, autocast_dtype):
-            images = self.decoder(self.post_quant_conv(latents))
+            images = self.decoder(self.post_quant_conv(latents), draws)
         return images.float()
 
     @staticmethod

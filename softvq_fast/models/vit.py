@@ -8,6 +8,7 @@ the pixel head sit beside `model`.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -48,12 +49,45 @@ class SwiGLU(nn.Module):
         return self.fc2(F.silu(gate, inplace=True).mul_(value))  # no autograd: no new activations
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with LayerScale on both residual branches."""
+@dataclass(frozen=True)
+class DropPathDraws:
+    """Where drop path's per-sample decisions come from: `generator` (torch's default generator
+    when None). Each decision is drawn for all `total` rows of a global batch and the rows
+    [first, first + rows) are kept (total None: this batch is the whole batch), so processes that
+    hold parts of one batch and equal generator states drop the samples one process would."""
 
-    def __init__(self, spec: ViTSpec, attention_backend: str) -> None:
+    generator: torch.Generator | None = None
+    first: int = 0
+    total: int | None = None
+
+    def keep_scale(self, rows: int, keep: float, like: torch.Tensor) -> torch.Tensor:
+        """(rows, 1, 1) of `like`'s dtype and device: 1 / keep for a kept sample (probability
+        `keep`), 0 for a dropped one (timm's DropPath with scale_by_keep)."""
+        total = rows if self.total is None else self.total
+        if self.first < 0 or self.first + rows > total:
+            raise ValueError(f"DropPathDraws: rows {self.first}..{self.first + rows - 1} do not fit in a batch of {total}")
+        device = self.generator.device if self.generator is not None else like.device
+        kept = torch.empty(total, device=device).bernoulli_(keep, generator=self.generator)[self.first:self.first + rows]
+        scale = kept / keep if keep > 0 else kept
+        return scale.to(device=like.device, dtype=like.dtype).view(rows, 1, 1)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """timm's stochastic-depth rule: block i of `depth` drops its residual branches with
+    probability linspace(0, rate, depth)[i] (float32 steps, as timm computes them)."""
+    # On the CPU explicitly: models are also built under torch.device("meta").
+    return torch.linspace(0, rate, depth, device="cpu").tolist()
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with LayerScale on both residual branches and, in training mode
+    with `drop_path_rate` > 0, drop path (stochastic depth) on each branch: per sample, the
+    branch is dropped with that probability, else scaled by 1 / (1 - rate)."""
+
+    def __init__(self, spec: ViTSpec, attention_backend: str, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         dim = spec.width
+        self.drop_path_rate = drop_path_rate
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, spec.heads, qkv_bias=True, backend=attention_backend)
         self.ls1 = LayerScale(dim)
@@ -61,13 +95,20 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, spec.mlp_hidden) if spec.swiglu else Mlp(dim, spec.mlp_hidden)
         self.ls2 = LayerScale(dim)
 
-    def forward(self, x: torch.Tensor, rotate: Callable | None = None, rows: slice | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotate: Callable | None = None, rows: slice | None = None,
+                draws: DropPathDraws | None = None) -> torch.Tensor:
         """x (B, S, dim) -> (B, S, dim), or only the token rows `rows` of the output (every token
-        still attends to all; the MLP then runs on those rows alone)."""
-        x = torch.addcmul(x, self.attn(self.norm1(x), rotate), self.ls1.gamma)
+        still attends to all; the MLP then runs on those rows alone). `draws`: the source of the
+        drop-path decisions (attention branch first, then the MLP's), used in training mode only."""
+        scale1, scale2 = self.ls1.gamma, self.ls2.gamma
+        if self.training and self.drop_path_rate > 0:
+            draws, keep = draws or DropPathDraws(), 1.0 - self.drop_path_rate
+            scale1 = scale1 * draws.keep_scale(x.shape[0], keep, scale1)
+            scale2 = scale2 * draws.keep_scale(x.shape[0], keep, scale2)
+        x = torch.addcmul(x, self.attn(self.norm1(x), rotate), scale1)
         if rows is not None:
             x = x[:, rows]
-        return torch.addcmul(x, self.mlp(self.norm2(x)), self.ls2.gamma)
+        return torch.addcmul(x, self.mlp(self.norm2(x)), scale2)
 
 
 class PatchEmbed(nn.Module):
@@ -93,7 +134,8 @@ class PatchEmbed(nn.Module):
 class Backbone(nn.Module):
     """timm's VisionTransformer parts the tokenizer uses (the `model` submodule)."""
 
-    def __init__(self, spec: ViTSpec, depth: int, num_patches: int, patch_size: int, class_token: bool, attention_backend: str) -> None:
+    def __init__(self, spec: ViTSpec, depth: int, num_patches: int, patch_size: int, class_token: bool, attention_backend: str,
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
         dim = spec.width
         self.patch_embed = PatchEmbed(patch_size, dim)
@@ -104,7 +146,7 @@ class Backbone(nn.Module):
         self.positions_cover_prefix = spec.reg_tokens == 0
         table = num_patches + (self.num_prefix_tokens if self.positions_cover_prefix else 0)
         self.pos_embed = nn.Parameter(torch.randn(1, table, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(spec, attention_backend) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(spec, attention_backend, rate) for rate in drop_path_rates(drop_path_rate, depth))
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def prefix_and_positions(self, patches: torch.Tensor, add_positions: bool) -> torch.Tensor:
@@ -119,17 +161,19 @@ class Backbone(nn.Module):
             x = x + self.pos_embed
         return x
 
-    def run_blocks(self, x: torch.Tensor, angles: torch.Tensor | None, output_rows: slice) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, angles: torch.Tensor | None, output_rows: slice,
+                   draws: DropPathDraws | None = None) -> torch.Tensor:
         """Blocks on (B, S, dim) -> the token rows `output_rows` of the last block's output (the
         last MLP runs on those alone). angles None (absolute positions), (N, 1, D/2) shared or
-        (depth, N, heads, D/2) per block rotate the image tokens (after the prefix)."""
+        (depth, N, heads, D/2) per block rotate the image tokens (after the prefix). `draws`: drop
+        path's decisions, block by block (training mode)."""
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             rotate = None
             if angles is not None:
                 table = angles[index] if angles.dim() == 4 else angles
                 rotate = functools.partial(rope.rotate_image_tokens, angles=table, start=self.num_prefix_tokens)
-            x = block(x, rotate, output_rows if index == last else None)
+            x = block(x, rotate, output_rows if index == last else None, draws)
         return x
 
 
@@ -162,21 +206,23 @@ class LatentEncoder(_RoPEHolder):
     are the result."""
 
     def __init__(self, spec: ViTSpec, depth: int, image_size: int, patch_size: int, num_latent_tokens: int,
-                 base_image_size: int, use_rope: bool, rope_mixed: bool, rope_theta: float, attention_backend: str) -> None:
+                 base_image_size: int, use_rope: bool, rope_mixed: bool, rope_theta: float, attention_backend: str,
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
         grid = image_size // patch_size
         self.num_latent_tokens = num_latent_tokens
-        self.model = Backbone(spec, depth, grid * grid, patch_size, True, attention_backend)
+        self.model = Backbone(spec, depth, grid * grid, patch_size, True, attention_backend, drop_path_rate)
         self.latent_tokens = nn.Parameter(torch.randn(1, num_latent_tokens, spec.width) * 0.02)
         self.latent_pos_embed = nn.Parameter(torch.randn(1, num_latent_tokens, spec.width) * 0.02)
         self._init_rope(spec, depth, grid, base_image_size // patch_size, use_rope, rope_mixed, rope_theta)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, draws: DropPathDraws | None = None) -> torch.Tensor:
         # The authors' encoder adds its absolute positions even when RoPE is on.
         x = self.model.prefix_and_positions(self.model.patch_embed(images), add_positions=True)
         latents = (self.latent_tokens + self.latent_pos_embed).expand(x.shape[0], -1, -1)
         # Only the latent tokens' outputs are used: the last MLP and the norm run on them alone.
-        x = self.model.run_blocks(torch.cat([x, latents], dim=1), self.rope_angles(), slice(-self.num_latent_tokens, None))
+        x = self.model.run_blocks(torch.cat([x, latents], dim=1), self.rope_angles(), slice(-self.num_latent_tokens, None),
+                                  draws)
         return self.model.norm(x)
 
 
@@ -202,21 +248,21 @@ class LatentDecoder(_RoPEHolder):
 
     def __init__(self, spec: ViTSpec, depth: int, image_size: int, patch_size: int, num_latent_tokens: int,
                  base_image_size: int, class_token: bool, use_ape: bool, use_rope: bool, rope_mixed: bool,
-                 rope_theta: float, attention_backend: str) -> None:
+                 rope_theta: float, attention_backend: str, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         grid = image_size // patch_size
         self.use_ape = use_ape and not use_rope
-        self.model = Backbone(spec, depth, grid * grid, patch_size, class_token, attention_backend)
+        self.model = Backbone(spec, depth, grid * grid, patch_size, class_token, attention_backend, drop_path_rate)
         self.mask_token = nn.Parameter(torch.randn(1, 1, spec.width) * 0.02)
         self.latent_pos_embed = nn.Parameter(torch.randn(1, num_latent_tokens, spec.width) * 0.02)
         self.to_pixel = ToPixel(spec.width, patch_size)
         self._init_rope(spec, depth, grid, base_image_size // patch_size, use_rope, rope_mixed, rope_theta)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, draws: DropPathDraws | None = None) -> torch.Tensor:
         batch, patches = latents.shape[0], self.grid * self.grid
         # Mask tokens and their positions are the same for every image: build them once.
         queries = self.model.prefix_and_positions(self.mask_token.expand(1, patches, -1), self.use_ape)
         x = torch.cat([queries.expand(batch, -1, -1), latents + self.latent_pos_embed], dim=1)
         start = self.model.num_prefix_tokens
-        x = self.model.run_blocks(x, self.rope_angles(), slice(start, start + patches))
+        x = self.model.run_blocks(x, self.rope_angles(), slice(start, start + patches), draws)
         return self.to_pixel(self.model.norm(x), self.grid)
