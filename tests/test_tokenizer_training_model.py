@@ -162,6 +162,11 @@ def test_wrong_encoder_starts_are_named(tmp_path, seed):
     with pytest.raises(ValueError, match="repa_patch_size=16: .* multiple of num_latent_tokens=8"):
         tokenizer_for_training(tiny_training_config(repa_patch_size=16))
     assert tokenizer_for_training(tiny_training_config(repa_align="global", repa=False)).projection is None
+    for field, value, message in (("dec_pretrained", True, "dec_pretrained must be false"),
+                                  ("enc_tuning_method", "lora", "enc_tuning_method must be one of 'full'"),
+                                  ("enc_token_drop", 0.4, "enc_token_drop must be 0")):
+        with pytest.raises(ValueError, match=message):
+            tokenizer_for_training(tiny_training_config(**{field: value}))
 
 
 def test_fine_tuning_keeps_a_release_projector_and_creates_a_missing_one(tmp_path, seed):

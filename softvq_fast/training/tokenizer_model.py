@@ -80,6 +80,18 @@ def _init_vits_like_timm(model: SoftVQVAE) -> None:
                 nn.init.zeros_(module.bias)
 
 
+def _check_trainable(config: SoftVQConfig) -> None:
+    """ValueError naming a training field of the authors' ModelArgs that this trainer does not
+    implement (their softvq-l-64 setting uses none of them)."""
+    fields.text("enc_tuning_method", config.enc_tuning_method, ("full",))  # no LoRA / frozen encoder
+    fields.text("dec_tuning_method", config.dec_tuning_method, ("full",))
+    if config.dec_pretrained:
+        raise ValueError("dec_pretrained must be false: the decoder starts from scratch (a DINOv2 start is "
+                         "implemented for the encoder only)")
+    if config.enc_token_drop > 0:
+        raise ValueError(f"enc_token_drop must be 0 (encoder token drop is not implemented), got {config.enc_token_drop}")
+
+
 def _check_alignment_fields(config: SoftVQConfig) -> int:
     """The width of the alignment DINOv2 (config.repa_model); ValueError naming the field that
     representation alignment cannot run with."""
@@ -149,6 +161,7 @@ def tokenizer_for_training(
     backends = dict(attention_backend=attention_backend, soft_vq_backend=soft_vq_backend, linear_backend=linear_backend)
     if isinstance(source, SoftVQConfig):
         config = dataclasses.replace(source)
+        _check_trainable(config)
         with _seeded(seed):
             model = SoftVQVAE(config, **backends)
             _init_vits_like_timm(model)
@@ -166,6 +179,7 @@ def tokenizer_for_training(
                              "DINOv2 weights initialise the encoder of a new tokenizer (a SoftVQConfig source)")
         directory = hub.resolve(source, revision=revision)
         config = checkpoint.read_config(directory)
+        _check_trainable(config)
         state, source_file = checkpoint.read_state_dict(directory)
         model = SoftVQVAE.from_state_dict(config, state, source_file, **backends)
         prefix = PROJECTION + "."
