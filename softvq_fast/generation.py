@@ -70,6 +70,15 @@ def check_pair(tokenizer_config: SoftVQConfig, generator: AdaLNTransformer) -> N
         )
 
 
+def check_noise(noise: torch.Tensor | None, count: int, generator: AdaLNTransformer) -> None:
+    """FieldError naming `noise` unless it is None or a float32/float64 tensor (count, *latent_shape)."""
+    shape = (count, *generator.latent_shape)
+    if noise is not None and not (isinstance(noise, torch.Tensor) and noise.dtype in (torch.float32, torch.float64)
+                                  and tuple(noise.shape) == shape):
+        shown = f"{noise.dtype} {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else repr(noise)
+        raise FieldError("noise", f"noise must be a float32 or float64 tensor of shape {shape}, got {shown}")
+
+
 def check_sampling_arguments(
     generator: AdaLNTransformer, *, sampler: str | None, steps: int, cfg_scale: float,
     guidance_interval: tuple[float, float], path: str | None, seed: int, cuda_graph: bool | None,
@@ -100,6 +109,14 @@ def check_sampling_arguments(
         fields.boolean("cuda_graph", cuda_graph)
 
 
+def resolve_sampler(generator: AdaLNTransformer, sampler: str | None, path: str | None) -> tuple[str, str | None]:
+    """(sampler, path) with the defaults filled in: a DiT samples with ddpm (path None); a SiT with
+    euler on its training path_type if that is linear or cosine, else on the linear path."""
+    if isinstance(generator, DiT):
+        return sampler or "ddpm", None
+    return sampler or "euler", path or (generator.path_type if generator.path_type in PATHS else "linear")
+
+
 @torch.inference_mode()
 def sample_latents(
     generator: AdaLNTransformer,
@@ -111,33 +128,39 @@ def sample_latents(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     path: str | None = None,
     seed: int = 0,
+    noise: torch.Tensor | None = None,
     cuda_graph: bool | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Samples (B, *generator.latent_shape) float32 for labels (B,) on the generator's device.
     SiT: sampler euler (default), heun or sde on `path` (default: the model's path_type if it
     is linear or cosine, else linear). DiT: ddpm (default) or ddim (eta 0).
+    `noise` (B, *generator.latent_shape), when given, is the starting noise instead of a draw
+    from `seed`, which then drives only the stochastic samplers' (sde, ddpm) per-step noise.
     `cuda_graph` (default: on CUDA) replays the sampling step as a CUDA graph. Arguments are
     checked first (`check_sampling_arguments`)."""
     check_sampling_arguments(generator, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                              guidance_interval=guidance_interval, path=path, seed=seed, cuda_graph=cuda_graph)
     labels = check_class_labels(labels, generator.y_embedder.num_classes)
+    check_noise(noise, labels.shape[0], generator)
     device = labels.device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     rng = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn((labels.shape[0], *generator.latent_shape), generator=rng, device=device)
+    if noise is None:
+        noise = torch.randn((labels.shape[0], *generator.latent_shape), generator=rng, device=device)
+    noise = noise.to(device)
     is_dit = isinstance(generator, DiT)
     fn = ConditionalModel(
         generator, labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
         time_scale=DIT_TIME_SCALE if is_dit else 1.0, cuda_graph=cuda_graph,
     )
+    sampler, path = resolve_sampler(generator, sampler, path)
     if is_dit:
         return sample_diffusion(
-            fn, noise, steps=steps, sampler=sampler or "ddpm", channel_dim=generator.channel_dim,
+            fn, noise, steps=steps, sampler=sampler, channel_dim=generator.channel_dim,
             learn_sigma=generator.learn_sigma, generator=rng, progress=progress,
         )
-    path = path or (generator.path_type if generator.path_type in PATHS else "linear")
-    return sample_flow(fn, noise, steps=steps, sampler=sampler or "euler", path=path, generator=rng, progress=progress)
+    return sample_flow(fn, noise, steps=steps, sampler=sampler, path=path, generator=rng, progress=progress)
 
 
 def generate(
@@ -151,6 +174,7 @@ def generate(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     path: str | None = None,
     seed: int = 0,
+    noise: torch.Tensor | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     cuda_graph: bool | None = None,
@@ -162,12 +186,13 @@ def generate(
     (input_size = num_latent_tokens, in_channels = codebook_embed_dim). Both are moved (in
     place) to `device` (default: the generator's) and the generator to `dtype` (default: its
     own; bf16 is the fast choice on GPUs); the tokenizer decodes under autocast to that dtype.
-    Sampling arguments as in `sample_latents`; the same seed gives the same images on the same
-    device and dtype. Every argument is checked before any work (ValueError naming it)."""
+    Sampling arguments (`noise` too) as in `sample_latents`; the same seed gives the same images
+    on the same device and dtype. Every argument is checked before any work (ValueError naming it)."""
     check_pair(tokenizer.config, generator)
     check_sampling_arguments(generator, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                              guidance_interval=guidance_interval, path=path, seed=seed, cuda_graph=cuda_graph)
     labels = check_class_labels(class_labels, generator.y_embedder.num_classes)
+    check_noise(noise, labels.shape[0], generator)
     parameter = next(generator.parameters())
     device = _device(device) if device is not None else parameter.device
     dtype = dtype or parameter.dtype
@@ -178,7 +203,7 @@ def generate(
     labels = labels.to(device)
     latents = sample_latents(
         generator, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
-        path=path, seed=seed, cuda_graph=cuda_graph, progress=progress,
+        path=path, seed=seed, noise=noise, cuda_graph=cuda_graph, progress=progress,
     )
     with torch.inference_mode():
         autocast = None if dtype == torch.float32 else dtype

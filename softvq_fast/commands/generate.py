@@ -98,9 +98,10 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     return rows, columns
 
 
-def _check_before_loading(args: argparse.Namespace, device: torch.device):
-    """Resolve both models and check every argument against their configs (nothing loaded yet);
-    returns (tokenizer folder, generator folder, generator family)."""
+def check_before_loading(args: argparse.Namespace, device: torch.device):
+    """Resolve both models and check the arguments of `add_model_arguments` (and --classes, where
+    the command has it) against their configs (nothing loaded yet); returns (tokenizer folder,
+    generator folder, generator family, the generator on the meta device)."""
     from softvq_fast import hub
     from softvq_fast.generation import check_class_labels, check_pair, check_sampling_arguments, generator_family
     from softvq_fast.models.checkpoint import CheckpointError, read_config
@@ -126,7 +127,8 @@ def _check_before_loading(args: argparse.Namespace, device: torch.device):
     except ValueError as exc:  # CheckpointError included
         args.error(f"argument --generator: {exc}")
     try:
-        check_class_labels(args.classes, skeleton.y_embedder.num_classes)
+        if "classes" in args:
+            check_class_labels(args.classes, skeleton.y_embedder.num_classes)
     except ValueError as exc:
         args.error(f"argument --classes: {exc}")
     try:
@@ -135,25 +137,32 @@ def _check_before_loading(args: argparse.Namespace, device: torch.device):
                                  seed=args.seed, cuda_graph=None)
     except FieldError as exc:  # what remains after parsing: the choices that depend on the generator
         args.error(f"argument --{exc.name.replace('_', '-')}: {exc}")
-    return folders["tokenizer"], folders["generator"], family
+    return folders["tokenizer"], folders["generator"], family, skeleton
 
 
-def run(args: argparse.Namespace) -> int:
-    from softvq_fast.generation import generate
+def load_models(args: argparse.Namespace, device: torch.device, tokenizer_folder: Path, generator_folder: Path,
+                family: type) -> tuple:
+    """(tokenizer, generator) on `device`; a checkpoint that does not load (keys, shapes, dtypes,
+    a damaged file) is an argparse error naming --tokenizer or --generator."""
     from softvq_fast.models import SoftVQVAE
     from softvq_fast.models.checkpoint import CheckpointError
-
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer_folder, generator_folder, family = _check_before_loading(args, device)
 
     def load(option: str, loader, folder):
         try:
             return loader(folder, device=device)
-        except CheckpointError as exc:  # the weights: keys, shapes, dtypes, a damaged file
+        except CheckpointError as exc:
             args.error(f"argument --{option}: {exc}")
 
-    tokenizer = load("tokenizer", SoftVQVAE.from_pretrained, tokenizer_folder)
-    generator = load("generator", family.from_pretrained, generator_folder)
+    return load("tokenizer", SoftVQVAE.from_pretrained, tokenizer_folder), load("generator", family.from_pretrained,
+                                                                                 generator_folder)
+
+
+def run(args: argparse.Namespace) -> int:
+    from softvq_fast.generation import generate
+
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer_folder, generator_folder, family, _ = check_before_loading(args, device)
+    tokenizer, generator = load_models(args, device, tokenizer_folder, generator_folder, family)
     images = generate(
         tokenizer,
         generator,
@@ -179,14 +188,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate", help=__doc__.split(":", 1)[1].strip(), description=__doc__,
         epilog="Every argument is checked, against both models' config.json too, before any weights load.",
     )
+    add_model_arguments(parser)
+    parser.add_argument("--classes", required=True, type=parse_classes, help='class labels: "1,2,3", "1 2 3" or "0-7"')
+    parser.add_argument("--out", type=output_file(IMAGE_EXTENSIONS), default=Path("grid.png"),
+                        help=f"output image in an existing folder, {'/'.join(IMAGE_EXTENSIONS)} (default grid.png)")
+    parser.add_argument("--nrow", type=arguments.positive_int, default=None, help="images per grid row (default about sqrt(B))")
+    parser.set_defaults(func=run, error=parser.error)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tokenizer, the generator and the sampling options (checked by `check_before_loading`)."""
     source = "folder (config.json + model.safetensors) or Hugging Face Hub repo id"
     parser.add_argument("--tokenizer", required=True, type=model_source,
                         help=f"SoftVQ tokenizer {source}, e.g. SoftVQVAE/softvq-b-64")
     parser.add_argument("--generator", required=True, type=model_source,
                         help=f"SiT or DiT {source}, e.g. SoftVQVAE/sit-xl_softvq-b-64")
-    parser.add_argument("--classes", required=True, type=parse_classes, help='class labels: "1,2,3", "1 2 3" or "0-7"')
-    parser.add_argument("--out", type=output_file(IMAGE_EXTENSIONS), default=Path("grid.png"),
-                        help=f"output image in an existing folder, {'/'.join(IMAGE_EXTENSIONS)} (default grid.png)")
     parser.add_argument("--sampler", choices=FLOW_SAMPLERS + DIFFUSION_SAMPLERS, default=None,
                         help="SiT: euler (default), heun, sde; DiT: ddpm (default), ddim")
     parser.add_argument("--steps", type=arguments.positive_int, default=50, help="sampling steps (default 50)")
@@ -195,8 +211,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--guidance-high", type=unit_float, default=1.0, help="guidance interval end in t in [0, 1]")
     parser.add_argument("--path", choices=PATHS, default=None, help="SiT interpolation path")
     parser.add_argument("--seed", type=arguments.non_negative_int, default=0)
-    parser.add_argument("--device", type=arguments.device, default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--device", type=arguments.device, default=None, help="torch device (default: a GPU if any)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="generator precision")
     parser.add_argument("--no-cuda-graph", action="store_true", help="do not replay the sampling step as a CUDA graph")
-    parser.add_argument("--nrow", type=arguments.positive_int, default=None, help="images per grid row (default about sqrt(B))")
-    parser.set_defaults(func=run, error=parser.error)
