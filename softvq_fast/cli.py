@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-COMMANDS = ("env", "calibrate", "reconstruct", "encode_dataset", "generate", "profile", "sample", "train_generator")
+COMMANDS = ("env", "calibrate", "reconstruct", "encode_dataset", "generate", "profile", "sample", "fid", "train_generator")
 
 
 def build_parser() -> argparse.ArgumentParser:
