@@ -134,7 +134,8 @@ def sample_latents(
 ) -> torch.Tensor:
     """Samples (B, *generator.latent_shape) float32 for labels (B,) on the generator's device.
     SiT: sampler euler (default), heun or sde on `path` (default: the model's path_type if it
-    is linear or cosine, else linear). DiT: ddpm (default) or ddim (eta 0).
+    is linear or cosine, else linear). DiT: ddpm (default) or ddim (eta 0) on the beta schedule it
+    was trained with (`generator.noise_schedule`).
     `noise` (B, *generator.latent_shape), when given, is the starting noise instead of a draw
     from `seed`, which then drives only the stochastic samplers' (sde, ddpm) per-step noise.
     `cuda_graph` (default: on CUDA) replays the sampling step as a CUDA graph. Arguments are
@@ -158,7 +159,8 @@ def sample_latents(
     if is_dit:
         return sample_diffusion(
             fn, noise, steps=steps, sampler=sampler, channel_dim=generator.channel_dim,
-            learn_sigma=generator.learn_sigma, generator=rng, progress=progress,
+            learn_sigma=generator.learn_sigma, noise_schedule=generator.noise_schedule, generator=rng,
+            progress=progress,
         )
     return sample_flow(fn, noise, steps=steps, sampler=sampler, path=path, generator=rng, progress=progress)
 

@@ -215,3 +215,25 @@ def test_checkpoint_errors_name_the_keys(reference_dir, tmp_path):
     os.remove(tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="config.json: not found"):
         DiT.from_pretrained(tmp_path)
+
+
+def test_dit_noise_schedule_defaults_and_sampling_follows_it(monkeypatch):
+    """The authors' SoftVQ DiTs (1-D tokens) train on the cosine schedule and their configs do not
+    record it: a DiT without noise_schedule takes cosine on 1-D tokens, linear on 2-D latents, and
+    sampling runs on the model's schedule."""
+    import softvq_fast.generation as generation
+    from softvq_fast.models.fields import FieldError
+
+    tiny = dict(depth=1, hidden_size=32, num_heads=2, num_classes=3)
+    one_d = DiT(input_size=4, in_channels=2, vae_1d=True, **tiny)
+    assert one_d.noise_schedule == "cosine"
+    assert DiT(input_size=4, in_channels=2, patch_size=2, **tiny).noise_schedule == "linear"
+    assert DiT(input_size=4, in_channels=2, vae_1d=True, noise_schedule="linear", **tiny).noise_schedule == "linear"
+    with pytest.raises(FieldError, match="noise_schedule"):
+        DiT(input_size=4, in_channels=2, vae_1d=True, noise_schedule="sigmoid", **tiny)
+    seen = []
+    original = generation.sample_diffusion
+    monkeypatch.setattr(generation, "sample_diffusion",
+                        lambda *a, **k: seen.append(k["noise_schedule"]) or original(*a, **k))
+    generation.sample_latents(one_d, torch.tensor([0, 2]), steps=2)
+    assert seen == ["cosine"]

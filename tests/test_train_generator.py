@@ -136,10 +136,10 @@ def flow_matching_floor_and_start(means, t: torch.Tensor) -> tuple[float, float]
     return float((s2 / ((1 - t) ** 2 * s2 + t**2)).mean()), 1 + s2 + float(means.square().mean())
 
 
-def diffusion_floor_and_start(means, t: torch.Tensor) -> tuple[float, float]:
+def diffusion_floor_and_start(means, t: torch.Tensor, schedule: str) -> tuple[float, float]:
     """x_t = sqrt(abar) x + sqrt(1-abar) e: the best noise prediction E[e | x_t] leaves
     Var(e | x_t) = abar s^2 / (abar s^2 + 1 - abar) per element; the untrained model's 0 leaves E[e^2] = 1."""
-    abar = GaussianDiffusion(1000).alphas_cumprod[t].double()
+    abar = GaussianDiffusion(1000, noise_schedule=schedule).alphas_cumprod[t].double()
     return float((abar * SCALE**2 / (abar * SCALE**2 + 1 - abar)).mean()), 1.0
 
 
@@ -155,8 +155,10 @@ def _evaluate(model, family, means):
         else:
             t = torch.randint(0, 1000, (len(x),), generator=rng)
             noise_only = lambda x_t, t_, y: model(x_t, t_, y)[..., :CHANNELS]  # the mse term, no variance bound
-            loss = diffusion_loss(noise_only, x, labels, t=t, noise=noise).mean().item()
-            floor, start = diffusion_floor_and_start(means, t)
+            # on the schedule the model trained with (recorded in its export) and samples with
+            schedule = model.noise_schedule
+            loss = diffusion_loss(noise_only, x, labels, t=t, noise=noise, noise_schedule=schedule).mean().item()
+            floor, start = diffusion_floor_and_start(means, t, schedule)
     sample_labels = torch.arange(CLASSES).repeat_interleave(64)
     samples = sample_latents(model, sample_labels, steps=25, seed=2)  # SiT: Euler ODE; DiT: DDPM
     errors = [float((samples[sample_labels == c].mean(0) - means[c]).norm() / means[c].norm()) for c in range(CLASSES)]
@@ -168,10 +170,14 @@ def _evaluate(model, family, means):
 def test_it_trains_to_the_bayes_floor_and_samples_the_class_means(gaussians, tmp_path, family):
     root, means = gaussians
     save_tiny_generator(tmp_path / "start", family, tokens=TOKENS, channels=CHANNELS, num_classes=CLASSES, hidden=64)
+    # DiT on the linear schedule: the cosine one's last steps (beta clipped at 0.999) amplify the noise
+    # prediction's error far more than a 400-step model can afford when sampling in 25 steps
     config = GeneratorTrainingConfig(latents=root / "latents", model=str(tmp_path / "start"), out=tmp_path / "run",
                                      steps=400, global_batch=64, lr=3e-3, ema_decay=0.99, checkpoint_every=400,
-                                     log_every=100, sample_every=0, num_workers=0, progress=False)
+                                     log_every=100, sample_every=0, num_workers=0, progress=False,
+                                     noise_schedule="linear" if family == "DiT" else None)
     export = train_generator(config)
+    assert family == "SiT" or load_generator(export).noise_schedule == "linear"
     loss, floor, start, worst_mean, stds = _evaluate(load_generator(export), family, means)
     # 90% of the way from the untrained loss to the Bayes floor (EMA weights, held-out data)
     assert floor <= loss <= floor + 0.1 * (start - floor), (loss, floor, start)

@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ema-decay", type=_unit_interval, default=0.9999)
     parser.add_argument("--path", choices=PATHS, default="linear", help="SiT: flow-matching path")
     parser.add_argument("--weighting", choices=FLOW_WEIGHTINGS, default="lognormal", help="SiT: time sampling")
-    parser.add_argument("--noise-schedule", choices=NOISE_SCHEDULES, default="linear", help="DiT: beta schedule")
+    parser.add_argument("--noise-schedule", choices=NOISE_SCHEDULES, default=None,
+                        help="DiT: beta schedule (default: the release's, else cosine, as the authors train on 1-D tokens)")
     parser.add_argument("--num-classes", type=arguments.positive_int, default=None,
                         help="preset: classes (default: the latents' class folders)")
     parser.add_argument("--class-dropout", type=_unit_interval, default=0.1, help="preset: label dropout for guidance")

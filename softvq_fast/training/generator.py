@@ -29,7 +29,7 @@ from softvq_fast.data import DatasetError, LatentShards, StreamSampler
 from softvq_fast.models import fields
 from softvq_fast.models.adaln_transformer import METADATA_FIELDS, AdaLNTransformer, parse_preset, preset_kwargs
 from softvq_fast.models.checkpoint import CONFIG_NAME, SAFETENSORS_NAME, CheckpointError, read_json
-from softvq_fast.models.dit import DiT
+from softvq_fast.models.dit import DiT, default_noise_schedule
 from softvq_fast.models.sit import SiT
 from softvq_fast.sampling.diffusion import NOISE_SCHEDULES
 from softvq_fast.sampling.flow import PATHS
@@ -55,7 +55,8 @@ class GeneratorTrainingConfig(LoopSettings):
     class folders) with label dropout `class_dropout_prob`) or a release folder (config.json +
     model.safetensors: its architecture and weights are the start). SiT trains with
     `flow_matching_loss` on `path` with `weighting`, DiT with `diffusion_loss` on
-    `noise_schedule`; both with the authors' AdamW defaults (lr 1e-4, betas 0.9/0.999, no weight
+    `noise_schedule` (default: the release's, else cosine on 1-D tokens as the authors train;
+    recorded in the export so that sampling follows it); both with the authors' AdamW defaults (lr 1e-4, betas 0.9/0.999, no weight
     decay), gradient clipping at 1 and an EMA of decay 0.9999. The loop settings (global batch,
     micro-batch, precision, FSDP, checkpoints, logs) are those of `LoopSettings`.
     sample_every: steps between sample grids of the EMA model (0: none), `sample_classes`
@@ -72,7 +73,7 @@ class GeneratorTrainingConfig(LoopSettings):
     weight_decay: float = 0.0
     path: str = "linear"
     weighting: str = "lognormal"
-    noise_schedule: str = "linear"
+    noise_schedule: str | None = None
     num_classes: int | None = None
     class_dropout_prob: float = 0.1
     flip: bool = True
@@ -96,7 +97,8 @@ class GeneratorTrainingConfig(LoopSettings):
         fields.real("weight_decay", self.weight_decay, at_least=0)
         fields.text("path", self.path, PATHS)
         fields.text("weighting", self.weighting, FLOW_WEIGHTINGS)
-        fields.text("noise_schedule", self.noise_schedule, NOISE_SCHEDULES)
+        if self.noise_schedule is not None:
+            fields.text("noise_schedule", self.noise_schedule, NOISE_SCHEDULES)
         fields.optional_integer("num_classes", self.num_classes)
         fields.real("class_dropout_prob", self.class_dropout_prob, at_least=0, below=1)
         for name in ("sample_every", "num_workers"):
@@ -138,6 +140,9 @@ def resolve_model(config: GeneratorTrainingConfig, data: LatentShards) -> ModelS
             raise SetupError("model", str(exc)) from None
         if family == "SiT":
             arguments["path_type"] = config.path  # what it is trained on, so sampling follows it
+        else:
+            arguments["noise_schedule"] = config.noise_schedule or arguments.get(
+                "noise_schedule") or default_noise_schedule(arguments.get("vae_1d", False))
         spec = ModelSpec(family, arguments, source)
     else:
         try:
@@ -150,7 +155,8 @@ def resolve_model(config: GeneratorTrainingConfig, data: LatentShards) -> ModelS
         arguments = {**preset_kwargs(config.model, family), "input_size": data.latent_shape[0],
                      "in_channels": data.latent_shape[1], "vae_1d": True, "num_classes": num_classes,
                      "class_dropout_prob": config.class_dropout_prob}
-        arguments.update({"path_type": config.path} if family == "SiT" else {"learn_sigma": True})
+        arguments.update({"path_type": config.path} if family == "SiT" else
+                         {"learn_sigma": True, "noise_schedule": config.noise_schedule or default_noise_schedule(True)})
         spec = ModelSpec(family, arguments)
     with torch.device("meta"):
         skeleton = spec.build()
@@ -184,6 +190,8 @@ def load_model(spec: ModelSpec, seed: int) -> AdaLNTransformer:
             raise SetupError("model", str(exc)) from None
         if isinstance(model, SiT):
             model.path_type = spec.arguments["path_type"]
+        else:
+            model.noise_schedule = spec.arguments["noise_schedule"]
         return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -402,7 +410,7 @@ def _train(config: GeneratorTrainingConfig, runtime: Runtime, hooks: Iterable[Ca
                             stop_step=config.steps)
     loader = DataLoader(data, batch_size=loop.plan.micro_batch, sampler=sampler, num_workers=config.num_workers,
                         pin_memory=runtime.device.type == "cuda")
-    objective = _objective(config, spec.family)
+    objective = _objective(config, spec)
 
     def step(number: int, micro_batches: list) -> dict[str, torch.Tensor]:
         def loss(runner, batch, index: int) -> dict[str, torch.Tensor]:
@@ -428,9 +436,9 @@ def _train(config: GeneratorTrainingConfig, runtime: Runtime, hooks: Iterable[Ca
     return export
 
 
-def _objective(config: GeneratorTrainingConfig, family: str) -> Callable[..., torch.Tensor]:
-    if family == "SiT":
+def _objective(config: GeneratorTrainingConfig, spec: ModelSpec) -> Callable[..., torch.Tensor]:
+    if spec.family == "SiT":
         return lambda model, x, y, generator: flow_matching_loss(model, x, y, path=config.path,
                                                                  weighting=config.weighting, generator=generator)
-    return lambda model, x, y, generator: diffusion_loss(model, x, y, noise_schedule=config.noise_schedule,
-                                                         generator=generator)
+    schedule = spec.arguments["noise_schedule"]
+    return lambda model, x, y, generator: diffusion_loss(model, x, y, noise_schedule=schedule, generator=generator)
