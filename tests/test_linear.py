@@ -71,17 +71,99 @@ def test_torch_backend_other_dtypes(dtype, tol):
     assert rel_err(y, _reference(x, weight, b, "gelu")) <= tol
 
 
+@pytest.fixture
+def onednn_training_calls(monkeypatch):
+    """Counts the calls of the oneDNN training ops: the affine forward and the two backward GEMMs."""
+    import softvq_fast.ops.linear as linear_op
+
+    calls = {"affine": 0, "grad_input": 0, "grad_weight": 0}
+    for name in calls:
+        original = getattr(linear_op, f"_onednn_{name}")
+
+        def record(*args, name=name, original=original):
+            calls[name] += 1
+            return original(*args)
+
+        monkeypatch.setattr(linear_op, f"_onednn_{name}", record)
+    return calls
+
+
+# (x shape, out_features, bias, strided): a vector, square weights (a transposed-weight bug shows),
+# strided x, weight and bias, no bias.
+GRADIENT_CASES = [((3, 21, 96), 130, True, False), ((96,), 96, True, False), ((2, 37, 131), 45, True, True),
+                  ((5, 131), 300, False, False), ((70, 96), 96, True, True)]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("onednn", marks=needs_onednn), "torch"])
 @pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
-def test_gradients_match_float64(activation):
-    torch.manual_seed(2)
-    x, weight, b = _inputs((3, 21, 96), 130)
-    grad = torch.randn(3, 21, 130, dtype=torch.float64)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
-    linear(*leaves, activation=activation).backward(grad.float())
-    leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
-    _reference(*leaves64, activation).backward(grad)
+@pytest.mark.parametrize("shape,out_features,bias,strided", GRADIENT_CASES)
+def test_gradients_match_float64(backend, activation, shape, out_features, bias, strided, onednn_training_calls):
+    x, weight, b = _inputs(shape, out_features, bias=bias, strided=strided)
+    grad = torch.randn(*shape[:-1], out_features, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (x, weight, b) if t is not None]
+    y = linear(*leaves, *([] if bias else [None]), activation=activation, backend=backend)
+    y.backward(grad.float())
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    _reference(*(leaves64 if bias else leaves64 + [None]), activation).backward(grad)
+    assert rel_err(y, _reference(*(t.detach() for t in leaves64), *([] if bias else [None]), activation)) <= 1e-5
     for got, want in zip(leaves, leaves64):
         assert rel_err(got.grad, want.grad) <= 1e-5
+    expected = 1 if backend == "onednn" else 0
+    assert onednn_training_calls == {"affine": expected, "grad_input": expected, "grad_weight": expected}
+
+
+@needs_onednn
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (True, True, False)])
+def test_onednn_training_saves_and_computes_only_what_is_needed(needs, onednn_training_calls):
+    """Only x, weight or bias needs a gradient: the forward keeps weight for grad_input alone and
+    x for grad_weight alone (as torch's linear does), and the backward runs only those GEMMs."""
+    x, weight, b = _inputs((4, 9, 64), 80)
+    leaves = [t.clone().requires_grad_(need) for t, need in zip((x, weight, b), needs)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = linear(*leaves, backend="onednn")
+    assert sorted(saved) == sorted([weight.shape] * needs[0] + [x.shape] * needs[1])
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    leaves64 = [t.detach().double().requires_grad_(need) for t, need in zip(leaves, needs)]
+    _reference(*leaves64, "none").backward(grad.double())
+    for got, want, need in zip(leaves, leaves64, needs):
+        assert (got.grad is None) == (not need)
+        if need:
+            assert rel_err(got.grad, want.grad) <= 1e-5
+    assert onednn_training_calls == {"affine": 1, "grad_input": int(needs[0]), "grad_weight": int(needs[1])}
+
+
+@needs_onednn
+def test_onednn_double_backward_matches_float64(onednn_training_calls):
+    """create_graph=True: the backward is made of torch's differentiable products; the second
+    backward (without create_graph) reaches the op's own backward once, through the GELU."""
+    x, weight, b = _inputs((3, 11, 48), 40)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
+    leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
+    for tensors, y in ((leaves, linear(*leaves, activation="gelu", backend="onednn")),
+                       (leaves64, _reference(*leaves64, "gelu"))):
+        grad_x, = torch.autograd.grad(y.square().sum(), tensors[0], create_graph=True)
+        grad_x.square().sum().backward()
+    for got, want in zip(leaves, leaves64):
+        assert rel_err(got.grad, want.grad) <= 1e-5
+    assert onednn_training_calls == {"affine": 1, "grad_input": 1, "grad_weight": 1}
+
+
+@needs_onednn
+def test_onednn_training_with_empty_dimensions():
+    """No rows, no outputs: zero gradients of the right shapes; no input features: torch (oneDNN
+    rejects an empty reduction), and an explicit onednn says why."""
+    for shape, out_features in (((0, 8), 5), ((2, 0, 8), 5), ((4, 8), 0)):
+        leaves = [t.requires_grad_() for t in _inputs(shape, out_features)]
+        y = linear(*leaves, activation="gelu", backend="onednn")
+        assert y.shape == (*shape[:-1], out_features)
+        y.sum().backward()
+        assert all(t.grad is not None and t.grad.shape == t.shape and not t.grad.any() for t in leaves)
+    x, weight, b = (t.requires_grad_() for t in _inputs((4, 0), 5))
+    assert select_backend(x, weight, b).name == "torch"
+    with pytest.raises(NoBackendError, match="in_features is 0"):
+        linear(x, weight, b, backend="onednn")
 
 
 @needs_onednn
@@ -104,20 +186,27 @@ def test_auto_order(machine, monkeypatch, onednn_calls):
         assert len(onednn_calls.weights) == 2
     monkeypatch.delenv("SOFTVQ_FAST_LINEAR_BACKEND")
     x, weight, b = large
-    linear(x, weight.requires_grad_(), b)  # a gradient is needed: torch
+    linear(x, weight.requires_grad_(), b)  # with a gradient, in the forward+backward window: onednn
+    assert len(onednn_calls.weights) == 3  # (the training op's forward runs the forward-only op)
+    small_x, small_weight, small_b = _inputs((2, 289, 768), 64)  # 2^23.5 multiply-adds: torch with a gradient
+    linear(small_x, small_weight.requires_grad_(), small_b)
+    with torch.no_grad():
+        linear(small_x, small_weight, small_b)  # but onednn without one
+    assert len(onednn_calls.weights) == 4
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear(x, weight, b).dtype == torch.bfloat16  # autocast: torch's cast, as nn.Linear
-    assert len(onednn_calls.weights) == 2
+    assert len(onednn_calls.weights) == 4
     machine("GenuineIntel", "AVX512+AMX", 2)  # measured for attention only: torch first
     with torch.no_grad():
         linear(*large)
-    assert len(onednn_calls.weights) == 2
+    linear(*large)
+    assert len(onednn_calls.weights) == 4
 
 
 def test_rule_windows_bound_the_multiply_adds_and_input_features(machine):
     machine(*MEASURED)
     rule = cpu_rules.cpu_rule("linear")
-    assert rule.first == "onednn" and set(rule.windows) == {(torch.float32, False)}
+    assert rule.first == "onednn" and set(rule.windows) == {(torch.float32, False), (torch.float32, True)}
 
     def first(macs, in_features, dtype=torch.float32, needs_grad=False):
         inputs = LinearInputs(torch.device("cpu"), dtype, needs_grad, dtype, False, False, macs, in_features)
@@ -126,6 +215,10 @@ def test_rule_windows_bound_the_multiply_adds_and_input_features(machine):
     assert first(2**21, 64) == "onednn" and first(2**40, 4096) == "onednn"
     assert first(2**21 - 1, 64) == "torch" and first(2**21, 63) == "torch"
     assert first(2**21, 64, torch.bfloat16) == "torch" and first(2**21, 64, needs_grad=True) == "torch"
+    # with a gradient: from 2^25 multiply-adds and 256 input features
+    assert first(2**25, 256, needs_grad=True) == "onednn" and first(2**40, 4096, needs_grad=True) == "onednn"
+    assert first(2**25 - 1, 256, needs_grad=True) == "torch" and first(2**25, 255, needs_grad=True) == "torch"
+    assert first(2**25, 256, torch.bfloat16, needs_grad=True) == "torch"
 
 
 @needs_onednn
@@ -152,8 +245,6 @@ def test_the_old_environment_variable_still_works_with_a_warning(monkeypatch):
 @needs_onednn
 def test_explicit_onednn_lists_its_reasons():
     x, weight, b = _inputs((4, 64), 64)
-    with pytest.raises(NoBackendError, match="needs a gradient"):
-        linear(x.requires_grad_(), weight, b, backend="onednn")
     with torch.no_grad():
         with pytest.raises(NoBackendError, match=r"dtype bfloat16 not supported.*weight dtype torch.float32 differs"):
             select_backend(x.bfloat16(), weight, b, backend="onednn")
@@ -197,19 +288,28 @@ def test_opcheck_onednn_custom_op():
     strided = _inputs((3, 5, 40), 24, strided=True)
     for args in ((x, weight, b, "gelu"), (x, weight, None, "none"), (*strided, "gelu_tanh")):
         torch.library.opcheck(torch.ops.softvq_fast.linear_onednn.default, args)
+    for args in ((x, weight, b), (x, weight, None), strided, (x[0, 0], weight, b)):
+        trainable = tuple(None if t is None else t.clone().requires_grad_() for t in args)
+        torch.library.opcheck(torch.ops.softvq_fast.linear_onednn_affine.default, trainable)
+    grad = torch.randn(3, 5, 24)
+    for grad_out, rows in ((grad, x), (grad.transpose(0, 1), strided[0].transpose(0, 1)), (grad[0, 0], x[0, 0])):
+        torch.library.opcheck(torch.ops.softvq_fast.linear_onednn_grad_input.default, (grad_out, strided[1]))
+        torch.library.opcheck(torch.ops.softvq_fast.linear_onednn_grad_weight.default, (grad_out, rows))
 
 
 @pytest.mark.parametrize("backend", [pytest.param("onednn", marks=needs_onednn), "torch", "auto"])
 def test_compiles_with_fullgraph(backend):
     model = torch.nn.Sequential(Linear(64, 160, activation="gelu", linear_backend=backend), Linear(160, 48, linear_backend=backend))
-    x = torch.randn(2, 300, 64)
+    x = torch.randn(2, 300, 64, requires_grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) <= 1e-5
-    if backend != "onednn":  # with gradients (the torch backend)
-        compiled(x).sum().backward()
-        assert model[0].weight.grad is not None
+    grad = torch.randn(2, 300, 48)
+    tensors = (x, *model.parameters())
+    eager = torch.autograd.grad(model(x), tensors, grad)
+    for got, want in zip(torch.autograd.grad(compiled(x), tensors, grad), eager):
+        assert rel_err(got, want) <= 1e-5
 
 
 @needs_onednn
@@ -288,8 +388,10 @@ def test_module_is_a_drop_in_nn_linear():
 def test_only_the_measured_machine_puts_onednn_first(machine, monkeypatch, vendor, isa, threads, first):
     monkeypatch.delenv(BACKENDS.env_var, raising=False)
     machine(vendor, isa, threads)
+    x, weight, b = _inputs((2, 289, 768), 768)
     with torch.no_grad():
-        assert select_backend(*_inputs((2, 289, 768), 768)).name == (first if ONEDNN else "torch")
+        assert select_backend(x, weight, b).name == (first if ONEDNN else "torch")
+    assert select_backend(x, weight.requires_grad_(), b).name == (first if ONEDNN else "torch")  # forward+backward
 
 
 def test_benchmark_suite_rows(machine, monkeypatch, tmp_path):

@@ -150,6 +150,7 @@ BUILTIN_RULES: dict[tuple[str, str, int], dict[str, Any]] = {
         }},
         "linear": {"first": "onednn", "windows": {
             "float32 forward": {"macs": [2**21, None], "in_features": [64, None]},
+            "float32 forward+backward": {"macs": [2**25, None], "in_features": [256, None]},
         }},
     },
     ("GenuineIntel", "AVX512+AMX", 2): {

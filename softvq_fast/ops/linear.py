@@ -9,14 +9,20 @@ machine, else the built-in table of measured machines; windows over the multiply
 rows x in_features x out_features and in_features), and torch first everywhere else.
 
 Backends (the `backend` argument or SOFTVQ_FAST_LINEAR_BACKEND overrides `auto`):
-  onednn  torch.ops.mkldnn._linear_pointwise with the activation in its epilogue: CPU, float32,
-          forward only (inputs that need a gradient, forward-mode AD, torch.func transforms and
-          CPU autocast go to `torch`)
+  onednn  torch.ops.mkldnn._linear_pointwise: CPU, float32. Without autograd, the activation runs
+          in the GEMM's epilogue. With autograd (inputs that need a gradient), the affine map is
+          an op whose backward GEMMs run on oneDNN too (grad_input = grad·W, grad_weight =
+          gradᵀ·x, grad_bias = the column sums of grad) and the activation is torch's (its
+          backward needs the pre-activation, which a fused epilogue does not keep). Forward-mode
+          AD, torch.func transforms, CPU autocast and in_features = 0 go to `torch`.
   torch   torch.nn.functional.linear, then the activation (in place when no gradient is needed):
           any device and dtype, as nn.Linear
+The automatic order keys the rule by the pass: "forward" without autograd, "forward+backward"
+with it (cpu_rules.window_key).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -62,8 +68,8 @@ class OneDNNBackend(Backend):
         reasons = []
         if inputs.weight_dtype != inputs.dtype:
             reasons.append(f"weight dtype {inputs.weight_dtype} differs from input dtype {inputs.dtype}")
-        if inputs.needs_grad:
-            reasons.append("an input needs a gradient (the oneDNN path is forward-only)")
+        if inputs.in_features == 0:
+            reasons.append("in_features is 0 (oneDNN rejects an empty reduction)")
         if inputs.transformed:
             reasons.append("forward-mode AD or a torch.func transform is active (the oneDNN op has no rules for them)")
         if inputs.autocast:
@@ -110,6 +116,74 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 @_onednn_linear.register_fake
 def _(x, weight, bias, activation):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# With autograd: the affine map x·Wᵀ + b, and the two GEMMs of its backward. oneDNN's product
+# (`_linear_pointwise(a, b)` = a·bᵀ) copies a strided `a` to row-major but reads `b` in place when
+# b is row-major or the transpose of a row-major matrix, so every operand below is given in one of
+# those two layouts and only gradᵀ (the `a` of grad_weight) is copied.
+@torch.library.custom_op("softvq_fast::linear_onednn_affine", mutates_args=())
+def _onednn_affine(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _onednn_linear(x, weight, bias, "none")
+
+
+@_onednn_affine.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("softvq_fast::linear_onednn_grad_input", mutates_args=())
+def _onednn_grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad (..., out_features)·weight (out_features, in_features) -> (..., in_features)."""
+    if weight.shape[0] == 0:  # an empty reduction, which oneDNN rejects
+        return grad.new_zeros(*grad.shape[:-1], weight.shape[1])
+    return torch.ops.mkldnn._linear_pointwise(grad, weight.contiguous().t(), None, "none", [], "")
+
+
+@_onednn_grad_input.register_fake
+def _(grad, weight):
+    return grad.new_empty(*grad.shape[:-1], weight.shape[1])
+
+
+@torch.library.custom_op("softvq_fast::linear_onednn_grad_weight", mutates_args=())
+def _onednn_grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """gradᵀ·x over every row: grad (..., out_features), x (..., in_features) -> (out_features, in_features)."""
+    if x.numel() == 0:  # no rows: an empty reduction, which oneDNN rejects
+        return grad.new_zeros(grad.shape[-1], x.shape[-1])
+    return torch.ops.mkldnn._linear_pointwise(_rows(grad).t(), _rows(x).contiguous().t(), None, "none", [], "")
+
+
+@_onednn_grad_weight.register_fake
+def _(grad, x):
+    return grad.new_empty(grad.shape[-1], x.shape[-1])
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (rows, n), rows the product of the leading dimensions (1 for a vector)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _affine_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    # x serves only grad_weight and weight only grad_input: keep no more than the backward reads.
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+    ctx.has_bias = bias is not None
+
+
+def _affine_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiable torch products, for a double backward
+        grad_input = grad @ weight if need_input else None
+        grad_weight = _rows(grad).t() @ _rows(x) if need_weight else None
+    else:
+        grad_input = _onednn_grad_input(grad, weight) if need_input else None
+        grad_weight = _onednn_grad_weight(grad, x) if need_weight else None
+    grad_bias = _rows(grad).sum(0) if need_bias and ctx.has_bias else None
+    return grad_input, grad_weight, grad_bias
+
+
+_onednn_affine.register_autograd(_affine_backward, setup_context=_affine_setup_context)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
@@ -188,13 +262,16 @@ def linear(
 ) -> torch.Tensor:
     """activation(x·weightᵀ + bias): x (..., in_features), weight (out_features, in_features),
     bias (out_features,) or None -> (..., out_features). activation: "none", "gelu" (erf) or
-    "gelu_tanh". Differentiable (inputs that need a gradient run on `torch`). See the module
-    docstring for the backends and the automatic order."""
+    "gelu_tanh". Differentiable on both backends. See the module docstring for the backends and
+    the automatic order."""
     _check(x, weight, bias, activation)
     try:
         if select_backend(x, weight, bias, backend=backend).name == "onednn":
-            return _onednn_linear(x, weight, bias, activation)
-        y = F.linear(x, weight, bias)
+            if not grad_needed(x, weight, bias):
+                return _onednn_linear(x, weight, bias, activation)
+            y = _onednn_affine(x, weight, bias)
+        else:
+            y = F.linear(x, weight, bias)
     except RuntimeError:  # checked only after a failure: the valid case pays nothing
         _raise_mismatch(x, weight, bias)
         raise
