@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from support.machines import machine  # noqa: F401  (fixture)
+from support.onednn import needs_onednn
 
 from softvq_fast import cli
 from softvq_fast.ops import calibration, cpu_rules
@@ -47,7 +48,10 @@ def attention_rule_case(case):
 
 
 def linear_rule_case(case):
-    """onednn faster from 2^20 multiply-adds with at least 256 input features."""
+    """onednn faster from 2^20 multiply-adds with at least 256 input features, and with gradients
+    from 2^26 multiply-adds with at least 384."""
+    if case.needs_grad:
+        return case.features["macs"] >= 2**26 and case.features["in_features"] >= 384
     return case.features["macs"] >= 2**20 and case.features["in_features"] >= 256
 
 
@@ -71,13 +75,37 @@ def test_derived_rules_from_timings(machine, monkeypatch, tmp_path):
         (torch.float32, True): {"kv_len": (64.0, 1089.0)},
         (torch.bfloat16, False): {"kv_len": (0.0, inf)},
     }
-    assert rules["linear"].windows == {(torch.float32, False): {"in_features": (256.0, inf), "macs": (2.0**20, inf)}}
+    # with gradients, the smallest won case above the largest lost one with 384 input features:
+    # the tokenizer's 384 x 384 projection on 1284 rows (SiT-B's adaLN, 16 x 768 x 4608, is lost)
+    assert rules["linear"].windows == {(torch.float32, False): {"in_features": (256.0, inf), "macs": (2.0**20, inf)},
+                                       (torch.float32, True): {"in_features": (384.0, inf), "macs": (1284 * 384 * 384, inf)}}
+    assert {case.needs_grad for case in timer.seen if case.op == "linear"} == {False, True}
     # auto follows the calibration from the next call on
     assert cpu_rules.cpu_rule("attention").windows == rules["attention"].windows
     assert cpu_rules.cpu_rule("attention").source.startswith(f"calibration file {tmp_path / 'cpu_rules.json'}")
     assert _auto(torch.float32, 128) == OURS and _auto(torch.float32, 129) == "sdpa"
     assert _auto(torch.float32, 63, True) == "sdpa" and _auto(torch.float32, 64, True) == OURS
     assert _auto(torch.bfloat16, 4096) == OURS and _auto(torch.bfloat16, 32, True) == "sdpa"
+
+
+@needs_onednn
+def test_linear_training_cases_time_forward_and_backward(monkeypatch):
+    """A forward+backward case runs each backend's forward and its backward (the gradients of x,
+    weight and bias), the oneDNN one through the training op."""
+    import softvq_fast.ops.linear as linear_op
+
+    calls = []
+    original = linear_op._onednn_grad_weight
+    monkeypatch.setattr(linear_op, "_onednn_grad_weight", lambda *args: calls.append(1) or original(*args))
+    case = next(case for case in calibration.PLANS["linear"].cases(True) if case.needs_grad)
+    runs = calibration.PLANS["linear"].calls(case)
+    rows, in_features, out_features = case.shape
+    for name in ("torch", "onednn"):
+        grads = runs[name]()
+        assert [g.shape for g in grads] == [(rows, in_features), (out_features, in_features), (out_features,)]
+    assert calls == [1]
+    forward = next(case for case in calibration.PLANS["linear"].cases(True) if not case.needs_grad)
+    assert calibration.PLANS["linear"].calls(forward)["onednn"]().shape == (forward.shape[0], forward.shape[2])
 
 
 def test_derive_window_takes_the_largest_loss_free_window():

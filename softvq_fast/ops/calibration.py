@@ -4,8 +4,9 @@ derive CPU rules (softvq_fast.ops.cpu_rules) from the timings.
   attention  softvq against sdpa, float32 and bfloat16, forward (no autograd) and forward+backward,
              at the generator and tokenizer shapes and a sweep of kv lengths (self-attention,
              16 heads; q, k, v strided views of one (B, S, 3, H, D) tensor as the models make them)
-  linear     onednn against torch, float32 forward, at the models' layer shapes and a sweep of
-             multiply-adds
+  linear     onednn against torch, float32, forward (no autograd) at the models' inference layer
+             shapes and forward+backward (the gradients of x, weight and bias) at their training
+             layer shapes, each with a sweep of multiply-adds
 `calibrate()` writes the rules to the calibration file under this machine's key; `auto` then
 uses them on this machine (same CPU model, vendor, ISA, thread count and torch version), and only
 there. The timing happens here, never inside an op call, so choices are the same in every process.
@@ -106,12 +107,20 @@ def _no_grad(fn: Callable[[], object]) -> object:
 LINEAR_LAYERS = [(578, 768, 2304), (578, 768, 3072), (578, 3072, 768), (128, 384, 1152), (128, 1536, 384),
                  (2, 384, 2304), (2, 256, 384), (128, 32, 384), (128, 1152, 4608), (2, 1152, 6912)]
 LINEAR_SWEEP = [(rows, 256, 256) for rows in (1, 4, 16, 64, 256)] + [(rows, 64, 64) for rows in (64, 1024)]
+# Training steps: SiT-B/1 on 64 tokens at batch 16 (its block's layers, adaLN, timestep and token
+# embedders, final layer) and the ViT-S tokenizer at 256 px, batch 4 (321 tokens per image).
+LINEAR_TRAINING_LAYERS = [(1024, 768, 2304), (1024, 768, 768), (1024, 768, 3072), (1024, 3072, 768), (16, 768, 4608),
+                          (16, 256, 768), (1024, 32, 768), (1024, 768, 32), (1284, 384, 1152), (1284, 384, 1536),
+                          (1284, 1536, 384), (1284, 384, 384)]
+LINEAR_TRAINING_SWEEP = [(rows, 256, 256) for rows in (4, 64, 1024)] + [(1024, 64, 64)]
 
 
 def _linear_cases(quick: bool) -> list[Case]:
-    shapes = [(1, 256, 256), (32, 256, 256), (128, 32, 384), (512, 512, 512)] if quick else LINEAR_LAYERS + LINEAR_SWEEP
-    return [Case("linear", torch.float32, False, {"macs": m * k * n, "in_features": k}, (m, k, n))
-            for m, k, n in shapes]
+    quick_shapes = [(1, 256, 256), (32, 256, 256), (128, 32, 384), (512, 512, 512)]
+    by_pass = {False: quick_shapes if quick else LINEAR_LAYERS + LINEAR_SWEEP,
+               True: quick_shapes if quick else LINEAR_TRAINING_LAYERS + LINEAR_TRAINING_SWEEP}
+    return [Case("linear", torch.float32, grad, {"macs": m * k * n, "in_features": k}, (m, k, n))
+            for grad, shapes in by_pass.items() for m, k, n in shapes]
 
 
 def _linear_calls(case: Case) -> dict[str, Callable[[], object]]:
@@ -120,10 +129,20 @@ def _linear_calls(case: Case) -> dict[str, Callable[[], object]]:
     rows, in_features, out_features = case.shape
 
     @functools.cache
-    def tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    def tensors() -> tuple[torch.Tensor, ...]:
+        x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+        return tuple(t.requires_grad_(case.needs_grad) for t in (x, weight, bias)) + (torch.randn(rows, out_features),)
 
-    return {name: (lambda name=name: _no_grad(lambda: linear(*tensors(), backend=name))) for name in ("onednn", "torch")}
+    def call(name: str) -> Callable[[], object]:
+        def run() -> object:
+            x, weight, bias, grad = tensors()
+            if not case.needs_grad:
+                return _no_grad(lambda: linear(x, weight, bias, backend=name))
+            return torch.autograd.grad(linear(x, weight, bias, backend=name), (x, weight, bias), grad)
+
+        return run
+
+    return {name: call(name) for name in ("onednn", "torch")}
 
 
 PLANS = {
