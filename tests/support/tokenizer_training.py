@@ -23,17 +23,19 @@ def tiny_training_config(**overrides) -> SoftVQConfig:
     return dataclasses.replace(SoftVQConfig(**values), **overrides)
 
 
-def soft_vq_math(z: torch.Tensor, codebook: torch.Tensor, tau: float, l2_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_vq_math(z: torch.Tensor, codebook: torch.Tensor, tau: float, l2_norm: bool, *,
+                 logits_see_codebook: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(z_q, entropy regulariser) from the authors' definitions: per codebook c (contiguous token
     segments), logits = ẑ · Ê.detach()ᵀ, z_q = softmax(logits / tau) · Ê; the regulariser is the
     mean row entropy of softmax(logits / 0.01) (log_softmax of logits / 0.01 + 1e-5) minus the
-    entropy of their mean over all rows and codebooks (log with + 1e-6)."""
+    entropy of their mean over all rows and codebooks (log with + 1e-6). `logits_see_codebook`
+    leaves Ê undetached in the logits (a bug the gradient checks must catch; same values)."""
     b, s, d = z.shape
     c, k, _ = codebook.shape
     rows = z.reshape(b, c, s // c, d).transpose(0, 1).reshape(c, -1, d)
     if l2_norm:
         rows, codebook = F.normalize(rows, dim=-1), F.normalize(codebook, dim=-1)
-    logits = rows @ codebook.detach().transpose(1, 2)
+    logits = rows @ (codebook if logits_see_codebook else codebook.detach()).transpose(1, 2)
     z_q = (torch.softmax(logits / tau, dim=-1) @ codebook).reshape(c, b, s // c, d).transpose(0, 1).reshape(b, s, d)
     scaled = logits.reshape(-1, k) / ENTROPY_TEMPERATURE
     probs = torch.softmax(scaled, dim=-1)
