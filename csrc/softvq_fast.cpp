@@ -28,4 +28,7 @@ TORCH_LIBRARY(softvq_fast, m) {
   m.def("soft_vq_cpu_backward(Tensor grad_z_q, Tensor grad_row_entropy, Tensor grad_column_sum, Tensor z, Tensor codebook, Tensor z_q, Tensor row_stats, float tau, float entropy_temperature, bool with_entropy) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("gelu_tanh_cpu_forward(Tensor x) -> Tensor");
+  m.def("gelu_tanh_cpu_backward(Tensor grad, Tensor x) -> Tensor");
+  m.def("transpose_cpu(Tensor x, bool with_column_sums) -> (Tensor, Tensor)");
 }

@@ -13,8 +13,10 @@ from softvq_fast.dispatch import NoBackendError
 from softvq_fast.nn import Linear
 from softvq_fast.nn.linear import set_linear_backend
 from softvq_fast.ops import cpu_rules
+from softvq_fast.ops import linear as linear_op
 from softvq_fast.ops.linear import BACKENDS, LinearInputs, linear, select_backend
 
+needs_cpu_kernels = pytest.mark.skipif(not linear_op._CPU_KERNELS, reason="the extension's linear kernels are not built")
 MEASURED = ("AuthenticAMD", "AVX512", 2)  # the built-in table's linear rule: oneDNN first from 2^21 multiply-adds
 
 
@@ -74,8 +76,6 @@ def test_torch_backend_other_dtypes(dtype, tol):
 @pytest.fixture
 def onednn_training_calls(monkeypatch):
     """Counts the calls of the oneDNN training ops: the affine forward and the two backward GEMMs."""
-    import softvq_fast.ops.linear as linear_op
-
     calls = {"affine": 0, "grad_input": 0, "grad_weight": 0}
     for name in calls:
         original = getattr(linear_op, f"_onednn_{name}")
@@ -110,6 +110,8 @@ def test_gradients_match_float64(backend, activation, shape, out_features, bias,
         assert rel_err(got.grad, want.grad) <= 1e-5
     expected = 1 if backend == "onednn" else 0
     assert onednn_training_calls == {"affine": expected, "grad_input": expected, "grad_weight": expected}
+    tanh_kernel = backend == "onednn" and activation == "gelu_tanh" and linear_op._CPU_KERNELS
+    assert ("gelu_tanh_cpu_forward" in type(y.grad_fn).__name__) == tanh_kernel
 
 
 @needs_onednn
@@ -294,7 +296,51 @@ def test_opcheck_onednn_custom_op():
     grad = torch.randn(3, 5, 24)
     for grad_out, rows in ((grad, x), (grad.transpose(0, 1), strided[0].transpose(0, 1)), (grad[0, 0], x[0, 0])):
         torch.library.opcheck(torch.ops.softvq_fast.linear_onednn_grad_input.default, (grad_out, strided[1]))
-        torch.library.opcheck(torch.ops.softvq_fast.linear_onednn_grad_weight.default, (grad_out, rows))
+        for with_bias in (True, False):
+            torch.library.opcheck(torch.ops.softvq_fast.linear_onednn_grad_weight.default, (grad_out, rows, with_bias))
+
+
+@needs_cpu_kernels
+def test_opcheck_cpu_kernel_ops():
+    x = torch.randn(37, 45)
+    torch.library.opcheck(torch.ops.softvq_fast.gelu_tanh_cpu_forward.default, (x.clone().requires_grad_(),))
+    torch.library.opcheck(torch.ops.softvq_fast.gelu_tanh_cpu_forward.default, (x.t(),))
+    torch.library.opcheck(torch.ops.softvq_fast.gelu_tanh_cpu_backward.default, (torch.randn(45, 37), x.t()))
+    for rows, with_column_sums in ((x, True), (x[:, 3:40], False), (x.t(), True)):
+        torch.library.opcheck(torch.ops.softvq_fast.transpose_cpu.default, (rows, with_column_sums))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_cpu_kernels_match_float64_in_every_build(isa, monkeypatch):
+    """The tanh GELU and its derivative (float64 reference from the math), and the transpose with
+    column sums, in each instruction-set build: lengths and shapes that are not multiples of a
+    vector or tile, strided rows, large |x| where the exponential saturates."""
+    monkeypatch.setenv("SOFTVQ_FAST_CPU_ISA", isa)
+    ops = torch.ops.softvq_fast
+    try:
+        ops.transpose_cpu(torch.ones(1, 1), False)
+    except RuntimeError as exc:
+        if "does not support" in str(exc):
+            pytest.skip(f"this CPU has no {isa}")
+        raise
+    for n in (1, 15, 17, 4099):
+        x = torch.randn(n) * 4
+        x[1::3] *= 10  # into both tails, where the exponential saturates
+        grad = torch.randn(n)
+        x64 = x.double().requires_grad_()
+        u = (2 / torch.pi) ** 0.5 * (x64 + 0.044715 * x64**3)
+        y64 = 0.5 * x64 * (1 + torch.tanh(u))
+        y64.backward(grad.double())
+        assert rel_err(ops.gelu_tanh_cpu_forward(x), y64) <= 1e-5
+        assert rel_err(ops.gelu_tanh_cpu_backward(grad, x), x64.grad) <= 1e-5
+    for rows, cols, pad in ((1, 1, 0), (5, 3, 0), (17, 33, 2), (70, 96, 0), (129, 200, 7)):
+        x = torch.randn(rows, cols + pad)[:, :cols]
+        t, sums = ops.transpose_cpu(x, True)
+        assert torch.equal(t, x.t()) and t.is_contiguous()
+        assert rel_err(sums, x.double().sum(0)) <= 1e-6
+        t, none = ops.transpose_cpu(x, False)
+        assert torch.equal(t, x.t()) and none.shape == (0,)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("onednn", marks=needs_onednn), "torch", "auto"])

@@ -12,9 +12,11 @@ Backends (the `backend` argument or SOFTVQ_FAST_LINEAR_BACKEND overrides `auto`)
   onednn  torch.ops.mkldnn._linear_pointwise: CPU, float32. Without autograd, the activation runs
           in the GEMM's epilogue. With autograd (inputs that need a gradient), the affine map is
           an op whose backward GEMMs run on oneDNN too (grad_input = grad·W, grad_weight =
-          gradᵀ·x, grad_bias = the column sums of grad) and the activation is torch's (its
-          backward needs the pre-activation, which a fused epilogue does not keep). Forward-mode
-          AD, torch.func transforms, CPU autocast and in_features = 0 go to `torch`.
+          gradᵀ·x, grad_bias = the column sums of grad; where the extension is built, its kernel
+          that transposes grad for grad_weight sums them on the way) and the activation is a
+          separate op on the saved pre-activation (a fused epilogue does not keep it): the
+          extension's tanh-GELU kernels where it is built, else torch's; torch's erf GELU. Forward-mode AD, torch.func transforms, CPU autocast and
+          in_features = 0 go to `torch`.
   torch   torch.nn.functional.linear, then the activation (in place when no gradient is needed):
           any device and dtype, as nn.Linear
 The automatic order keys the rule by the pass: "forward" without autograd, "forward+backward"
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
+from softvq_fast._extension import extension_available
 from softvq_fast.dispatch import AUTO, Backend, OpBackends, grad_needed, register_op
 from softvq_fast.ops.cpu_rules import cpu_rule
 
@@ -54,6 +57,8 @@ class LinearInputs(NamedTuple):
 
 # Read once: torch.compile does not trace into torch.backends' queries.
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available()
+# The extension's CPU kernels of the training path (an extension built before them lacks them).
+_CPU_KERNELS = extension_available() and hasattr(torch.ops.softvq_fast, "transpose_cpu")
 
 
 class OneDNNBackend(Backend):
@@ -119,9 +124,9 @@ def _(x, weight, bias, activation):
 
 
 # With autograd: the affine map x·Wᵀ + b, and the two GEMMs of its backward. oneDNN's product
-# (`_linear_pointwise(a, b)` = a·bᵀ) copies a strided `a` to row-major but reads `b` in place when
-# b is row-major or the transpose of a row-major matrix, so every operand below is given in one of
-# those two layouts and only gradᵀ (the `a` of grad_weight) is copied.
+# (`_linear_pointwise(a, b)` = a·bᵀ) reads `b` in place when it is row-major or the transpose of
+# a row-major matrix, but copies any other `a` to row-major: the `a` of grad_weight, gradᵀ, is made
+# by the extension's transpose, which sums grad's columns (grad_bias) on the way.
 @torch.library.custom_op("softvq_fast::linear_onednn_affine", mutates_args=())
 def _onednn_affine(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _onednn_linear(x, weight, bias, "none")
@@ -146,16 +151,24 @@ def _(grad, weight):
 
 
 @torch.library.custom_op("softvq_fast::linear_onednn_grad_weight", mutates_args=())
-def _onednn_grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """gradᵀ·x over every row: grad (..., out_features), x (..., in_features) -> (out_features, in_features)."""
+def _onednn_grad_weight(grad: torch.Tensor, x: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """gradᵀ·x over every row and, with_bias, the sum of grad's rows: grad (..., out_features),
+    x (..., in_features) -> (out_features, in_features), (out_features,) (else (0,))."""
+    rows_grad = _rows(grad)
+    if _CPU_KERNELS:
+        grad_t, grad_bias = torch.ops.softvq_fast.transpose_cpu(rows_grad, with_bias)
+    else:
+        grad_t = rows_grad.t()
+        grad_bias = rows_grad.sum(0) if with_bias else grad.new_empty(0)
     if x.numel() == 0:  # no rows: an empty reduction, which oneDNN rejects
-        return grad.new_zeros(grad.shape[-1], x.shape[-1])
-    return torch.ops.mkldnn._linear_pointwise(_rows(grad).t(), _rows(x).contiguous().t(), None, "none", [], "")
+        return grad.new_zeros(grad.shape[-1], x.shape[-1]), grad_bias
+    grad_weight = torch.ops.mkldnn._linear_pointwise(grad_t, _rows(x).contiguous().t(), None, "none", [], "")
+    return grad_weight, grad_bias
 
 
 @_onednn_grad_weight.register_fake
-def _(grad, x):
-    return grad.new_empty(grad.shape[-1], x.shape[-1])
+def _(grad, x, with_bias):
+    return grad.new_empty(grad.shape[-1], x.shape[-1]), grad.new_empty(grad.shape[-1] if with_bias else 0)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -173,17 +186,49 @@ def _affine_setup_context(ctx, inputs, output) -> None:
 def _affine_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad
+    need_bias = need_bias and ctx.has_bias
+    grad_input = grad_weight = grad_bias = None
     if torch.is_grad_enabled():  # create_graph=True: differentiable torch products, for a double backward
         grad_input = grad @ weight if need_input else None
         grad_weight = _rows(grad).t() @ _rows(x) if need_weight else None
     else:
         grad_input = _onednn_grad_input(grad, weight) if need_input else None
-        grad_weight = _onednn_grad_weight(grad, x) if need_weight else None
-    grad_bias = _rows(grad).sum(0) if need_bias and ctx.has_bias else None
+        if need_weight:
+            grad_weight, sums = _onednn_grad_weight(grad, x, need_bias)
+            grad_bias = sums if need_bias else None
+    if need_bias and grad_bias is None:
+        grad_bias = _rows(grad).sum(0)
     return grad_input, grad_weight, grad_bias
 
 
 _onednn_affine.register_autograd(_affine_backward, setup_context=_affine_setup_context)
+
+
+def _gelu_tanh_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _gelu_tanh_backward(ctx, grad):
+    x, = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: torch's differentiable derivative
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+    return torch.ops.softvq_fast.gelu_tanh_cpu_backward(grad, x)
+
+
+if _CPU_KERNELS:
+    torch.library.register_fake("softvq_fast::gelu_tanh_cpu_forward")(lambda x: x.new_empty(x.shape))
+    torch.library.register_fake("softvq_fast::gelu_tanh_cpu_backward")(lambda grad, x: x.new_empty(x.shape))
+    torch.library.register_fake("softvq_fast::transpose_cpu")(
+        lambda x, with_column_sums: (x.new_empty(x.shape[1], x.shape[0]), x.new_empty(x.shape[1] if with_column_sums else 0)))
+    torch.library.register_autograd("softvq_fast::gelu_tanh_cpu_forward", _gelu_tanh_backward,
+                                    setup_context=_gelu_tanh_setup_context)
+
+
+def _trainable_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation after the affine op of the oneDNN training path."""
+    if activation == "gelu_tanh" and _CPU_KERNELS:
+        return torch.ops.softvq_fast.gelu_tanh_cpu_forward(y)
+    return F.gelu(y, approximate=ACTIVATIONS[activation][1])
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
@@ -270,8 +315,8 @@ def linear(
             if not grad_needed(x, weight, bias):
                 return _onednn_linear(x, weight, bias, activation)
             y = _onednn_affine(x, weight, bias)
-        else:
-            y = F.linear(x, weight, bias)
+            return y if activation == "none" else _trainable_activation(y, activation)
+        y = F.linear(x, weight, bias)
     except RuntimeError:  # checked only after a failure: the valid case pays nothing
         _raise_mismatch(x, weight, bias)
         raise

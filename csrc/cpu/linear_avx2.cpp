@@ -1,0 +1,13 @@
+// The AVX2 + FMA build of the CPU kernels of the linear layers' training path (chosen at
+// run time by linear.cpp).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "cpu/linear_cpu.h"
+#include "cpu/target_avx2.h"
+#define SOFTVQ_CPU_ISA avx2
+#include "cpu/linear_kernel.h"
+#pragma GCC pop_options
+#endif
