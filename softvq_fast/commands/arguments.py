@@ -3,6 +3,9 @@ any work) with one line that names the option."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+from typing import Callable, Iterator
 
 import torch
 
@@ -46,3 +49,63 @@ def check_device_usable(device: torch.device, option: str = "--device") -> None:
     except (RuntimeError, AssertionError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SystemExit(f"{option}: {device} is not usable here ({reason})") from None
+
+
+def _real(text: str, accept, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and accept(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _real(text, lambda v: v > 0, "a number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _real(text, lambda v: v >= 0, "a number >= 0")
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return _real(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1) (a decay, a beta)."""
+    return _real(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
+    """argparse type: the text itself, when check(text) raises no ValueError (whose message becomes
+    the error)."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return parse
+
+
+@contextlib.contextmanager
+def training_errors() -> Iterator[None]:
+    """A trainer's setting or input it cannot train (FieldError, SetupError) as a one-line
+    SystemExit naming the option, a run that cannot go on (TrainingError) as one naming why."""
+    from softvq_fast.models.fields import FieldError
+    from softvq_fast.training.loop import SetupError, TrainingError
+
+    try:
+        yield
+    except FieldError as exc:
+        raise SystemExit(f"--{exc.name.replace('_', '-').split('[')[0]}: {exc}") from None
+    except SetupError as exc:
+        raise SystemExit(f"--{exc.argument.replace('_', '-')}: {exc.message}") from None
+    except TrainingError as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -38,27 +38,6 @@ checkpoint that cannot be written is reported and the previous one kept; trainin
 """
 
 
-def _unit_interval(text: str) -> float:
-    value = finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def _model(text: str) -> str:
     """argparse type: an existing folder or a generator preset name."""
     from softvq_fast.models.adaln_transformer import parse_preset
@@ -90,18 +69,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--global-batch", type=arguments.positive_int, default=256, help="samples per step, all processes")
     parser.add_argument("--micro-batch", type=arguments.positive_int, default=None,
                         help="samples per forward pass (default: the per-process batch)")
-    parser.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    parser.add_argument("--betas", type=_unit_interval, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"))
-    parser.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
-    parser.add_argument("--grad-clip", type=_positive_float, default=1.0, help="gradient norm clip (default 1)")
-    parser.add_argument("--ema-decay", type=_unit_interval, default=0.9999)
+    parser.add_argument("--lr", type=arguments.positive_float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument("--betas", type=arguments.unit_interval, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"))
+    parser.add_argument("--weight-decay", type=arguments.non_negative_float, default=0.0)
+    parser.add_argument("--grad-clip", type=arguments.positive_float, default=1.0, help="gradient norm clip (default 1)")
+    parser.add_argument("--ema-decay", type=arguments.unit_interval, default=0.9999)
     parser.add_argument("--path", choices=PATHS, default="linear", help="SiT: flow-matching path")
     parser.add_argument("--weighting", choices=FLOW_WEIGHTINGS, default="lognormal", help="SiT: time sampling")
     parser.add_argument("--noise-schedule", choices=NOISE_SCHEDULES, default=None,
                         help="DiT: beta schedule (default: the release's, else cosine, as the authors train on 1-D tokens)")
     parser.add_argument("--num-classes", type=arguments.positive_int, default=None,
                         help="preset: classes (default: the latents' class folders)")
-    parser.add_argument("--class-dropout", type=_unit_interval, default=0.1, help="preset: label dropout for guidance")
+    parser.add_argument("--class-dropout", type=arguments.unit_interval, default=0.1, help="preset: label dropout for guidance")
     parser.add_argument("--no-flip", action="store_true", help="never read the flipped images' latents")
     parser.add_argument("--seed", type=arguments.non_negative_int, default=0)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on GPUs, fp32 on CPUs")
@@ -139,20 +118,12 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from softvq_fast.models.fields import FieldError
     from softvq_fast.training.generator import train_generator
-    from softvq_fast.training.loop import SetupError, TrainingError
 
     config = config_from_args(args)
     if args.device is not None:
         arguments.check_device_usable(args.device)
-    try:
+    with arguments.training_errors():
         export = train_generator(config)
-    except FieldError as exc:
-        raise SystemExit(f"--{exc.name.replace('_', '-').split('[')[0]}: {exc}") from None
-    except SetupError as exc:
-        raise SystemExit(f"--{exc.argument.replace('_', '-')}: {exc.message}") from None
-    except TrainingError as exc:
-        raise SystemExit(f"error: {exc}") from None
     print(f"exported the EMA to {export}")
     return 0

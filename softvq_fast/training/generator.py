@@ -34,11 +34,11 @@ from softvq_fast.models.sit import SiT
 from softvq_fast.sampling.diffusion import NOISE_SCHEDULES
 from softvq_fast.sampling.flow import PATHS
 from softvq_fast.training.loop import (
-    LoopSettings, Runtime, SetupError, TrainingLoop, settings_dict, start_runtime,
+    LoopSettings, Runtime, SetupError, TrainingLoop, attention_backend, check_adamw, linear_backend,
+    in_runtime, prepare_run_folder, settings_dict, slow_backend_warnings,
 )
 from softvq_fast.training.objectives import FLOW_WEIGHTINGS, diffusion_loss, flow_matching_loss
 
-RUN_CONFIG = "config.json"
 FAMILIES = {"SiT": SiT, "DiT": DiT}
 # Settings a resumed run may change: how it runs, logs and samples, not what it trains.
 OPERATIONAL_SETTINGS = frozenset({
@@ -89,12 +89,7 @@ class GeneratorTrainingConfig(LoopSettings):
     def check(self) -> None:
         """FieldError (a ValueError) naming the first setting that cannot train, before anything is read."""
         super().check()
-        fields.real("lr", self.lr, above=0)
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise fields.FieldError("betas", f"betas must be a pair (beta1, beta2), got {self.betas!r}")
-        for index, beta in enumerate(self.betas):
-            fields.real(f"betas[{index}]", beta, at_least=0, below=1)
-        fields.real("weight_decay", self.weight_decay, at_least=0)
+        check_adamw(self.lr, self.betas, self.weight_decay)
         fields.text("path", self.path, PATHS)
         fields.text("weighting", self.weighting, FLOW_WEIGHTINGS)
         if self.noise_schedule is not None:
@@ -224,34 +219,13 @@ def training_backends(model: AdaLNTransformer, micro_batch: int, device: torch.d
     (q, k, v in the autocast dtype), LayerNorm-modulate (the float32 residual stream), linear
     (inputs that need a gradient). Raises the op's NoBackendError when a backend the model was
     set to cannot train."""
-    from softvq_fast.ops.attention import BACKENDS as ATTENTION, AttentionInputs
     from softvq_fast.ops.layernorm_modulate import BACKENDS as LAYERNORM_MODULATE, LayerNormModulateInputs
-    from softvq_fast.ops.linear import select_backend
 
     block = model.blocks[0]
-    tokens, hidden = model.num_tokens, block.attn.dim
-    attention = AttentionInputs(device, autocast_dtype or torch.float32, True, micro_batch, block.attn.num_heads,
-                                tokens, tokens, block.attn.head_dim, True)
-    norm = LayerNormModulateInputs(device, torch.float32, True, hidden)
-    layer = block.attn.qkv
-    x = torch.empty(1, hidden, device=device, requires_grad=True)
-    weight = torch.empty(layer.weight.shape, device=device)
-    with torch.enable_grad():
-        linear = select_backend(x, weight, backend=layer.linear_backend).name
-    return {"attention": ATTENTION.select(attention, block.attn.backend).name,
+    norm = LayerNormModulateInputs(device, torch.float32, True, block.attn.dim)
+    return {"attention": attention_backend(block.attn, micro_batch, model.num_tokens, device, autocast_dtype),
             "layernorm_modulate": LAYERNORM_MODULATE.select(norm, block.norm_backend).name,
-            "linear": linear}
-
-
-# On a GPU these mean a fast path is missing (a package, a dtype); on the CPU they are the fast paths.
-SLOW_ON_CUDA = {"attention": {"math"}, "layernorm_modulate": {"reference"}}
-
-
-def slow_backend_warnings(backends: dict[str, str], device: torch.device) -> list[str]:
-    if device.type != "cuda":
-        return []
-    return [f"{op} runs on its {name} backend, the slow fallback on GPUs (see `softvq-fast env` for why the "
-            f"fast ones cannot run here)" for op, name in backends.items() if name in SLOW_ON_CUDA.get(op, ())]
+            "linear": linear_backend(block.attn.qkv, device)}
 
 
 # ------------------------------------------------------------------------------------ run folder
@@ -266,42 +240,6 @@ def data_identity(data: LatentShards) -> dict[str, Any]:
 def run_config(config: GeneratorTrainingConfig, spec: ModelSpec, data: LatentShards) -> dict[str, Any]:
     training = {k: v for k, v in settings_dict(config).items() if k not in OPERATIONAL_SETTINGS}
     return {"family": spec.family, "model": spec.arguments, "training": training, "data": data_identity(data)}
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in sorted(set(old) | set(new))
-                for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
-
-
-def prepare_run_folder(out: Path, config: dict[str, Any], *, resume: bool, runtime: Runtime) -> Path | None:
-    """Check the run folder before anything is written: a folder holding a run is refused without
-    `resume`, and with it unless its config.json equals `config` (SetupError naming what
-    differs). Then rank 0 writes config.json. Returns the newest checkpoint to resume from."""
-    path = out / RUN_CONFIG
-    if out.exists() and not out.is_dir():
-        raise SetupError("out", f"{out} exists and is not a folder")
-    checkpoint = None
-    if path.exists():
-        if not resume:
-            raise SetupError("out", f"{out} holds a run ({RUN_CONFIG}); resume it or choose another folder")
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SetupError("out", f"{path} cannot be read ({exc})") from None
-        changes = _differences(previous, json.loads(json.dumps(config)))
-        if changes:
-            raise SetupError("out", f"{out} holds a run with another configuration ({'; '.join(changes)}); "
-                                    "use another folder")
-        checkpoints = sorted((out / "checkpoints").glob("step-*.pt"))
-        checkpoint = checkpoints[-1] if checkpoints else None
-    runtime.barrier()  # every rank has read the folder before rank 0 writes to it
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-    runtime.barrier()
-    return checkpoint
 
 
 # ------------------------------------------------------------------------------------ samples
@@ -374,12 +312,7 @@ def train_generator(config: GeneratorTrainingConfig, hooks: Iterable[Callable[[i
     run folder against the configuration of the run it holds, the tokenizer (SetupError naming
     the argument). `hooks`: functions called with each finished step number (after logging and
     checkpointing). Under torchrun every process calls this; see softvq_fast.training.loop."""
-    config.check()
-    runtime = start_runtime(config.device)
-    try:
-        return _train(config, runtime, hooks)
-    finally:
-        runtime.close()
+    return in_runtime(config, lambda runtime: _train(config, runtime, hooks))
 
 
 def _train(config: GeneratorTrainingConfig, runtime: Runtime, hooks: Iterable[Callable[[int], None]]) -> Path:

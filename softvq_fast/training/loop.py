@@ -20,6 +20,11 @@ Processes: under torchrun (WORLD_SIZE > 1) each process joins the default group 
 gloo on the CPU) on its LOCAL_RANK's GPU; gradients are averaged over the processes
 (DistributedDataParallel, or FSDP with `fsdp=True`), and only rank 0 writes logs, samples and
 checkpoints, which hold the full (unsharded) state, so a run resumes on any number of processes.
+
+Also shared: `in_runtime` (check the settings, run in this process's runtime), `check_adamw`,
+`WarmupCosine` (the authors' learning-rate schedule by update), `prepare_run_folder` (a resumed
+run must match the configuration its folder holds), the backend probes of a training step
+(`attention_backend`, `linear_backend`, `slow_backend_warnings`).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +61,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # A rank that waits at a collective while rank 0 writes a checkpoint or a sample grid.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+T = TypeVar("T")
 
 
 class SetupError(ValueError):
@@ -131,6 +137,16 @@ class LoopSettings:
             fields.boolean(name, getattr(self, name))
 
 
+def check_adamw(lr: float, betas: Any, weight_decay: float) -> None:
+    """FieldError naming the first AdamW setting that cannot train."""
+    fields.real("lr", lr, above=0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise fields.FieldError("betas", f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for index, beta in enumerate(betas):
+        fields.real(f"betas[{index}]", beta, at_least=0, below=1)
+    fields.real("weight_decay", weight_decay, at_least=0)
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """How a global batch splits: `rank_batch` samples per process in `micro_batches`
@@ -158,6 +174,32 @@ class BatchPlan:
     @property
     def micro_batches(self) -> int:
         return self.rank_batch // self.micro_batch
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """A learning-rate schedule by update: `at(t)` is the rate of the update that follows t
+    updates (t = step - 1). A linear warm-up from `warmup_lr` towards `base` over `warmup_steps`
+    (at(t) = warmup_lr + t (base - warmup_lr) / warmup_steps), then a half cosine from `base` to
+    `min_lr` over `total_steps` counted from update 0 (the warm-up included), `min_lr` after.
+    This is timm's CosineLRScheduler stepped per update, as the authors build it
+    (create_scheduler_v2(sched="cosine", step_on_epochs=False)). cosine=False: `base` throughout."""
+
+    base: float
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    cosine: bool = True
+
+    def at(self, t: int) -> float:
+        if not self.cosine:
+            return self.base
+        if t < self.warmup_steps:
+            return self.warmup_lr + t * (self.base - self.warmup_lr) / self.warmup_steps
+        if t >= self.total_steps:
+            return self.min_lr
+        return self.min_lr + 0.5 * (self.base - self.min_lr) * (1 + math.cos(math.pi * t / self.total_steps))
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -211,6 +253,17 @@ def start_runtime(device: str | torch.device | None = None) -> Runtime:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     return Runtime(rank, world, local_rank, resolved, owns)
+
+
+def in_runtime(settings: LoopSettings, train: Callable[[Runtime], T]) -> T:
+    """settings.check(), then train(runtime) in this process's runtime (`start_runtime` on
+    settings.device), closed after: the process group ends if this call started it."""
+    settings.check()
+    runtime = start_runtime(settings.device)
+    try:
+        return train(runtime)
+    finally:
+        runtime.close()
 
 
 # ------------------------------------------------------------------------------------ parts
@@ -275,11 +328,14 @@ class TrainingLoop:
     # ---------------------------------------------------------------- building
     def add_part(
         self, name: str, module: nn.Module, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0, ema: bool = True, fsdp_units: Iterable[nn.Module] = (),
+        weight_decay: float = 0.0, decay_vectors: bool = True, ema: bool = True,
+        fsdp_units: Iterable[nn.Module] = (),
     ) -> Part:
         """Move `module` to the device and prepare it to train: EMA copy (before any wrapping),
         FSDP (each of `fsdp_units`, then the whole) or DistributedDataParallel over the
-        processes, torch.compile, AdamW over the parameters that require a gradient."""
+        processes, torch.compile, AdamW over the parameters that require a gradient.
+        decay_vectors=False: no weight decay for 1-D parameters and biases (two AdamW parameter
+        groups, as the authors' param_groups_weight_decay builds them for the tokenizer)."""
         module = module.to(self.runtime.device).train()
         ema_module = copy.deepcopy(module).float().eval().requires_grad_(False) if ema else None
         runner: Callable[..., Any] = module
@@ -296,11 +352,17 @@ class TrainingLoop:
             runner = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
         if self.settings.compile:
             runner = torch.compile(runner)
-        trained = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trained, lr=lr, betas=betas, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(_parameter_groups(module, weight_decay, decay_vectors), lr=lr, betas=betas,
+                                      weight_decay=weight_decay)
         part = Part(name, module, runner, optimizer, ema_module, self.settings.grad_clip)
         self.parts[name] = part
         return part
+
+    @staticmethod
+    def set_lr(part: Part, lr: float) -> None:
+        """The learning rate of every parameter group of `part`'s optimiser."""
+        for group in part.optimizer.param_groups:
+            group["lr"] = lr
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bfloat16 autocast when the precision says so, else nothing."""
@@ -321,13 +383,15 @@ class TrainingLoop:
         """For each micro-batch m: terms = loss_fn(part.runner, batch, m), scalars averaged over
         the micro-batch, "loss" the one to minimise (run it under `self.autocast()`); backward
         of loss / micro_batches, gradients averaged over the processes after the last one only.
+        A loss_fn that returns no "loss" (nothing to train at this step) is only evaluated.
         Returns each term averaged over this process's batch, detached."""
         totals: dict[str, torch.Tensor] = {}
         count = len(micro_batches)
         for index, batch in enumerate(micro_batches):
             with self._gradient_sync(part, index == count - 1):
                 terms = loss_fn(part.runner, batch, index)
-                (terms["loss"] / count).backward()
+                if "loss" in terms:
+                    (terms["loss"] / count).backward()
             for name, value in terms.items():
                 value = value.detach().float() / count
                 totals[name] = totals[name] + value if name in totals else value
@@ -365,12 +429,15 @@ class TrainingLoop:
 
     # ---------------------------------------------------------------- running
     def run(self, step_fn: Callable[[int, list[Any]], dict[str, torch.Tensor]], batches: Iterator[Any],
-            hooks: Iterable[Callable[[int], None]] = ()) -> None:
+            hooks: Iterable[Callable[[int], None]] = (), *, progress_terms: Sequence[str] = ("loss",),
+            unit: str = "samples") -> None:
         """Steps self.step + 1 .. settings.steps: read this process's micro-batches, call
-        step_fn(step, micro_batches) (step counts from 1; it returns the step's terms), log every
+        step_fn(step, micro_batches) (step counts from 1; it returns the step's terms: a step may
+        leave out terms that others report, the same ones on every process), log every
         log_every steps, checkpoint every checkpoint_every, call each hook(step) after the step.
         Raises NonFiniteLossError when a term became inf or nan (checked at each log and before
-        each checkpoint, so no checkpoint holds a non-finite state)."""
+        each checkpoint, so no checkpoint holds a non-finite state). The progress bar shows the
+        `progress_terms` of the last log and `unit`s per second."""
         settings = self.settings
         started, started_step = time.perf_counter(), self.step
         bar = None
@@ -391,7 +458,8 @@ class TrainingLoop:
                     elapsed = time.perf_counter() - started
                     record = self._flush(samples_per_s=(step - started_step) * settings.global_batch / max(elapsed, 1e-9))
                     if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}")
+                        shown = {name: f"{record[name]:.4f}" for name in progress_terms if name in record}
+                        bar.set_postfix({**shown, f"{unit}/s": f"{record['samples_per_s']:.1f}"})
                 if step % settings.checkpoint_every == 0 or last:
                     self.save_checkpoint()
                 if bar is not None:
@@ -404,21 +472,31 @@ class TrainingLoop:
 
     def _flush(self, *, samples_per_s: float) -> dict[str, Any]:
         """Average the pending terms over the processes, stop on a non-finite one, log the mean
-        of each term since the last log."""
+        of each term since the last log (over the steps that reported it)."""
         pending, self._pending = self._pending, _Pending()
-        names = list(pending.terms[0])  # the step function's order: its loss before the gradient norms
-        values = torch.stack([torch.stack([terms[name].float() for name in names]) for terms in pending.terms])
-        if self.runtime.distributed:
-            dist.all_reduce(values)
-            values /= self.runtime.world_size
-        values = values.cpu()
-        finite = torch.isfinite(values)
-        if not finite.all():
-            row, column = (~finite).nonzero()[0].tolist()
-            error = NonFiniteLossError(pending.steps[row], names[column], values[row, column].item(), self.last_checkpoint)
-            self.log_event("non_finite", step=error.step, term=error.term, value=str(error.value))
-            raise error
-        record = {"step": self.step, **dict(zip(names, values.mean(0).tolist())), "samples_per_s": samples_per_s,
+        # The step function's order (e.g. its loss before the gradient norms), terms that only
+        # later steps report after those of the first.
+        names = list(dict.fromkeys(name for terms in pending.terms for name in terms))
+        present = torch.tensor([[name in terms for name in names] for terms in pending.terms], dtype=torch.bool)
+        means: list[float] = []
+        if names:
+            device = next(value for terms in pending.terms for value in terms.values()).device
+            absent = torch.zeros((), device=device)
+            values = torch.stack([torch.stack([terms[name].float() if name in terms else absent for name in names])
+                                  for terms in pending.terms])
+            if self.runtime.distributed:
+                dist.all_reduce(values)
+                values /= self.runtime.world_size
+            values = values.cpu()
+            finite = torch.isfinite(values) | ~present
+            if not finite.all():
+                row, column = (~finite).nonzero()[0].tolist()
+                error = NonFiniteLossError(pending.steps[row], names[column], values[row, column].item(),
+                                           self.last_checkpoint)
+                self.log_event("non_finite", step=error.step, term=error.term, value=str(error.value))
+                raise error
+            means = ((values * present).sum(0) / present.sum(0)).tolist()
+        record = {"step": self.step, **dict(zip(names, means)), "samples_per_s": samples_per_s,
                   "lr": {name: part.optimizer.param_groups[0]["lr"] for name, part in self.parts.items()}}
         if self.runtime.is_main:
             self._write_log(record)
@@ -451,6 +529,16 @@ class TrainingLoop:
         """Rank 0: one JSON line {"event": ..., "step": ..., fields}."""
         if self.runtime.is_main:
             self._write_log({"event": event, "step": self.step, **fields})
+
+    def log_metrics(self, event: str, values: dict[str, float], **fields: Any) -> None:
+        """Rank 0: one JSON line {"event": ..., "step": ..., values, fields}, and each value to
+        TensorBoard as "<event>/<name>"."""
+        if not self.runtime.is_main:
+            return
+        self._write_log({"event": event, "step": self.step, **values, **fields})
+        if self._tensorboard is not None:
+            for name, value in values.items():
+                self._tensorboard.add_scalar(f"{event}/{name}", value, self.step)
 
     def _write_log(self, record: dict[str, Any]) -> None:
         if self._log_file is not None:
@@ -563,6 +651,17 @@ class TrainingLoop:
         self.last_checkpoint = path
 
 
+def _parameter_groups(module: nn.Module, weight_decay: float, decay_vectors: bool) -> list[dict[str, Any]]:
+    """AdamW's parameter groups over the parameters that require a gradient: one, or (without
+    decay_vectors) the 1-D parameters and biases without weight decay, then the rest with it."""
+    trained = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if decay_vectors:
+        return [{"params": [p for _, p in trained]}]
+    exempt = [p.ndim <= 1 or name.endswith(".bias") for name, p in trained]
+    return [{"params": [p for (_, p), no in zip(trained, exempt) if no], "weight_decay": 0.0},
+            {"params": [p for (_, p), no in zip(trained, exempt) if not no], "weight_decay": weight_decay}]
+
+
 def _matching_units(module: nn.Module, units: Iterable[nn.Module], copy_of_module: nn.Module) -> list[nn.Module]:
     """The submodules of `copy_of_module` at the names `units` have in `module`."""
     names = {id(m): name for name, m in module.named_modules()}
@@ -595,6 +694,82 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+
+
+# ------------------------------------------------------------------------------------ run folder
+RUN_CONFIG = "config.json"
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """"key.path: old -> new" for every leaf where two nested JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new))
+                for d in config_differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def prepare_run_folder(out: Path, config: dict[str, Any], *, resume: bool, runtime: Runtime) -> Path | None:
+    """Check the run folder before anything is written: a folder holding a run is refused without
+    `resume`, and with it unless its config.json equals `config` (SetupError naming what
+    differs). Then rank 0 writes config.json. Returns the newest checkpoint to resume from."""
+    path = out / RUN_CONFIG
+    if out.exists() and not out.is_dir():
+        raise SetupError("out", f"{out} exists and is not a folder")
+    checkpoint = None
+    if path.exists():
+        if not resume:
+            raise SetupError("out", f"{out} holds a run ({RUN_CONFIG}); resume it or choose another folder")
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SetupError("out", f"{path} cannot be read ({exc})") from None
+        changes = config_differences(previous, json.loads(json.dumps(config)))
+        if changes:
+            raise SetupError("out", f"{out} holds a run with another configuration ({'; '.join(changes)}); "
+                                    "use another folder")
+        checkpoints = sorted((out / CHECKPOINT_DIR).glob("step-*.pt"))
+        checkpoint = checkpoints[-1] if checkpoints else None
+    runtime.barrier()  # every rank has read the folder before rank 0 writes to it
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    runtime.barrier()
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------------ backends
+def attention_backend(attn: nn.Module, batch: int, tokens: int, device: torch.device,
+                      autocast_dtype: torch.dtype | None) -> str:
+    """The backend softvq_fast.nn.transformer.Attention `attn` picks for a training step on
+    `batch` sequences of `tokens` (q, k, v in the autocast dtype, needing gradients); the op's
+    NoBackendError when the backend it was set to cannot train."""
+    from softvq_fast.ops.attention import BACKENDS, AttentionInputs
+
+    inputs = AttentionInputs(device, autocast_dtype or torch.float32, True, batch, attn.num_heads, tokens, tokens,
+                             attn.head_dim, True)
+    return BACKENDS.select(inputs, attn.backend).name
+
+
+def linear_backend(layer: nn.Module, device: torch.device) -> str:
+    """The backend softvq_fast.nn.linear.Linear `layer` picks for inputs that need a gradient."""
+    from softvq_fast.ops.linear import select_backend
+
+    x = torch.empty(1, layer.weight.shape[1], device=device, requires_grad=True)
+    weight = torch.empty(layer.weight.shape, device=device)
+    with torch.enable_grad():
+        return select_backend(x, weight, backend=layer.linear_backend).name
+
+
+# On a GPU these mean a fast path is missing (a package, a dtype); on the CPU they are the fast paths.
+SLOW_ON_CUDA = {"attention": {"math"}, "layernorm_modulate": {"reference"}, "soft_vq": {"reference"}}
+
+
+def slow_backend_warnings(backends: dict[str, str], device: torch.device) -> list[str]:
+    """A warning for each op of `backends` ({op: backend}) running its slow fallback on a GPU."""
+    if device.type != "cuda":
+        return []
+    return [f"{op} runs on its {name} backend, the slow fallback on GPUs (see `softvq-fast env` for why the "
+            f"fast ones cannot run here)" for op, name in backends.items() if name in SLOW_ON_CUDA.get(op, ())]
 
 
 # ------------------------------------------------------------------------------------ files
