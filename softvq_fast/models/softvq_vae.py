@@ -54,6 +54,8 @@ class TrainingOutputs:
     code_counts: (C, K) int64, how many tokens picked each code (argmax), for usage statistics.
     max_prob: scalar, mean largest code probability at temperature tau.
     cos: scalar, mean cosine similarity of the quantiser's input and output tokens.
+    entropy_column_sum: (C, K) float32, differentiable: the sum over the B x T tokens of their
+        code distributions at temperature 0.01, of which entropy_loss's mean distribution is made.
     """
 
     reconstructions: torch.Tensor
@@ -63,6 +65,7 @@ class TrainingOutputs:
     code_counts: torch.Tensor
     max_prob: torch.Tensor
     cos: torch.Tensor
+    entropy_column_sum: torch.Tensor
 
 
 class SoftVQVAE(nn.Module):
@@ -232,7 +235,7 @@ class SoftVQVAE(nn.Module):
             with _autocast(images.device, autocast_dtype):
                 projected = self.projection(inputs)
         return TrainingOutputs(reconstructions, latents, stats.entropy_loss, projected, stats.usage, stats.max_prob,
-                               stats.cos)
+                               stats.cos, stats.column_sum)
 
     def unused_parameter_names(self) -> list[str]:
         """Parameters no forward reads, kept so that the authors' checkpoints load: the decoder's

@@ -231,6 +231,9 @@ class SoftVQStats:
     max_prob: scalar, mean over tokens of the largest probability at temperature tau.
     usage: (C, K) int64, how many tokens picked each code (argmax).
     cos: scalar, mean cosine similarity between the (normalised if l2_norm) input and z_q.
+    column_sum: (C, K) float32, differentiable w.r.t. z: the sum over rows of softmax(logits /
+        0.01), of which entropy_loss's mean distribution is made (a trainer pools it over
+        processes); None when called with entropy=False.
     """
 
     entropy_loss: torch.Tensor | None
@@ -238,6 +241,7 @@ class SoftVQStats:
     max_prob: torch.Tensor
     usage: torch.Tensor
     cos: torch.Tensor
+    column_sum: torch.Tensor | None = None
 
 
 def entropy_regulariser(row_entropy: torch.Tensor, column_sum: torch.Tensor) -> torch.Tensor:
@@ -359,5 +363,6 @@ def soft_vq(
         max_prob=parts.max_prob.mean(),
         usage=usage,
         cos=cos,
+        column_sum=parts.column_sum if with_entropy else None,
     )
     return z_q, stats

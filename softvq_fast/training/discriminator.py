@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from softvq_fast.training.frozen import DinoViTS16, imagenet_pixels, load_dino_vits16
 
-__all__ = ["SpectralNormConv1d", "SyncBatchNorm1d", "DinoDiscriminator", "zero_key_bias"]
+__all__ = ["SpectralNormConv1d", "SyncBatchNorm1d", "DinoDiscriminator", "zero_key_bias", "all_reduce_sum"]
 
 DEFAULT_TAPS = (2, 5, 8, 11)
 
@@ -87,6 +87,12 @@ class _AllReduceSum(torch.autograd.Function):
         return total, None
 
 
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """The sum of `tensor` over the ranks of `group` (default: all), differentiable: each rank's
+    input gets the sum of the ranks' output gradients."""
+    return _AllReduceSum.apply(tensor, group or dist.group.WORLD)
+
+
 class SyncBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d on (B, C, L) whose training-mode statistics are those of the batch of all ranks
     when a process group of more than one rank is initialised (nn.SyncBatchNorm's semantics, also
@@ -111,9 +117,9 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
         dist.all_reduce(count, group=group)
         # Two passes (mean, then centred squares) for the same accuracy as a local batch norm.
-        mean = _AllReduceSum.apply(x.sum(dim=(0, 2)), group) / count
+        mean = all_reduce_sum(x.sum(dim=(0, 2)), group) / count
         centred = x - mean[None, :, None]
-        var = _AllReduceSum.apply(centred.square().sum(dim=(0, 2)), group) / count
+        var = all_reduce_sum(centred.square().sum(dim=(0, 2)), group) / count
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean.detach(), self.momentum)

@@ -12,7 +12,8 @@ schedules them; see loss_config.py). Definitions follow the authors' training co
                         DINOv2 on the real image
   adaptive weight       ‖∇_last nll‖ / (‖∇_last adv‖ + 1e-4) clamped to [0, 1e4] (off by default)
 
-The entropy regulariser is softvq_fast.soft_vq(..., return_stats=True).stats.entropy_loss.
+The entropy regulariser is softvq_fast.soft_vq(..., return_stats=True).stats.entropy_loss;
+`pooled_entropy` takes its mean code distribution over the batch of all processes.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from softvq_fast.nn.linear import Linear
+from softvq_fast.training.discriminator import all_reduce_sum
 
 __all__ = [
     "reconstruction_loss",
+    "pooled_entropy",
     "generator_hinge_loss",
     "discriminator_hinge_loss",
     "LeCAMEMA",
@@ -39,6 +42,28 @@ __all__ = [
 def _same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape")
+
+
+def _negative_entropy(column_sum: torch.Tensor, rows: torch.Tensor | int) -> torch.Tensor:
+    """Σ p log(p + 1e-6) of the mean distribution p = column_sum summed over codebooks / rows."""
+    mean_probs = column_sum.sum(dim=0) / rows
+    return (mean_probs * torch.log(mean_probs + 1e-6)).sum()
+
+
+def pooled_entropy(entropy_loss: torch.Tensor, column_sum: torch.Tensor, rows: int) -> torch.Tensor:
+    """The soft-VQ entropy regulariser with its mean code distribution taken over the tokens of
+    all processes (the authors take it over each GPU's batch), so that P processes holding parts
+    of a batch train as one process holding all of it. entropy_loss: this process's regulariser
+    (mean row entropy minus the entropy of its own mean distribution); column_sum (C, K): the
+    sums of its `rows` token distributions (SoftVQStats.column_sum). Without an initialised group
+    of more than one process: entropy_loss. The mean row entropy stays per process (gradient
+    averaging over the processes makes it the batch mean); every rank must call this."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return entropy_loss
+    total_rows = torch.tensor(float(rows), device=column_sum.device)
+    dist.all_reduce(total_rows)
+    pooled = all_reduce_sum(column_sum.float())
+    return entropy_loss - _negative_entropy(column_sum.float(), rows) + _negative_entropy(pooled, total_rows)
 
 
 def reconstruction_loss(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ and loss module, for a trainer that owns the optimisers, the updates and the loo
   the tokenizer's training forward (drop path from `draws`): x̂, the latents, the entropy term
   reconstruction  mean (x - x̂)²
   perceptual      mean over the images of LPIPS-VGG(x, x̂) (its weight ramped, loss_config)
-  entropy         the soft-VQ entropy regulariser (SoftVQVAE.training_forward)
+  entropy         the soft-VQ entropy regulariser (SoftVQVAE.training_forward), its mean code
+                  distribution over the batch of all processes (tokenizer_losses.pooled_entropy)
   alignment       -mean cos(projection(latents) repeated over N / T patches, DINOv2(x)), the
                   frozen DINOv2 on the real images without gradient
   generator       -mean D(DiffAugment(x̂)), D in training mode (its batch-norm statistics and
@@ -62,6 +63,7 @@ from softvq_fast.training.tokenizer_losses import (
     discriminator_hinge_loss,
     generator_hinge_loss,
     lecam_regulariser,
+    pooled_entropy,
     reconstruction_loss,
 )
 
@@ -219,7 +221,9 @@ class TokenizerTrainingStep:
         runner = self.tokenizer if runner is None else runner
         outputs = runner(images, training_outputs=True, draws=draws.drop_path(), autocast_dtype=self.autocast_dtype)
         fake = outputs.reconstructions
-        terms = {"reconstruction": reconstruction_loss(images, fake), "entropy": outputs.entropy_loss}
+        rows = outputs.latents.shape[0] * outputs.latents.shape[1]
+        terms = {"reconstruction": reconstruction_loss(images, fake),
+                 "entropy": pooled_entropy(outputs.entropy_loss, outputs.entropy_column_sum, rows)}
         with self._autocast(images):
             if self.lpips is not None:
                 terms["perceptual"] = self.lpips(images, fake).float().mean()
