@@ -6,7 +6,8 @@ import importlib
 import sys
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-COMMANDS = ("env", "calibrate", "reconstruct", "encode_dataset", "generate", "profile", "sample", "fid", "train_generator")
+COMMANDS = ("env", "calibrate", "reconstruct", "encode_dataset", "generate", "profile", "sample", "fid", "train_generator",
+            "train_tokenizer")
 
 
 def build_parser() -> argparse.ArgumentParser:
