@@ -9,11 +9,6 @@ import json
 import math
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,8 +18,11 @@ from safetensors.torch import load_file
 from support.cli import cli_error
 from support.latent_shards import gaussian_classes, write_latent_dataset
 from support.numerics import rel_err
-from support.paths import ROOT
 from support.tokenizer_files import save_tiny_tokenizer
+from support.training_runs import (
+    assert_same_state, checkpoint, kill_after_step, one_thread_like_the_subprocesses, run_two_gloo_processes,
+    subprocess_env, tensors,
+)
 
 from softvq_fast import cli, data
 from softvq_fast._extension import extension_available
@@ -49,20 +47,7 @@ PINNED_BACKENDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One torch thread, like the subprocesses (OMP_NUM_THREADS=1): the same GEMM kernels, and
-    tiny models run faster without two threads to wake per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for name, value in PINNED_BACKENDS.items():
-        monkeypatch.setenv(name, value)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _subprocess_env() -> dict[str, str]:
-    return {**os.environ, **PINNED_BACKENDS, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+one_thread = one_thread_like_the_subprocesses(PINNED_BACKENDS)
 
 
 def save_tiny_generator(directory: Path, family: str, *, tokens: int, channels: int, num_classes: int,
@@ -93,19 +78,6 @@ def _config(files, out, family="SiT", **changes) -> GeneratorTrainingConfig:
                     micro_batch=4, lr=1e-3, ema_decay=0.9, checkpoint_every=6, log_every=3, sample_every=0,
                     num_workers=0, progress=False)
     return GeneratorTrainingConfig(**{**settings, **changes})
-
-
-def _checkpoint(run: Path, step: int) -> dict:
-    return torch.load(run / "checkpoints" / f"step-{step:09d}.pt", weights_only=True)
-
-
-def _tensors(state, prefix="") -> dict[str, torch.Tensor]:
-    """Every tensor of a nested checkpoint dict, by path."""
-    if isinstance(state, torch.Tensor):
-        return {prefix: state}
-    if isinstance(state, dict):
-        return {k: v for key, value in state.items() for k, v in _tensors(value, f"{prefix}/{key}").items()}
-    return {}
 
 
 # ------------------------------------------------------------------------------------ it trains
@@ -197,40 +169,17 @@ def test_resume_after_sigkill_is_bit_identical_to_a_straight_run(files, tmp_path
     train_generator(straight)
     killed = replace(straight, out=tmp_path / "killed")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(killed).items()}
-    (tmp_path / "config.json").write_text(json.dumps(settings))
-    marker = tmp_path / "at-step-10"
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "train_until_hook.py"),
-                                str(tmp_path / "config.json"), "10", str(marker)],
-                               cwd=ROOT, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), process.communicate(timeout=10)[1].decode()[-3000:]
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    kill_after_step("generator", tmp_path / "run.json", 10, subprocess_env(PINNED_BACKENDS))
     assert [p.name for p in (killed.out / "checkpoints").iterdir()] == ["step-000000006.pt"]
     train_generator(replace(killed, resume=True))
-    one, two = _tensors(_checkpoint(straight.out, 12)), _tensors(_checkpoint(killed.out, 12))
-    assert one.keys() == two.keys() and any("/optimizer/" in k for k in one) and any("/ema/" in k for k in one)
-    different = [k for k in one if not torch.equal(one[k], two[k])]
-    assert not different, different
-    exports = [load_file(str(run / "export" / "model.safetensors")) for run in (straight.out, killed.out)]
-    assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
+    assert_same_state(straight.out, killed.out, 12)
     steps = [json.loads(line).get("step") for line in (killed.out / "log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [3, 6, 9, 12]  # the killed run's step 9 record, lost with its state, is gone
 
 
 # ------------------------------------------------------------------------------------ processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _argv(config: GeneratorTrainingConfig, *extra: str) -> list[str]:
     return ["train-generator", "--latents", str(config.latents), "--model", config.model, "--out", str(config.out),
             "--steps", str(config.steps), "--global-batch", str(config.global_batch), "--lr", str(config.lr),
@@ -248,19 +197,14 @@ def test_two_gloo_processes_ddp_and_fsdp_equal_one_process(files, tmp_path):
     one = _config(files, tmp_path / "one", steps=4, checkpoint_every=4, log_every=2)  # 2 micro-batches of 4
     train_generator(one)
     ddp, fsdp = replace(one, out=tmp_path / "ddp"), replace(one, out=tmp_path / "fsdp")  # 2 processes x 4
-    (tmp_path / "runs.json").write_text(json.dumps([_argv(ddp), _argv(fsdp, "--fsdp")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               str(ROOT / "tests" / "support" / "train_distributed.py"), str(tmp_path / "runs.json")]
-    result = subprocess.run(command, cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    start = _tensors({"model": load_file(str(files / "SiT" / "model.safetensors"))})
-    reference = _checkpoint(one.out, 4)
+    run_two_gloo_processes([_argv(ddp), _argv(fsdp, "--fsdp")], tmp_path, subprocess_env(PINNED_BACKENDS))
+    start = tensors({"model": load_file(str(files / "SiT" / "model.safetensors"))})
+    reference = checkpoint(one.out, 4)
     for run in (ddp.out, fsdp.out):
-        other = _checkpoint(run, 4)
+        other = checkpoint(run, 4)
         assert other["world_size"] == 2 and other["data"] == reference["data"]
         for part in ("model", "ema"):
-            ours, theirs = _tensors(reference["parts"]["generator"][part]), _tensors(other["parts"]["generator"][part])
+            ours, theirs = tensors(reference["parts"]["generator"][part]), tensors(other["parts"]["generator"][part])
             # fp32: gradients summed in another order (gloo's all-reduce vs accumulation); compared as
             # the change from the start, so the untouched part of the weights does not hide it
             for key in ours:
@@ -294,7 +238,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_before_any_later_checkp
     assert (error.value.step, error.value.term) == (3, "loss")
     # found when step 4 was to be checkpointed: step 4's checkpoint is not written, step 2's is intact
     assert [p.name for p in (config.out / "checkpoints").iterdir()] == ["step-000000002.pt"]
-    state = _tensors(_checkpoint(config.out, 2))
+    state = tensors(checkpoint(config.out, 2))
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     events = [json.loads(line) for line in (config.out / "log.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "non_finite" and events[-1]["step"] == 3
@@ -317,7 +261,7 @@ def test_an_unwritable_checkpoint_keeps_the_previous_one(files, tmp_path, monkey
     def look(step: int) -> None:
         if step == 4:
             seen["files"] = sorted(p.name for p in (config.out / "checkpoints").iterdir())
-            seen["step"] = _checkpoint(config.out, 2)["step"]
+            seen["step"] = checkpoint(config.out, 2)["step"]
 
     train_generator(config, hooks=[look])
     assert seen == {"files": ["step-000000002.pt"], "step": 2}  # no partial file, the previous one whole
@@ -382,7 +326,7 @@ def test_a_run_folder_with_another_configuration_is_refused(files, tmp_path, cap
     assert {p: p.stat().st_mtime_ns for p in config.out.rglob("*")} == before
     # what only changes how the run goes (steps, intervals, workers) may change
     assert cli.main(_argv(replace(config, steps=3, log_every=1)) + ["--resume"]) == 0
-    assert _checkpoint(config.out, 3)["step"] == 3
+    assert checkpoint(config.out, 3)["step"] == 3
 
 
 # ------------------------------------------------------------------------------------ ops
@@ -410,7 +354,7 @@ def test_training_runs_through_our_ops_with_gradients(files, tmp_path, monkeypat
     assert {name: (len(c), all(c)) for name, c in calls.items()} == {
         "attention": (3 * 2, True), "layernorm_modulate": (3 * 5, True), "linear": (3 * layers, True)}
     start = load_file(str(files / "SiT" / "model.safetensors"))
-    trained = _checkpoint(config.out, 3)["parts"]["generator"]["model"]
+    trained = checkpoint(config.out, 3)["parts"]["generator"]["model"]
     # adaLN-Zero: step 1 moves the output layer, step 2 the gates, step 3 everything before them
     assert all(not torch.equal(trained[k], start[k]) for k in start if k.endswith(".weight"))
     event = json.loads((config.out / "log.jsonl").read_text().splitlines()[0])
@@ -442,7 +386,7 @@ def test_samples_and_export_feed_generate(files, tmp_path, capsys):
     assert samples["latents"].shape == (2, TOKENS, CHANNELS) and samples["labels"].tolist() == [0, 3]
     assert (config.out / "samples" / "step-2.png").is_file()
     generator = load_generator(export)
-    ema = _checkpoint(config.out, 2)["parts"]["generator"]["ema"]
+    ema = checkpoint(config.out, 2)["parts"]["generator"]["ema"]
     assert all(torch.equal(generator.state_dict()[k], ema[k]) for k in ema)
     grid = tmp_path / "grid.png"
     assert cli.main(["generate", "--tokenizer", str(files / "tokenizer"), "--generator", str(export), "--classes",
