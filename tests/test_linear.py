@@ -137,14 +137,15 @@ def test_onednn_training_saves_and_computes_only_what_is_needed(needs, onednn_tr
 
 
 @needs_onednn
-def test_onednn_double_backward_matches_float64(onednn_training_calls):
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_onednn_double_backward_matches_float64(activation, onednn_training_calls):
     """create_graph=True: the backward is made of torch's differentiable products; the second
     backward (without create_graph) reaches the op's own backward once, through the GELU."""
     x, weight, b = _inputs((3, 11, 48), 40)
     leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
     leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
-    for tensors, y in ((leaves, linear(*leaves, activation="gelu", backend="onednn")),
-                       (leaves64, _reference(*leaves64, "gelu"))):
+    for tensors, y in ((leaves, linear(*leaves, activation=activation, backend="onednn")),
+                       (leaves64, _reference(*leaves64, activation))):
         grad_x, = torch.autograd.grad(y.square().sum(), tensors[0], create_graph=True)
         grad_x.square().sum().backward()
     for got, want in zip(leaves, leaves64):
@@ -345,7 +346,8 @@ def test_cpu_kernels_match_float64_in_every_build(isa, monkeypatch):
 
 @pytest.mark.parametrize("backend", [pytest.param("onednn", marks=needs_onednn), "torch", "auto"])
 def test_compiles_with_fullgraph(backend):
-    model = torch.nn.Sequential(Linear(64, 160, activation="gelu", linear_backend=backend), Linear(160, 48, linear_backend=backend))
+    model = torch.nn.Sequential(Linear(64, 160, activation="gelu", linear_backend=backend),
+                                Linear(160, 48, activation="gelu_tanh", linear_backend=backend))
     x = torch.randn(2, 300, 64, requires_grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
