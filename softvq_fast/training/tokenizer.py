@@ -39,12 +39,13 @@ The run folder (`config.out`):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -418,63 +419,53 @@ def _needed(file: Path | None, argument: str, why: str) -> Path:
     return Path(file)
 
 
+@contextlib.contextmanager
+def _blamed_on(argument: str, invalid: str = "config") -> Iterator[None]:
+    """A file that cannot be used (FrozenWeightsError) inside the block as SetupError(argument),
+    a setting it cannot take (another CheckpointError or ValueError) as SetupError(invalid)."""
+    try:
+        yield
+    except FrozenWeightsError as exc:
+        raise SetupError(argument, str(exc)) from None
+    except (CheckpointError, ValueError) as exc:
+        raise SetupError(invalid, str(exc)) from None
+
+
 def load_networks(config: TokenizerTrainingConfig, model: ModelSource) -> Networks:
     """Every network of the run from its file, checked before any step: SetupError naming the
     argument (dinov2, dino, vgg, ...) and, for a file that is missing, damaged or of another
     architecture, the file and the layout expected. Random initialisations draw from generators
     seeded by config.seed."""
-    losses = config.losses
-    source, description = model.start, model.description
+    losses, source = config.losses, model.start
     alignment = losses.alignment_weight > 0
-    try:
-        if isinstance(source, SoftVQConfig):
-            encoder_weights = None
-            if source.enc_pretrained:
-                encoder_weights = _needed(config.dinov2, "dinov2", f"the encoder starts from DINOv2 "
-                                          f"{source.encoder_model} (model.enc_pretrained is true; set it false to "
-                                          "start from random weights)")
-            tokenizer = tokenizer_for_training(source, encoder_weights=encoder_weights, alignment=alignment,
-                                               seed=config.seed)
-        else:
-            tokenizer = tokenizer_for_training(source, alignment=alignment, seed=config.seed)
-    except FrozenWeightsError as exc:
-        raise SetupError("dinov2", str(exc)) from None
-    except (CheckpointError, ValueError) as exc:
-        raise SetupError("config", str(exc)) from None
-    networks = Networks(tokenizer, None, None, None, description)
+    encoder_weights = None
+    if isinstance(source, SoftVQConfig) and source.enc_pretrained:
+        encoder_weights = _needed(config.dinov2, "dinov2", f"the encoder starts from DINOv2 {source.encoder_model} "
+                                  "(model.enc_pretrained is true; set it false to start from random weights)")
+    with _blamed_on("dinov2"):
+        tokenizer = tokenizer_for_training(source, encoder_weights=encoder_weights, alignment=alignment,
+                                           seed=config.seed)
+    networks = Networks(tokenizer, None, None, None, model.description)
     if alignment:
         argument = "alignment_dinov2" if config.alignment_dinov2 is not None else "dinov2"
         file = _needed(config.alignment_dinov2 or config.dinov2, argument, f"representation alignment "
                        f"(alignment_weight {losses.alignment_weight}) needs the frozen DINOv2 "
                        f"{tokenizer.config.repa_model} (or set alignment_weight to 0)")
-        try:
+        with _blamed_on(argument):
             networks.alignment = load_alignment_network(tokenizer.config, file, depth=config.alignment_depth)
-        except FrozenWeightsError as exc:
-            raise SetupError(argument, str(exc)) from None
-        except ValueError as exc:
-            raise SetupError("config", str(exc)) from None
     if losses.perceptual_weight > 0:
         file = _needed(config.vgg, "vgg", f"LPIPS (perceptual_weight {losses.perceptual_weight}) needs torchvision's "
                                           "VGG16 weights (or set perceptual_weight to 0)")
-        try:
+        with _blamed_on("lpips_heads"):
             heads = load_lpips_heads(config.lpips_heads)
-        except FrozenWeightsError as exc:
-            raise SetupError("lpips_heads", str(exc)) from None
-        try:
+        with _blamed_on("vgg"):
             networks.lpips = LPIPS(load_vgg16(file), heads)
-        except FrozenWeightsError as exc:
-            raise SetupError("vgg", str(exc)) from None
     if losses.adversarial_weight > 0:
         file = _needed(config.dino, "dino", f"the discriminator (adversarial_weight {losses.adversarial_weight}) "
                                             "needs the DINO ViT-S/16 weights (or set adversarial_weight to 0)")
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(mix_seed(config.seed, 1))
-                networks.discriminator = DinoDiscriminator.from_file(file, tuple(config.discriminator_taps)).train()
-        except FrozenWeightsError as exc:
-            raise SetupError("dino", str(exc)) from None
-        except ValueError as exc:
-            raise SetupError("discriminator_taps", str(exc)) from None
+        with _blamed_on("dino", invalid="discriminator_taps"), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(config.seed, 1))
+            networks.discriminator = DinoDiscriminator.from_file(file, tuple(config.discriminator_taps)).train()
     return networks
 
 
