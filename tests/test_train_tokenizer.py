@@ -244,9 +244,10 @@ def test_two_gloo_processes_equal_one_process_and_agree_to_skip(files, tmp_path)
                            subprocess_env(PINNED_BACKENDS))
 
     # Step 1: the gradients (AdamW's first moments, (1 - beta1) x gradient, and second moments) of
-    # both networks to fp32 rounding; the weights they moved to 1e-4, AdamW's first step being
-    # g / (|g| + 1e-8): elements whose gradient is near 1e-8 (the decoder's, behind LayerScale)
-    # move by their rounding, and those whose gradient is 0 but for rounding are left out.
+    # both networks to fp32 rounding; the weights they moved to 1e-3, AdamW's first step being
+    # lr x g / (|g| + 1e-8): an element whose gradient is near 1e-8 (behind the decoder's LayerScale,
+    # or summed from larger terms that nearly cancel) moves by its rounding, up to about 1e-4 of
+    # the step here; those whose gradient is 0 but for rounding are left out.
     networks = load_networks(one, model_source(one))
     start = {"tokenizer": networks.tokenizer.state_dict(), "discriminator": networks.discriminator.state_dict()}
     reference, other = checkpoint(one.out, 1), checkpoint(two.out, 1)
@@ -260,7 +261,7 @@ def test_two_gloo_processes_equal_one_process_and_agree_to_skip(files, tmp_path)
         for kind in ("model", "ema") if part == "tokenizer" else ("model",):
             ours, theirs = reference["parts"][part][kind], other["parts"][part][kind]
             moved = {k: v - start[part][k] for k, v in ours.items() if v.is_floating_point()}
-            _assert_close(moved, {k: theirs[k] - start[part][k] for k in moved}, 1e-4, f"{part} {kind}")
+            _assert_close(moved, {k: theirs[k] - start[part][k] for k in moved}, 1e-3, f"{part} {kind}")
     assert rel_err(other["extra"]["losses"]["lecam"]["real"], reference["extra"]["losses"]["lecam"]["real"]) <= 1e-5
     # Each term and gradient norm averaged over the processes; at step 2 on those weights.
     logged = [_logged(run) for run in (one.out, two.out)]
