@@ -413,10 +413,14 @@ def test_the_defaults_are_the_authors_configuration():
     assert WarmupCosine(2.0, 10, cosine=False).at(7) == 2.0
 
 
-def test_weight_decay_spares_vectors_and_biases(files, tmp_path):
+def test_weight_decay_spares_vectors_and_biases_and_the_backends_are_logged(files, tmp_path):
     config = _config(files, tmp_path / "run", losses={"perceptual_weight": 0.0, "alignment_weight": 0.0,
                                                       "adversarial_start_step": 1}, steps=1, checkpoint_every=1)
     train_tokenizer(config)
+    start = records(config.out)[0]
+    assert start["event"] == "start" and start["backends"] == {
+        "attention": PINNED_BACKENDS["SOFTVQ_FAST_ATTENTION_BACKEND"], "linear": "torch",
+        "soft_vq": PINNED_BACKENDS["SOFTVQ_FAST_SOFT_VQ_BACKEND"]}
     for part in ("tokenizer", "discriminator"):
         groups = checkpoint(config.out, 1)["parts"][part]["optimizer"]["param_groups"]
         assert [g["weight_decay"] for g in groups] == [0.0, 1e-4]
