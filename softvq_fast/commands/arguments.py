@@ -41,14 +41,21 @@ def device(text: str) -> torch.device:
     return parsed
 
 
+class UsageError(Exception):
+    """An argument the command cannot use, found after parsing (a missing folder, a checkpoint that
+    does not load). `softvq_fast.cli.main` prints it as argparse prints the values it rejects
+    itself, `softvq-fast COMMAND: error: <message>`, and exits with status 2; failures of a run
+    that had valid arguments exit with status 1."""
+
+
 def check_device_usable(device: torch.device, option: str = "--device") -> None:
-    """SystemExit naming `option` unless a tensor can be made on `device` (a CUDA device on a
+    """UsageError naming `option` unless a tensor can be made on `device` (a CUDA device on a
     machine without one, or an index past the last GPU, fails here rather than after loading)."""
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SystemExit(f"{option}: {device} is not usable here ({reason})") from None
+        raise UsageError(f"{option}: {device} is not usable here ({reason})") from None
 
 
 def _real(text: str, accept, expected: str) -> float:
@@ -96,16 +103,17 @@ def checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
 
 @contextlib.contextmanager
 def training_errors() -> Iterator[None]:
-    """A trainer's setting or input it cannot train (FieldError, SetupError) as a one-line
-    SystemExit naming the option, a run that cannot go on (TrainingError) as one naming why."""
+    """A trainer's setting or input it cannot train (FieldError, SetupError) as a UsageError
+    naming the option, a run that cannot go on (TrainingError) as a one-line SystemExit (status 1)
+    naming why."""
     from softvq_fast.models.fields import FieldError
     from softvq_fast.training.loop import SetupError, TrainingError
 
     try:
         yield
     except FieldError as exc:
-        raise SystemExit(f"--{exc.name.replace('_', '-').split('[')[0]}: {exc}") from None
+        raise UsageError(f"--{exc.name.replace('_', '-').split('[')[0]}: {exc}") from None
     except SetupError as exc:
-        raise SystemExit(f"--{exc.argument.replace('_', '-')}: {exc.message}") from None
+        raise UsageError(f"--{exc.argument.replace('_', '-')}: {exc.message}") from None
     except TrainingError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -93,11 +93,11 @@ def _device(requested: torch.device | None, local_rank: int) -> torch.device:
 def _check_paths(args: argparse.Namespace) -> None:
     """The folder arguments, before any process loads or writes anything."""
     if not args.images.exists():
-        raise SystemExit(f"--images: {args.images} does not exist")
+        raise arguments.UsageError(f"--images: {args.images} does not exist")
     if not args.images.is_dir():
-        raise SystemExit(f"--images: {args.images} is not a folder")
+        raise arguments.UsageError(f"--images: {args.images} is not a folder")
     if args.out.exists() and not args.out.is_dir():
-        raise SystemExit(f"--out: {args.out} exists and is not a folder")
+        raise arguments.UsageError(f"--out: {args.out} exists and is not a folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _encode(args)
     except CheckpointError as exc:
-        raise SystemExit(f"--model: {exc}") from None
+        raise arguments.UsageError(f"--model: {exc}") from None
     except data.DatasetError as exc:
-        raise SystemExit(f"--{exc.argument}: {exc.message}") from None
+        raise arguments.UsageError(f"--{exc.argument}: {exc.message}") from None
 
 
 def _encode(args: argparse.Namespace) -> int:

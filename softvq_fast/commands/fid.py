@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="images per Inception batch (default 64)")
     parser.add_argument("--json", type=output_file((".json",)), default=None, metavar="FILE",
                         help="also write the scores to this JSON file")
-    parser.set_defaults(func=run, error=parser.error)
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         scores = evaluate(args.samples, args.reference, inception=args.inception, device=args.device,
                           batch_size=args.batch, progress=True)
     except InceptionError as exc:
-        raise SystemExit(f"--inception: {exc}") from None
+        raise arguments.UsageError(f"--inception: {exc}") from None
     reference = "its mu, sigma" if scores.reference_statistics == "precomputed" else "statistics of its images"
     print(f"samples: {scores.num_samples} images of {args.samples}; reference: {args.reference} ({reference})")
     print(f"FID: {scores.fid:.4f}")

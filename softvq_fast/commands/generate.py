@@ -193,7 +193,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=output_file(IMAGE_EXTENSIONS), default=Path("grid.png"),
                         help=f"output image in an existing folder, {'/'.join(IMAGE_EXTENSIONS)} (default grid.png)")
     parser.add_argument("--nrow", type=arguments.positive_int, default=None, help="images per grid row (default about sqrt(B))")
-    parser.set_defaults(func=run, error=parser.error)
+    parser.set_defaults(func=run)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

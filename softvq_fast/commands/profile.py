@@ -98,4 +98,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=arguments.positive_int, default=15, help="rows of the kernel table (default 15)")
     parser.add_argument("--out", type=output_file((".json",)), default="profile_trace.json",
                         help="Chrome trace file in an existing folder (default profile_trace.json)")
-    parser.set_defaults(func=run, error=parser.error)
+    parser.set_defaults(func=run)

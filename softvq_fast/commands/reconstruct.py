@@ -57,15 +57,15 @@ def output_names(paths: list[Path]) -> list[str]:
 def _check_paths(images: list[Path], out: Path) -> None:
     missing = [str(p) for p in images if not p.exists()]
     if missing:
-        raise SystemExit(f"IMAGE: not found: {', '.join(missing)}")
+        raise arguments.UsageError(f"IMAGE: not found: {', '.join(missing)}")
     folders = [str(p) for p in images if not p.is_file()]
     if folders:
-        raise SystemExit(f"IMAGE: not a file: {', '.join(folders)}")
+        raise arguments.UsageError(f"IMAGE: not a file: {', '.join(folders)}")
     repeated = [path for path, n in Counter(str(p.resolve()) for p in images).items() if n > 1]
     if repeated:
-        raise SystemExit(f"IMAGE: given more than once: {', '.join(repeated)}")
+        raise arguments.UsageError(f"IMAGE: given more than once: {', '.join(repeated)}")
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out: {out} exists and is not a folder")
+        raise arguments.UsageError(f"--out: {out} exists and is not a folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,18 +77,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = SoftVQVAE.from_pretrained(args.model, device=args.device)
     except CheckpointError as exc:
-        raise SystemExit(f"--model: {exc}") from None
+        raise arguments.UsageError(f"--model: {exc}") from None
     if model.load_report.ignored:
         print(f"ignored {len(model.load_report.ignored)} training-only checkpoint keys")
     size = model.config.image_size
     loaded = [data.try_load_image(p, size) for p in args.images]
     unreadable = [f"{p} ({reason})" for p, (_, reason) in zip(args.images, loaded) if reason]
     if unreadable:
-        raise SystemExit(f"IMAGE: cannot read {'; '.join(unreadable)}")
+        raise arguments.UsageError(f"IMAGE: cannot read {'; '.join(unreadable)}")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SystemExit(f"--out: cannot create the folder {args.out} ({exc.strerror or exc})") from None
+        raise arguments.UsageError(f"--out: cannot create the folder {args.out} ({exc.strerror or exc})") from None
     originals = torch.stack([image for image, _ in loaded]).to(args.device)
     autocast = torch.bfloat16 if args.bf16 else None
     with torch.inference_mode():

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="images sampled at a time by each process; the unit kept for resuming (default 64)")
     parser.add_argument("--labels", choices=("balanced", "uniform"), default="balanced",
                         help="class of each image (default balanced)")
-    parser.set_defaults(func=run, error=parser.error)
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         result = sample_to_npz(tokenizer, generator, args.out, device=device, progress=True,
                                cuda_graph=False if args.no_cuda_graph else None, **options)
     except SamplingError as exc:
-        raise SystemExit(f"--out: {exc}") from None
+        raise arguments.UsageError(f"--out: {exc}") from None
     if rank == 0:
         size = tokenizer.config.image_size
         print(f"wrote {result.out}: {num} images of {size} x {size} in {result.parts} batches (rank 0 found "
