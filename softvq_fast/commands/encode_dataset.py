@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from softvq_fast import data
+from softvq_fast import data, distributed
 from softvq_fast.commands import arguments
 
 EPILOG = """\
@@ -66,28 +66,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 BARRIER_TIMEOUT = timedelta(days=7)
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); joins the process group when started by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    dist.init_process_group(backend="gloo", timeout=BARRIER_TIMEOUT)
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+def join_ranks() -> tuple[int, int]:
+    """(rank, world size), joining torchrun's process group (gloo: the ranks only meet at
+    barriers, whatever their devices) when started by torchrun."""
+    distributed.join_process_group("gloo", BARRIER_TIMEOUT)
+    return distributed.rank_and_world()
 
 
-def _device(requested: torch.device | None, local_rank: int) -> torch.device:
-    """--device, else this process's GPU if there is one, else the CPU. A CUDA device without an
-    index is the GPU of LOCAL_RANK (modulo the visible GPUs: a launcher may show each process
-    only its own); it becomes the current device."""
-    if requested is None and not torch.cuda.is_available():
-        return torch.device("cpu")
-    device = requested or torch.device("cuda")
-    arguments.check_device_usable(device)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    return device
+def command_device(requested: torch.device | None) -> torch.device:
+    """--device (checked usable), else this process's GPU if there is one, else the CPU
+    (`softvq_fast.distributed.process_device`)."""
+    if requested is not None:
+        arguments.check_device_usable(requested)
+    return distributed.process_device(requested)
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -115,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     from softvq_fast.models import SoftVQVAE
 
-    rank, world, local_rank = _distributed()
-    device = _device(args.device, local_rank)
+    rank, world = join_ranks()
+    device = command_device(args.device)
     model = SoftVQVAE.from_pretrained(args.model, device=device)
     config = model.config
     listing = data.list_images(args.images)

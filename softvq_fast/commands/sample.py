@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch.distributed as dist
 
 from softvq_fast.commands import arguments
-from softvq_fast.commands.encode_dataset import _device, _distributed
+from softvq_fast.commands.encode_dataset import command_device, join_ranks
 from softvq_fast.commands.generate import DTYPES, add_model_arguments, check_before_loading, load_models, output_file
 
 EPILOG = """\
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.per_class is not None and args.labels != "balanced":
         args.error("argument --per-class: needs --labels balanced (uniform labels have no fixed count per class)")
-    device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = command_device(args.device)
     tokenizer_folder, generator_folder, family, skeleton = check_before_loading(args, device)
     num = args.num or args.per_class * skeleton.y_embedder.num_classes
     sampling = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, path=args.path,
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         check_started_run(args.out, settings)
     except SamplingError as exc:
         args.error(f"argument --out: {exc}")
-    rank, world, _ = _distributed()
+    rank, world = join_ranks()
     tokenizer, generator = load_models(args, device, tokenizer_folder, generator_folder, family)
     try:
         result = sample_to_npz(tokenizer, generator, args.out, device=device, progress=True,

@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from softvq_fast import distributed
 from softvq_fast.data import mix_seed
 from softvq_fast.models import fields
 
@@ -233,26 +234,11 @@ class Runtime:
 
 def start_runtime(device: str | torch.device | None = None) -> Runtime:
     """Join torchrun's process group when WORLD_SIZE > 1 (unless the caller already did): NCCL on
-    GPUs, gloo on the CPU. `device` (default: the GPU of LOCAL_RANK if there is one, else the
-    CPU); an index-less "cuda" is LOCAL_RANK's GPU (modulo the visible GPUs), made current."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    resolved = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {resolved}: CUDA is not available on this machine")
-        if resolved.index is None:
-            resolved = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(resolved)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if resolved.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
-                                device_id=resolved if resolved.type == "cuda" else None)
-        owns = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return Runtime(rank, world, local_rank, resolved, owns)
+    GPUs, gloo on the CPU, on `device` as `softvq_fast.distributed.process_device` resolves it."""
+    resolved = distributed.process_device(device)
+    owns = distributed.join_process_group("nccl" if resolved.type == "cuda" else "gloo", COLLECTIVE_TIMEOUT, resolved)
+    rank, world = distributed.rank_and_world()
+    return Runtime(rank, world, distributed.local_rank(), resolved, owns)
 
 
 def in_runtime(settings: LoopSettings, train: Callable[[Runtime], T]) -> T:
