@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, type=Path, help="tokenizer folder (config.json + model.safetensors)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="tokenizer: a release folder (config.json + model.safetensors) or a Hugging Face Hub repo id")
     parser.add_argument("--images", required=True, type=Path, help="folder of images (class subfolders give labels)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--batch-size", type=arguments.positive_int, default=32, help="images encoded at a time")

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "on the clamped float images in [0, 1]. An image that cannot be read stops the command before "
         "anything is written, naming the file; 16-bit and float grayscale images are scaled to 8 bits.",
     )
-    parser.add_argument("--model", required=True, type=Path, help="tokenizer folder (config.json + model.safetensors)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="tokenizer: a release folder (config.json + model.safetensors) or a Hugging Face Hub repo id")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--out", type=Path, default=Path("reconstructions"), help="folder for the PNGs")
     parser.add_argument("--device", type=arguments.device,
