@@ -15,8 +15,8 @@ Backends (the `backend` argument or SOFTVQ_FAST_LINEAR_BACKEND overrides `auto`)
           gradᵀ·x, grad_bias = the column sums of grad; where the extension is built, its kernel
           that transposes grad for grad_weight sums them on the way) and the activation is a
           separate op on the saved pre-activation (a fused epilogue does not keep it): the
-          extension's tanh-GELU kernels where it is built, else torch's; torch's erf GELU. Forward-mode AD, torch.func transforms, CPU autocast and
-          in_features = 0 go to `torch`.
+          extension's tanh-GELU kernels where it is built, else torch's; torch's erf GELU.
+          Forward-mode AD, torch.func transforms, CPU autocast and in_features = 0 go to `torch`.
   torch   torch.nn.functional.linear, then the activation (in place when no gradient is needed):
           any device and dtype, as nn.Linear
 The automatic order keys the rule by the pass: "forward" without autograd, "forward+backward"
@@ -187,7 +187,7 @@ def _affine_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad
     need_bias = need_bias and ctx.has_bias
-    grad_input = grad_weight = grad_bias = None
+    grad_weight = grad_bias = None
     if torch.is_grad_enabled():  # create_graph=True: differentiable torch products, for a double backward
         grad_input = grad @ weight if need_input else None
         grad_weight = _rows(grad).t() @ _rows(x) if need_weight else None
