@@ -6,11 +6,22 @@ import math
 
 import pytest
 import torch
+from torch.utils import flop_counter
 
 from bench import measure
 from bench.harness import Context
-from bench.suites import attention, layernorm_modulate, linear, softvq, tokenizer
-from softvq_fast.models import SoftVQVAE
+from bench.plain_models import PlainSiT, plain_copy
+from bench.suites import attention, layernorm_modulate, linear, softvq, tokenizer, train
+from bench.training_check import NotTheSameFunction, largest_fitting_batch, make_every_layer_count
+from softvq_fast.models import SiT, SoftVQVAE, adaln_transformer
+from softvq_fast.models.vit import Block, PatchEmbed
+from softvq_fast.nn.linear import Linear
+from softvq_fast.nn.transformer import Attention, Mlp
+from softvq_fast.training.discriminator import DinoDiscriminator
+from softvq_fast.training.frozen import DinoViTS16
+from softvq_fast.training.tokenizer_model import tokenizer_for_training
+from support.numerics import rel_err
+from support.tokenizer_training import tiny_training_config
 
 
 def _fake_round_robin(fns, device, *, rounds, **kwargs):
@@ -112,3 +123,96 @@ def test_tokenizer_suite(ctx, monkeypatch, reference_dir):
     assert all(row["rel_err_vs_math"] > 0 for row in rows if row["backend"] == "auto")  # other kernels than math's
     assert any("on plain PyTorch" in note for note in ctx.notes)  # the time split
     assert any("auto vs the baseline: median 2 vs 6 ms (3.00x)" in note for note in ctx.notes)
+
+
+# ------------------------------------------------------------------------------ training suites
+TINY_SIT = (2, 48, 2)  # depth, hidden, heads of "SiT-S" in the training suites' tests
+
+
+def _train_cases():
+    return [train.Case("SiT-S/1", train._tokens(9, 6), 3),
+            train.Case("SiT-S/2", {"input_size": 6, "in_channels": 4}, 2, sd_vae=True)]
+
+
+def test_train_suite(ctx, monkeypatch):
+    monkeypatch.setattr(measure, "time_round_robin", _fake_round_robin)
+    monkeypatch.setitem(adaln_transformer.SIZES, "S", TINY_SIT)
+    monkeypatch.setattr(train, "QUICK", _train_cases())
+    rows = train.run(ctx)
+    assert [(r["case"], r["tokens"], r["batch"], r["stack"]) for r in rows] == [
+        (case, tokens, batch, stack) for case, tokens, batch in (("SiT-S/1 on 9 x 6 tokens", 9, 3),
+                                                                 ("SiT-S/2 on 6x6x4 latents", 9, 2))
+        for stack in ("ours", "plain PyTorch")]
+    _check_baselines(rows, ("case",), lambda row: row["stack"] == "plain PyTorch")
+    assert all(row["loss_rel_err"] <= 1e-5 and row["grad_rel_err"] <= 1e-4 for row in rows)
+    # fake times: ours 1 ms, plain 2 ms per iteration
+    assert [row["speedup"] for row in rows] == [2.0, 1.0, 2.0, 1.0]
+    sd_vae = rows[2:]
+    assert all(row["x_vs_sd_vae"] == row["ideal_x"] == row["eff"] == 1.0 for row in sd_vae)
+    for row, base in zip(rows[:2], sd_vae):
+        assert row["x_vs_sd_vae"] == pytest.approx(row["batch"] / base["batch"])  # equal times per iteration
+        assert row["ideal_x"] == pytest.approx(base["gflops_per_sample"] / row["gflops_per_sample"])
+        assert row["eff"] == pytest.approx(row["x_vs_sd_vae"] / row["ideal_x"])
+    assert any("ours runs attention" in note for note in ctx.notes)
+
+
+def test_train_suite_counts_the_cpu_attention_backward():
+    q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
+    train._register_training_flop_formulas()
+    _, flops = train.counted_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    shape = (2, 3, 17, 8)
+    assert flops == flop_counter.sdpa_flop_count(shape, shape, shape) + flop_counter.sdpa_backward_flop_count(
+        shape, shape, shape, shape)
+
+
+class _PlainSiTSkippingItsLastBlock(PlainSiT):
+    def __init__(self, of):
+        super().__init__(of)
+        self.blocks[-1].forward = lambda x, c: x
+
+
+def test_train_suite_refuses_a_baseline_that_computes_another_function(ctx, monkeypatch):
+    monkeypatch.setitem(adaln_transformer.SIZES, "S", TINY_SIT)
+    monkeypatch.setattr(train, "QUICK", _train_cases()[:1])
+    monkeypatch.setattr(train, "PlainSiT", _PlainSiTSkippingItsLastBlock)
+    with pytest.raises(NotTheSameFunction, match="SiT-S/1 on 9 x 6 tokens, batch 3: ours and the plain baseline"):
+        train.run(ctx)
+
+
+def test_train_suite_halves_the_batch_until_it_fits(ctx, monkeypatch):
+    ctx.device = torch.device("cuda")  # only the batch search looks at it
+    tried = []
+
+    def measure_batch(batch):
+        tried.append(batch)
+        if batch > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return batch
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert largest_fitting_batch(ctx, 256, measure_batch, "case") == 64 and tried == [256, 128, 64]
+    assert ctx.notes == ["case: batch 256 did not fit in GPU memory; tried 128",
+                         "case: batch 128 did not fit in GPU memory; tried 64"]
+
+
+def test_plain_sit_is_the_same_network():
+    torch.manual_seed(0)
+    ours = SiT(depth=2, hidden_size=48, num_heads=2, input_size=6, in_channels=4, patch_size=2)
+    make_every_layer_count(ours, seed=1)
+    plain = PlainSiT(ours)
+    assert [(n, p.shape) for n, p in plain.named_parameters()] == [(n, p.shape) for n, p in ours.named_parameters()]
+    x, t, y = torch.randn(3, 4, 6, 6), torch.rand(3), torch.tensor([1, 5, 999])
+    drop = torch.tensor([False, True, False])
+    assert rel_err(plain(x, t, y, label_drop=drop), ours(x, t, y, label_drop=drop)) <= 1e-5
+
+
+def test_plain_copy_leaves_no_layer_of_ours(reference_dir):
+    ours = tokenizer_for_training(tiny_training_config(enc_pretrained=False), seed=0)
+    discriminator = DinoDiscriminator(DinoViTS16(depth=2, gelu="tanh").freeze(), taps=(1,))
+    for network, modules in ((ours, ours.modules()), (discriminator, discriminator.dino.modules())):
+        plain = plain_copy(network)
+        inner = plain.dino.modules() if network is discriminator else plain.modules()
+        assert not [m for m in inner if isinstance(m, (Attention, Mlp, Linear, Block, PatchEmbed))]
+        assert [(n, p.shape) for n, p in plain.named_parameters()] == [
+            (n, p.shape) for n, p in network.named_parameters()]
+    assert plain_copy(ours).quantize.backend == "reference" and ours.quantize.backend == "auto"
