@@ -2,6 +2,7 @@
 baseline row and speed-ups, and its error columns (no timed assertions)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -11,14 +12,14 @@ from torch.utils import flop_counter
 from bench import measure
 from bench.harness import Context
 from bench.plain_models import PlainSiT, plain_copy
-from bench.suites import attention, layernorm_modulate, linear, softvq, tokenizer, train
+from bench.suites import attention, layernorm_modulate, linear, softvq, tokenizer, tokenizer_train, train
 from bench.training_check import NotTheSameFunction, largest_fitting_batch, make_every_layer_count
 from softvq_fast.models import SiT, SoftVQVAE, adaln_transformer
 from softvq_fast.models.vit import Block, PatchEmbed
 from softvq_fast.nn.linear import Linear
 from softvq_fast.nn.transformer import Attention, Mlp
 from softvq_fast.training.discriminator import DinoDiscriminator
-from softvq_fast.training.frozen import DinoViTS16
+from softvq_fast.training.frozen import DinoViTS16, FrozenDINOv2
 from softvq_fast.training.tokenizer_model import tokenizer_for_training
 from support.numerics import rel_err
 from support.tokenizer_training import tiny_training_config
@@ -204,6 +205,50 @@ def test_plain_sit_is_the_same_network():
     x, t, y = torch.randn(3, 4, 6, 6), torch.rand(3), torch.tensor([1, 5, 999])
     drop = torch.tensor([False, True, False])
     assert rel_err(plain(x, t, y, label_drop=drop), ours(x, t, y, label_drop=drop)) <= 1e-5
+
+
+def _tiny_tokenizer_suite(monkeypatch):
+    """The tiny training tokenizer; a 1-block alignment DINOv2; the discriminator's 1-block trunk
+    on 32 px (4 patches) instead of 224 px."""
+    config = tiny_training_config(enc_pretrained=False, repa_patch_size=16, num_latent_tokens=4, codebook_size=40)
+    monkeypatch.setattr(measure, "time_round_robin", _fake_round_robin)
+    monkeypatch.setattr(tokenizer_train, "training_config", lambda preset: config)
+    monkeypatch.setattr(tokenizer_train, "FrozenDINOv2", functools.partial(FrozenDINOv2, depth=1))
+    monkeypatch.setattr(tokenizer_train, "DISCRIMINATOR_TAPS", (0,))
+    monkeypatch.setattr(DinoViTS16, "image_size", 32)
+    monkeypatch.setattr(tokenizer_train, "QUICK", [("tiny", 2)])
+    monkeypatch.setattr(tokenizer_train, "QUANTIZER_BATCHES", {True: (2, 3)})
+
+
+def test_tokenizer_train_suite(ctx, monkeypatch):
+    _tiny_tokenizer_suite(monkeypatch)
+    rows = tokenizer_train.run(ctx)
+    quantizer = "quantizer alone: soft VQ fwd+bwd, 4 tokens, 2 x 40 x 8 codes"
+    assert [(r["case"], r["batch"], r["stack"]) for r in rows] == [
+        (case, batch, stack) for case, batch in ((quantizer, 2), (quantizer, 3), ("tiny 32 px, no GAN", 2),
+                                                 ("tiny 32 px, GAN", 2))
+        for stack in ("ours", "plain PyTorch")]
+    _check_baselines(rows, ("case", "batch"), lambda row: row["stack"] == "plain PyTorch")
+    assert all(row["loss_rel_err"] <= 1e-5 and row["grad_rel_err"] <= 1e-4 for row in rows)
+    assert all(row["images_per_s"] == row["batch"] / row["median_ms"] * 1e3 for row in rows)
+    shares = [note for note in ctx.notes if note.startswith("Quantizer share")]
+    assert shares[0] == "Quantizer share, tiny 32 px, no GAN, batch 2, ours: 1 of 1 ms (100.0%), " + shares[0].split(
+        "(100.0%), ")[1]  # fake times: 1 ms for ours everywhere
+    assert len(shares) == 4  # both stacks of both iterations at batch 2; none at batch 3
+
+
+def _plain_copy_skipping_the_decoders_last_block(network):
+    plain = plain_copy(network)
+    if isinstance(network, SoftVQVAE):
+        plain.decoder.model.blocks[-1].forward = lambda x, rotate=None, rows=None, draws=None: x[:, rows]
+    return plain
+
+
+def test_tokenizer_train_suite_refuses_a_baseline_that_computes_another_function(ctx, monkeypatch):
+    _tiny_tokenizer_suite(monkeypatch)
+    monkeypatch.setattr(tokenizer_train, "plain_copy", _plain_copy_skipping_the_decoders_last_block)
+    with pytest.raises(NotTheSameFunction, match="tiny 32 px, no GAN, batch 2: ours and the plain baseline"):
+        tokenizer_train.run(ctx)
 
 
 def test_plain_copy_leaves_no_layer_of_ours(reference_dir):
