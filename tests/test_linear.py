@@ -154,6 +154,38 @@ def test_onednn_double_backward_matches_float64(activation, onednn_training_call
 
 
 @needs_onednn
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("modified", [False, True])
+def test_onednn_mlp_computes_the_activation_again_instead_of_keeping_it(activation, modified):
+    """fc1 -> GELU -> fc2 on the training path: fc2 keeps the GELU's input (which the GELU's
+    backward keeps anyway) rather than its output, and computes the output again in its backward;
+    an output modified in place before fc2 is kept as it is. Gradients, also of a double backward,
+    against float64."""
+    x, w1, b1 = _inputs((3, 13, 40), 72)
+    _, w2, b2 = _inputs((1, 72), 24)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    leaves64 = [t.double().requires_grad_() for t in (x, w1, b1, w2, b2)]
+
+    def mlp(x, w1, b1, w2, b2, reference=False):
+        h = _reference(x, w1, b1, activation) if reference else linear(x, w1, b1, activation=activation, backend="onednn")
+        if modified:
+            h.mul_(1.5)
+        return (_reference(h, w2, b2, "none") if reference else linear(h, w2, b2, backend="onednn")), h
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, hidden = mlp(*leaves)
+    assert any(t.data_ptr() == hidden.data_ptr() for t in saved) == modified
+    y64, _ = mlp(*leaves64, reference=True)
+    grad = torch.randn(y.shape, dtype=torch.float64)
+    (torch.autograd.grad(y, leaves[0], grad.float(), create_graph=True)[0].square().sum() + (y * grad).sum()).backward()
+    (torch.autograd.grad(y64, leaves64[0], grad, create_graph=True)[0].square().sum() + (y64 * grad).sum()).backward()
+    assert rel_err(y, y64) <= 1e-5
+    for got, want in zip(leaves, leaves64):
+        assert rel_err(got.grad, want.grad) <= 1e-5
+
+
+@needs_onednn
 def test_onednn_training_with_empty_dimensions():
     """No rows, no outputs: zero gradients of the right shapes; no input features: torch (oneDNN
     rejects an empty reduction), and an explicit onednn says why."""

@@ -25,6 +25,7 @@ with it (cpu_rules.window_key).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -179,12 +180,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _affine_setup_context(ctx, inputs, output) -> None:
     x, weight, bias = inputs
     # x serves only grad_weight and weight only grad_input: keep no more than the backward reads.
+    # Where x is the unmodified output of the previous layer's activation, keep that activation's
+    # input instead (its own backward keeps it anyway) and compute x again in the backward.
+    ctx.activation = None
+    if ctx.needs_input_grad[1]:
+        ctx.activation, x = _activation_source(x)
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
     ctx.has_bias = bias is not None
 
 
 def _affine_backward(ctx, grad):
     x, weight = ctx.saved_tensors
+    if ctx.activation is not None:
+        x = _activation(x, ctx.activation)
     need_input, need_weight, need_bias = ctx.needs_input_grad
     need_bias = need_bias and ctx.has_bias
     grad_weight = grad_bias = None
@@ -224,11 +232,35 @@ if _CPU_KERNELS:
                                     setup_context=_gelu_tanh_setup_context)
 
 
-def _trainable_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """The activation after the affine op of the oneDNN training path."""
+# The attribute by which an activation's output on the training path names its source:
+# (weak reference to the pre-activation, activation, the output's version when made).
+_SOURCE = "_softvq_fast_activation_source"
+
+
+def _activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation of the oneDNN training path, differentiable; deterministic, so that a
+    second evaluation on the same input gives the same values."""
     if activation == "gelu_tanh" and _CPU_KERNELS:
         return torch.ops.softvq_fast.gelu_tanh_cpu_forward(y)
     return F.gelu(y, approximate=ACTIVATIONS[activation][1])
+
+
+def _trainable_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation after the affine op of the oneDNN training path, tagged with its source for
+    a next linear layer (_affine_setup_context)."""
+    out = _activation(y, activation)
+    if not torch.compiler.is_compiling():
+        setattr(out, _SOURCE, (weakref.ref(y), activation, out._version))
+    return out
+
+
+def _activation_source(x: torch.Tensor) -> tuple[str | None, torch.Tensor]:
+    """(activation, its input) when x is an activation's output not modified since, else (None, x)."""
+    source = getattr(x, _SOURCE, None)
+    if source is None or source[2] != x._version:
+        return None, x
+    pre_activation = source[0]()
+    return (None, x) if pre_activation is None else (source[1], pre_activation)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> None:
