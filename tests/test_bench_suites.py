@@ -140,11 +140,11 @@ def test_train_suite(ctx, monkeypatch):
     monkeypatch.setitem(adaln_transformer.SIZES, "S", TINY_SIT)
     monkeypatch.setattr(train, "QUICK", _train_cases())
     rows = train.run(ctx)
-    assert [(r["case"], r["tokens"], r["batch"], r["stack"]) for r in rows] == [
+    assert [(r["case"], r["tokens"], r["batch"], r["backend"]) for r in rows] == [
         (case, tokens, batch, stack) for case, tokens, batch in (("SiT-S/1 on 9 x 6 tokens", 9, 3),
                                                                  ("SiT-S/2 on 6x6x4 latents", 9, 2))
         for stack in ("ours", "plain PyTorch")]
-    _check_baselines(rows, ("case",), lambda row: row["stack"] == "plain PyTorch")
+    _check_baselines(rows, ("case",), lambda row: row["backend"] == "plain PyTorch")
     assert all(row["loss_rel_err"] <= 1e-5 and row["grad_rel_err"] <= 1e-4 for row in rows)
     # fake times: ours 1 ms, plain 2 ms per iteration
     assert [row["speedup"] for row in rows] == [2.0, 1.0, 2.0, 1.0]
@@ -224,11 +224,11 @@ def test_tokenizer_train_suite(ctx, monkeypatch):
     _tiny_tokenizer_suite(monkeypatch)
     rows = tokenizer_train.run(ctx)
     quantizer = "quantizer alone: soft VQ fwd+bwd, 4 tokens, 2 x 40 x 8 codes"
-    assert [(r["case"], r["batch"], r["stack"]) for r in rows] == [
+    assert [(r["case"], r["batch"], r["backend"]) for r in rows] == [
         (case, batch, stack) for case, batch in ((quantizer, 2), (quantizer, 3), ("tiny 32 px, no GAN", 2),
                                                  ("tiny 32 px, GAN", 2))
         for stack in ("ours", "plain PyTorch")]
-    _check_baselines(rows, ("case", "batch"), lambda row: row["stack"] == "plain PyTorch")
+    _check_baselines(rows, ("case", "batch"), lambda row: row["backend"] == "plain PyTorch")
     assert all(row["loss_rel_err"] <= 1e-5 and row["grad_rel_err"] <= 1e-4 for row in rows)
     assert all(row["images_per_s"] == row["batch"] / row["median_ms"] * 1e3 for row in rows)
     shares = [note for note in ctx.notes if note.startswith("Quantizer share")]

@@ -216,7 +216,7 @@ def _precision(device: torch.device) -> str:
 
 
 def _row(case: str, batch: int, precision: str, stack: str, result: Checked, errors: tuple[float, float]) -> dict:
-    return {"case": case, "batch": batch, "precision": precision, "stack": stack, "median_ms": result.median_ms,
+    return {"case": case, "batch": batch, "precision": precision, "backend": stack, "median_ms": result.median_ms,
             "images_per_s": batch / result.median_ms * 1e3, "peak_mib": result.peak_bytes / 2**20,
             "loss_rel_err": errors[0], "grad_rel_err": errors[1]}
 
@@ -275,12 +275,12 @@ def measure_quantizer(ctx, tokenizer: nn.Module, batch: int) -> list[dict[str, A
 
 def share_notes(ctx, rows: list[dict[str, Any]]) -> None:
     """The quantizer's time and peak memory as fractions of each iteration at the same batch."""
-    quantizer = {(r["batch"], r["stack"]): r for r in rows if r["case"].startswith(QUANTIZER_CASE)}
+    quantizer = {(r["batch"], r["backend"]): r for r in rows if r["case"].startswith(QUANTIZER_CASE)}
     for row in rows:
-        q = quantizer.get((row["batch"], row["stack"]))
+        q = quantizer.get((row["batch"], row["backend"]))
         if q is None or row["case"].startswith(QUANTIZER_CASE):
             continue
-        ctx.note(f"Quantizer share, {row['case']}, batch {row['batch']}, {row['stack']}: {q['median_ms']:.0f} of "
+        ctx.note(f"Quantizer share, {row['case']}, batch {row['batch']}, {row['backend']}: {q['median_ms']:.0f} of "
                  f"{row['median_ms']:.0f} ms ({q['median_ms'] / row['median_ms']:.1%}), peak {q['peak_mib']:.0f} of "
                  f"{row['peak_mib']:.0f} MiB ({q['peak_mib'] / row['peak_mib']:.1%}).")
 
@@ -300,7 +300,7 @@ def run(ctx) -> list[dict[str, Any]]:
         gc.collect()
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
-    add_speedups(rows, ("case", "batch"), lambda row: row["stack"] == PLAIN)
+    add_speedups(rows, ("case", "batch"), lambda row: row["backend"] == PLAIN)
     share_notes(ctx, rows)
     timing = TIMING[ctx.quick]
     ctx.note(f"Medians of {timing['rounds']} alternating rounds of {timing['repeats']} iteration(s) each"

@@ -204,7 +204,7 @@ def measure_case(ctx, case: Case, batch: int) -> list[dict[str, Any]]:
     steps = {OURS: ours_step(loop, model, inputs), PLAIN: plain_step(plain, inputs, loop.autocast)}
     checked = check_and_time(ctx, steps, case.name, **TIMING[ctx.quick])
     tokens = model.num_tokens
-    return [{"case": case.name, "tokens": tokens, "batch": batch, "precision": _precision(device), "stack": stack,
+    return [{"case": case.name, "tokens": tokens, "batch": batch, "precision": _precision(device), "backend": stack,
              "median_ms": result.median_ms, "samples_per_s": batch / result.median_ms * 1e3,
              "peak_mib": result.peak_bytes / 2**20, "loss_rel_err": check[0], "grad_rel_err": check[1],
              "gflops_per_sample": flops / 1e9, "sd_vae": case.sd_vae}
@@ -214,10 +214,10 @@ def measure_case(ctx, case: Case, batch: int) -> list[dict[str, Any]]:
 def add_cost_ratios(rows: list[dict[str, Any]]) -> None:
     """x_vs_sd_vae, ideal_x and eff on every row (NaN without an SD-VAE-shaped case); drops the
     rows' sd_vae flag."""
-    reference = {row["stack"]: row for row in rows if row["sd_vae"]}
+    reference = {row["backend"]: row for row in rows if row["sd_vae"]}
     for row in rows:
         del row["sd_vae"]
-        base = reference.get(row["stack"])
+        base = reference.get(row["backend"])
         if base is None:
             row.update(x_vs_sd_vae=math.nan, ideal_x=math.nan, eff=math.nan)
             continue
@@ -235,7 +235,7 @@ def run(ctx) -> list[dict[str, Any]]:
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     add_cost_ratios(rows)
-    add_speedups(rows, ("case",), lambda row: row["stack"] == PLAIN)
+    add_speedups(rows, ("case",), lambda row: row["backend"] == PLAIN)
     timing = TIMING[ctx.quick]
     ctx.note(f"Medians of {timing['rounds']} alternating rounds of {timing['repeats']} iteration(s) each"
              + (f" after {timing['uncounted_rounds']} uncounted round(s)" if timing.get("uncounted_rounds") else "")
