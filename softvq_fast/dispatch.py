@@ -107,8 +107,8 @@ class OpBackends:
     priority: inputs -> backend names in the order `auto` tries them. A backend left out of it is
         used only when asked for by name.
     order_summary: the automatic order in words, for `softvq-fast env`.
-    legacy_env_var: an older name of the override variable, still read (with a
-        DeprecationWarning) when the new one is not set.
+    legacy_env_var: an older name of the override variable, still read when the new one is not
+        set, with a FutureWarning (a deprecation aimed at users, so shown by default).
     """
 
     op: str
@@ -136,7 +136,7 @@ class OpBackends:
             value = os.environ.get(self.legacy_env_var)
             if value is not None:
                 warnings.warn(
-                    f"{self.legacy_env_var} is deprecated; set {self.env_var} instead", DeprecationWarning, stacklevel=3
+                    f"{self.legacy_env_var} is deprecated; set {self.env_var} instead", FutureWarning, stacklevel=3
                 )
         return value or None
 

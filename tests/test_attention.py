@@ -268,7 +268,7 @@ def test_the_old_environment_variable_still_works_with_a_warning(monkeypatch):
     monkeypatch.delenv("SOFTVQ_FAST_ATTENTION_BACKEND", raising=False)
     monkeypatch.setenv("SOFTVQ_FAST_ATTENTION", "math")
     calls = _record_calls(monkeypatch, ("math",))
-    with pytest.warns(DeprecationWarning, match="SOFTVQ_FAST_ATTENTION is deprecated; set SOFTVQ_FAST_ATTENTION_BACKEND"):
+    with pytest.warns(FutureWarning, match="SOFTVQ_FAST_ATTENTION is deprecated; set SOFTVQ_FAST_ATTENTION_BACKEND"):
         attention(*qkv(1, 7, 7, 2, 16, torch.float32))
     assert calls == ["math"]
     monkeypatch.setenv("SOFTVQ_FAST_ATTENTION_BACKEND", "sdpa")  # the new name wins

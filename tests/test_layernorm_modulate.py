@@ -170,7 +170,7 @@ def test_environment_override_and_its_old_name(monkeypatch):
         BACKENDS.select(inputs)
     monkeypatch.delenv("SOFTVQ_FAST_LAYERNORM_MODULATE_BACKEND")
     monkeypatch.setenv("SOFTVQ_FAST_LN_MODULATE_BACKEND", "nope")
-    with pytest.warns(DeprecationWarning, match="SOFTVQ_FAST_LN_MODULATE_BACKEND is deprecated; set "
+    with pytest.warns(FutureWarning, match="SOFTVQ_FAST_LN_MODULATE_BACKEND is deprecated; set "
                                                 "SOFTVQ_FAST_LAYERNORM_MODULATE_BACKEND"):
         with pytest.raises(ValueError, match="unknown backend 'nope'"):
             BACKENDS.select(inputs)

@@ -273,7 +273,7 @@ def test_the_old_environment_variable_still_works_with_a_warning(monkeypatch):
     monkeypatch.delenv("SOFTVQ_FAST_LINEAR_BACKEND", raising=False)
     monkeypatch.setenv("SOFTVQ_FAST_LINEAR", "torch")
     x, weight, b = _inputs((600, 96), 200)
-    with pytest.warns(DeprecationWarning, match="SOFTVQ_FAST_LINEAR is deprecated; set SOFTVQ_FAST_LINEAR_BACKEND"):
+    with pytest.warns(FutureWarning, match="SOFTVQ_FAST_LINEAR is deprecated; set SOFTVQ_FAST_LINEAR_BACKEND"):
         assert select_backend(x, weight, b).name == "torch"
 
 

@@ -139,7 +139,7 @@ def test_dispatch_old_environment_name_warns_and_yields_to_the_new(monkeypatch):
     monkeypatch.delenv("SOFTVQ_FAST_TOY_BACKEND", raising=False)
     monkeypatch.setenv("TOY_OLD", "missing")
     op = _op(legacy_env_var="TOY_OLD")
-    with pytest.warns(DeprecationWarning, match="TOY_OLD is deprecated; set SOFTVQ_FAST_TOY_BACKEND instead"):
+    with pytest.warns(FutureWarning, match="TOY_OLD is deprecated; set SOFTVQ_FAST_TOY_BACKEND instead"):
         with pytest.raises(NoBackendError, match=r"'missing' \(set by SOFTVQ_FAST_TOY_BACKEND\)"):
             op.select(_Inputs())
     monkeypatch.setenv("SOFTVQ_FAST_TOY_BACKEND", "small")

@@ -219,7 +219,7 @@ def test_the_old_environment_variable_still_works_with_a_warning(monkeypatch):
     monkeypatch.delenv("SOFTVQ_FAST_SOFT_VQ_BACKEND", raising=False)
     monkeypatch.setenv("SOFTVQ_FAST_BACKEND", "reference")
     inputs = SoftVQInputs(torch.device("cpu"), torch.float32, False, 8)
-    with pytest.warns(DeprecationWarning, match="SOFTVQ_FAST_BACKEND is deprecated; set SOFTVQ_FAST_SOFT_VQ_BACKEND"):
+    with pytest.warns(FutureWarning, match="SOFTVQ_FAST_BACKEND is deprecated; set SOFTVQ_FAST_SOFT_VQ_BACKEND"):
         assert BACKENDS.select(inputs).name == "reference"
     monkeypatch.setenv("SOFTVQ_FAST_SOFT_VQ_BACKEND", "cpu")  # the new name wins
     assert BACKENDS.select(inputs).name == "cpu"
