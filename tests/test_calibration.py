@@ -221,6 +221,10 @@ def test_built_in_table_is_keyed_by_what_was_measured():
 
 def test_calibrate_command_and_env_report(machine, monkeypatch, tmp_path, capsys):
     machine(*ZEN4)
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert f"calibration file: {tmp_path / 'cpu_rules.json'}: not written (run `softvq-fast calibrate`" in out
+    assert "entries" not in out
     monkeypatch.setattr(calibration, "round_robin_timer", lambda **kwargs: fake_timer(linear_rule_case))
     assert cli.main(["calibrate", "--ops", "linear", "--quick"]) == 0
     out = capsys.readouterr().out

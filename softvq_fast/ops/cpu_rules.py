@@ -229,6 +229,8 @@ def _load() -> _Loaded:
         return _Loaded(path, {}, error, error)
     if mode == "builtin":
         return _Loaded(path, {}, f"ignored ({RULES_ENV}=builtin)", None)
+    if not path.exists():
+        return _Loaded(path, {}, "not written (run `softvq-fast calibrate`)", None)
     try:
         return _Loaded(path, read_calibration_file(path)["machines"], None, None)
     except ValueError as exc:
