@@ -1,10 +1,11 @@
 """Every Triton kernel compiles for sm_80 and sm_90 (ahead of time, no GPU needed) with the block
 sizes our launchers choose, fits the shared memory of an A100 / H100-H200, and at the released
-models' codebook dims (D <= 64) keeps its tiles in registers (a stack of at most 128 bytes a
-thread, where 4 warps had up to 7 KB, and 64-code blocks in the entropy gradient up to 5.6 KB
-with triton 3.6). The interpreter tests check the arithmetic; this checks what only
-a GPU compile sees (tl.dot layouts, bf16 paths, register and shared-memory budgets) before a GPU
-ever runs it."""
+models' codebook dims (D <= 64) keeps its tiles in registers: at most MAX_STACK_BYTES of stack a
+thread, a small allowance that a kernel holding its tiles in registers stays within, because
+registers spilled to local memory make every access to them a round trip through the caches. A
+launcher whose block size makes a kernel spill must pick a smaller one. The interpreter tests check
+the arithmetic; this checks what only a GPU compile sees (tl.dot layouts, bf16 paths, register and
+shared-memory budgets) before a GPU ever runs it."""
 from __future__ import annotations
 
 import json
