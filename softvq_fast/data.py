@@ -128,6 +128,8 @@ def _walk_image_files(folder: Path) -> list[str]:
     """Relative paths of the image files under `folder`, symbolic links to files and to folders
     followed alike. A link back to a folder that contains it (a loop) and a link to nothing are
     skipped with a warning; a folder that cannot be read is an error (a class would vanish)."""
+    if not folder.is_dir():
+        raise DatasetError("images", f"{folder} {'is not a folder' if folder.exists() else 'does not exist'}")
     found: list[str] = []
     top = folder.stat()
     stack: list[tuple[Path, tuple[str, ...], frozenset]] = [(folder, (), frozenset({(top.st_dev, top.st_ino)}))]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-from softvq_fast.data import mix_seed
+from softvq_fast.data import DatasetError, mix_seed
 from softvq_fast.training.image_data import (
     ImageBatch,
     SkippedImage,
@@ -98,6 +98,14 @@ def test_items_depend_on_seed_epoch_and_index_alone(tmp_path, seed):
         assert view.min() >= -1 and view.max() <= 1
     with pytest.raises(IndexError, match="item 3 of an image folder of 3"):
         dataset[3]
+
+
+def test_a_missing_folder_or_a_file_is_named(tmp_path):
+    with pytest.raises(DatasetError, match=f"images: {tmp_path / 'absent'} does not exist"):
+        TrainingImageFolder(tmp_path / "absent", SIZE)
+    _write(tmp_path / "one.png", 40, 36, 0)
+    with pytest.raises(DatasetError, match=f"images: {tmp_path / 'one.png'} is not a folder"):
+        TrainingImageFolder(tmp_path / "one.png", SIZE)
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
