@@ -103,6 +103,17 @@ class Checked:
         return {"median_ms": self.median_ms, "peak_mib": self.peak_bytes / 2**20, "rel_err": self.rel_err}
 
 
+def dense_matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    """GFLOP/s of torch.mm on square matrices large enough to run at the machine's dense matrix
+    product speed (2 n^3 FLOPs a product; median of several after a warm-up): the rate that work
+    made of matrix products can approach and not exceed."""
+    n = 8192 if device.type == "cuda" else 2048
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator, device=device, dtype=dtype) for _ in range(2))
+    timing = time_fn(lambda: torch.mm(a, b), device, warmup=2, repeats=7)
+    return 2 * n**3 / timing.median_ms / 1e6
+
+
 def _label(key: Hashable) -> str:
     return " via ".join(key) if isinstance(key, tuple) else str(key)
 

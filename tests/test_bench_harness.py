@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bench import attention_order, harness
-from bench.compare import add_speedups, relative_error
-from bench.measure import cpu_name, device_name
+from bench.compare import add_flop_ceiling, add_speedups, relative_error
+from bench.measure import cpu_name, dense_matmul_gflops, device_name
 
 
 def _row(case: str, backend: str, ms: float, via: str = "softvq_fast") -> dict:
@@ -30,6 +30,26 @@ def test_speedups_divide_the_fastest_baseline_row_of_each_group():
     assert [row["baseline"] for row in rows] == ["", "", "yes", "", "yes", ""]
     assert math.isnan(rows[5]["speedup"])
     assert list(rows[0]) == ["case", "backend", "via", "median_ms", "speedup", "baseline"]
+
+
+def test_flop_ceiling_against_hand_computed_numbers():
+    rows = [_row("x", "ours", 2.0), _row("x", "plain", 4.0, "direct"), _row("y", "ours", 5.0)]
+    for row, gflop in zip(rows, (0.3, 0.3, 1.0)):
+        row["gflop"] = gflop
+    add_speedups(rows, ("case",), lambda row: row["via"] == "direct")
+    add_flop_ceiling(rows, ("case",), lambda row: row["gflop"], gflop_per_s=300.0)
+    # 0.3 GFLOP at 300 GFLOP/s take 1 ms: 50% of the ceiling in 2 ms, 25% in 4; bound 4 ms / 1 ms
+    assert [row["ceiling_pct"] for row in rows[:2]] == [pytest.approx(50.0), pytest.approx(25.0)]
+    assert [row["speedup_bound"] for row in rows[:2]] == [pytest.approx(4.0), pytest.approx(4.0)]
+    assert rows[2]["ceiling_pct"] == pytest.approx(100 * (1.0 / 300 * 1e3) / 5.0)
+    assert math.isnan(rows[2]["speedup_bound"])  # no baseline in its group
+
+
+def test_dense_matmul_rate_counts_two_n_cubed_flops_per_product(monkeypatch):
+    from bench import measure
+
+    monkeypatch.setattr(measure, "time_fn", lambda fn, device, **kw: measure.Timing.of([1000.0]))  # 1 s a product
+    assert dense_matmul_gflops(torch.device("cpu"), torch.float32) == pytest.approx(2 * 2048**3 / 1e9)
 
 
 def test_relative_error():

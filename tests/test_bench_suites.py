@@ -159,7 +159,7 @@ def test_train_suite(ctx, monkeypatch):
 
 def test_train_suite_counts_the_cpu_attention_backward():
     q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
-    train._register_training_flop_formulas()
+    train.register_training_flop_formulas()
     _, flops = train.counted_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
     shape = (2, 3, 17, 8)
     assert flops == flop_counter.sdpa_flop_count(shape, shape, shape) + flop_counter.sdpa_backward_flop_count(

@@ -17,6 +17,10 @@ grad_rel_err: ours against the plain step).
 Cost ratios: x_vs_sd_vae = the SD-VAE-shaped case's time per sample / the row's, per stack;
 ideal_x the same ratio of training FLOPs per sample (torch's FLOP counter on one plain forward +
 backward: matrix products and attention), eff = x_vs_sd_vae / ideal_x.
+FLOP ceiling (bench.compare.add_flop_ceiling): ceiling_pct = the row's FLOPs per second as a
+percentage of this machine's dense matrix-product rate (measured in the run, in the stacks'
+precision); speedup_bound = the largest speed-up over the plain step that doing the same FLOPs
+allows here. Where the plain step already runs near that rate, no exact kernel can gain more.
 
 Quick mode (CPU, fp32): SiT-B/1 on 64 tokens of 32 channels at batch 16, and SiT-B/2 on 32x32x4
 latents (256 tokens) at batch 4, the same 1024 token rows per matrix product (batch 16 would take
@@ -34,8 +38,8 @@ from typing import Any, Callable
 
 import torch
 
-from bench.compare import add_speedups
-from bench.measure import check_and_time
+from bench.compare import add_flop_ceiling, add_speedups, flop_ceiling_note
+from bench.measure import check_and_time, dense_matmul_gflops
 from bench.plain_models import PlainSiT, flow_matching_loss_plain, update_ema_plain
 from bench.suites.claims import _register_flop_formulas, counted_flops
 from bench.training_check import (
@@ -159,13 +163,13 @@ def check_exactness(ours: SiT, plain: PlainSiT, inputs: Inputs, what: str) -> tu
 
 def training_flops_per_sample(plain: PlainSiT, inputs: Inputs) -> float:
     """FLOPs of one plain forward + backward on one sample (float32, torch's FLOP counter)."""
-    _register_training_flop_formulas()
+    register_training_flop_formulas()
     _, flops = counted_flops(lambda: plain_loss(plain, inputs.first(1)).sum().backward())
     clear_gradients(plain)
     return flops
 
 
-def _register_training_flop_formulas() -> None:
+def register_training_flop_formulas() -> None:
     """claims' formulas, and the backward of the CPU kernel SDPA dispatches to (torch counts it
     as 0 FLOPs)."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count
@@ -181,6 +185,10 @@ def _register_training_flop_formulas() -> None:
 
 def _precision(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def measure_case(ctx, case: Case, batch: int) -> list[dict[str, Any]]:
@@ -236,6 +244,9 @@ def run(ctx) -> list[dict[str, Any]]:
             torch.cuda.empty_cache()
     add_cost_ratios(rows)
     add_speedups(rows, ("case",), lambda row: row["backend"] == PLAIN)
+    dtype = _autocast_dtype(ctx.device)
+    rate = dense_matmul_gflops(ctx.device, dtype)
+    add_flop_ceiling(rows, ("case",), lambda row: row["gflops_per_sample"] * row["batch"], rate)
     timing = TIMING[ctx.quick]
     ctx.note(f"Medians of {timing['rounds']} alternating rounds of {timing['repeats']} iteration(s) each"
              + (f" after {timing['uncounted_rounds']} uncounted round(s)" if timing.get("uncounted_rounds") else "")
@@ -249,6 +260,7 @@ def run(ctx) -> list[dict[str, Any]]:
     ctx.note("Cost ratios: x_vs_sd_vae = time per sample of the SD-VAE-shaped case (same stack) / the row's; "
              "ideal_x = training FLOPs per sample of that case / the row's (torch's FLOP counter on one plain "
              "forward + backward in float32: matrix products and attention); eff = x_vs_sd_vae / ideal_x.")
+    ctx.note(flop_ceiling_note(rate, dtype, "gflops_per_sample x batch"))
     if ctx.quick:
         ctx.note("Quick mode (CPU, fp32): the SD-VAE-shaped case runs at batch 4 instead of 16 to fit the CI budget "
                  "(the same 1024 token rows per matrix product as 64 tokens x 16); full mode (GPU, bf16 autocast) "
