@@ -257,6 +257,18 @@ def test_rule_windows_bound_the_multiply_adds_and_input_features(machine):
 
 
 @needs_onednn
+def test_the_trainers_report_the_backend_of_a_micro_batchs_rows(machine, monkeypatch):
+    """The backend a training run logs is what its layers pick at the micro-batch's size."""
+    from softvq_fast.training.loop import linear_backend
+
+    monkeypatch.delenv(BACKENDS.env_var, raising=False)
+    machine(*MEASURED)
+    layer = Linear(256, 768)
+    assert linear_backend(layer, 1, torch.device("cpu")) == "torch"  # 2^17.6 multiply-adds
+    assert linear_backend(layer, 16 * 16, torch.device("cpu")) == "onednn"  # 2^25.6
+
+
+@needs_onednn
 def test_choice_follows_set_num_threads(machine, monkeypatch, onednn_calls):
     """The rule was measured at 2 threads: at 1 or 4 threads torch goes first, read per call."""
     monkeypatch.delenv(BACKENDS.env_var, raising=False)

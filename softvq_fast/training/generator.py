@@ -225,7 +225,7 @@ def training_backends(model: AdaLNTransformer, micro_batch: int, device: torch.d
     norm = LayerNormModulateInputs(device, torch.float32, True, block.attn.dim)
     return {"attention": attention_backend(block.attn, micro_batch, model.num_tokens, device, autocast_dtype),
             "layernorm_modulate": LAYERNORM_MODULATE.select(norm, block.norm_backend).name,
-            "linear": linear_backend(block.attn.qkv, device)}
+            "linear": linear_backend(block.attn.qkv, micro_batch * model.num_tokens, device)}
 
 
 # ------------------------------------------------------------------------------------ run folder

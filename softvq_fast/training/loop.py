@@ -736,11 +736,12 @@ def attention_backend(attn: nn.Module, batch: int, tokens: int, device: torch.de
     return BACKENDS.select(inputs, attn.backend).name
 
 
-def linear_backend(layer: nn.Module, device: torch.device) -> str:
-    """The backend softvq_fast.nn.linear.Linear `layer` picks for inputs that need a gradient."""
+def linear_backend(layer: nn.Module, rows: int, device: torch.device) -> str:
+    """The backend softvq_fast.nn.linear.Linear `layer` picks for `rows` input rows (a micro-batch's
+    tokens: `auto` may choose by size) that need a gradient."""
     from softvq_fast.ops.linear import select_backend
 
-    x = torch.empty(1, layer.weight.shape[1], device=device, requires_grad=True)
+    x = torch.empty(rows, layer.weight.shape[1], device=device, requires_grad=True)
     weight = torch.empty(layer.weight.shape, device=device)
     with torch.enable_grad():
         return select_backend(x, weight, backend=layer.linear_backend).name

@@ -483,7 +483,7 @@ def training_backends(model: SoftVQVAE, micro_batch: int, device: torch.device,
     block = encoder.blocks[0]
     soft_vq = SoftVQInputs(device, torch.float32, True, config.codebook_embed_dim)
     return {"attention": attention_backend(block.attn, micro_batch, tokens, device, autocast_dtype),
-            "linear": linear_backend(block.attn.qkv, device),
+            "linear": linear_backend(block.attn.qkv, micro_batch * tokens, device),
             "soft_vq": SOFT_VQ.select(soft_vq, model.quantize.backend).name}
 
 
