@@ -80,11 +80,15 @@ class LPIPS(FrozenModule):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x and y must both be (B, 3, H, W), got {tuple(x.shape)} and {tuple(y.shape)}")
-        batch = x.shape[0]
-        # One VGG pass over both images.
-        pixels = (torch.cat([x, y]) - self.shift) / self.scale
-        distance = x.new_zeros(batch)
-        for features, head in zip(self.vgg(pixels), self.heads):
-            fx, fy = _unit_channels(features[:batch]), _unit_channels(features[batch:])
-            distance = distance + torch.einsum("bchw,c->bhw", (fx - fy).square(), head).mean(dim=(1, 2))
+        distance = x.new_zeros(x.shape[0])
+        for fx, fy, head in zip(self._features(x), self._features(y), self.heads):
+            distance = distance + torch.einsum("bchw,c->bhw", (_unit_channels(fx) - _unit_channels(fy)).square(),
+                                               head).mean(dim=(1, 2))
         return distance
+
+    def _features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """VGG16's five feature maps of `image`, each image on its own: autograd records the pass
+        only for an image that needs a gradient (in training the real one does not), so the
+        backward runs through the reconstructions' pass alone."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and image.requires_grad):
+            return self.vgg((image - self.shift) / self.scale)
