@@ -7,6 +7,7 @@ PlainSiT       the authors' SiT written from the math (1-D tokens or 2-D latents
 plain_copy     a deep copy of a tokenizer-side network (SoftVQVAE, the frozen DINOv2, the DINO
                discriminator) with every softvq_fast layer replaced by its plain counterpart and
                the soft quantiser on its `reference` backend (the tokens x codes tensors)
+PlainLPIPS     LPIPS-VGG as the `lpips` package computes the authors' perceptual loss
 flow_matching_loss_plain, update_ema_plain   the authors' SiT loss and EMA update
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from softvq_fast.models.vit import Block, PatchEmbed, SwiGLU
 from softvq_fast.nn.linear import Linear
 from softvq_fast.nn.transformer import Attention, Mlp
 from softvq_fast.training.discriminator import DinoDiscriminator
+from softvq_fast.training.lpips import LPIPS
 
 ADALN_EPS = 1e-6
 FREQUENCY_DIM = 256
@@ -173,6 +175,35 @@ def update_ema_plain(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 # ------------------------------------------------------------------------ tokenizer-side networks
+class PlainLPIPS(nn.Module):
+    """LPIPS-VGG the way the `lpips` package runs it: each image through the scaling layer and
+    VGG16 on its own, each layer's features divided by their norm over channels (+1e-10), the
+    squared difference through the layer's bias-free 1x1 convolution, the spatial mean, summed
+    over the layers. Shares `lpips`'s VGG16 and heads. forward(x, y) -> (B,)."""
+
+    EPS = 1e-10
+
+    def __init__(self, lpips: LPIPS) -> None:
+        super().__init__()
+        self.vgg, self.shift, self.scale = lpips.vgg, lpips.shift, lpips.scale
+        self.heads = nn.ModuleList()
+        for head in lpips.heads:
+            conv = nn.Conv2d(head.numel(), 1, 1, bias=False).requires_grad_(False)
+            conv.weight.data = head.detach().view(1, -1, 1, 1)
+            self.heads.append(conv)
+
+    def _normalised(self, features: torch.Tensor) -> torch.Tensor:
+        return features / (torch.sqrt(torch.sum(features**2, dim=1, keepdim=True)) + self.EPS)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        features_x = self.vgg((x - self.shift) / self.scale)
+        features_y = self.vgg((y - self.shift) / self.scale)
+        total = 0
+        for fx, fy, head in zip(features_x, features_y, self.heads):
+            total = total + head((self._normalised(fx) - self._normalised(fy)) ** 2).mean([2, 3], keepdim=True)
+        return total.view(-1)
+
+
 class PlainLayerScaleBlock(nn.Module):
     """timm's pre-norm block with LayerScale: x + gamma1 * attn(norm1(x)), then x + gamma2 *
     mlp(norm2(x)), over every token (`rows` selects output rows afterwards)."""

@@ -9,13 +9,16 @@ the alignment projector), LPIPS on a random VGG16 with random heads, the alignme
 encoder's size at patch 16, the DINO ViT-S/16 discriminator with fresh heads.
 Rows of a case (the same weights, images and random draws on both):
   ours           SoftVQVAE.training_forward (the fused soft-VQ op; attention and linear layers on
-                 `auto`), the frozen DINOv2 and DINO trunks on `auto` too, TokenizerTrainingStep's
-                 losses, the trainer's AdamW, clipping and EMA (softvq_fast.training.loop)
+                 `auto`), the frozen DINOv2 and DINO trunks on `auto` too, softvq_fast's LPIPS,
+                 TokenizerTrainingStep's losses, the trainer's AdamW, clipping and EMA
+                 (softvq_fast.training.loop)
   plain PyTorch  the baseline: every network copied into plain PyTorch (bench.plain_models.plain_copy:
                  SDPA attention, nn.Linear, Conv2d patch embeddings, LayerScale as a multiply, the
                  encoder's last block over every token, the soft quantiser's `reference` math with
-                 its tokens x codes tensors), the same losses (TokenizerTrainingStep, LPIPS), the
-                 same AdamW and clipping, the authors' per-parameter EMA update
+                 its tokens x codes tensors), LPIPS as the `lpips` package computes it
+                 (bench.plain_models.PlainLPIPS, the same VGG16 and heads), the same loss
+                 arithmetic (TokenizerTrainingStep), the same AdamW and clipping, the authors'
+                 per-parameter EMA update
   no GAN: the tokenizer update alone (adversarial weight 0: reconstruction, LPIPS, entropy,
   alignment); GAN: after the adversarial start, the generator term in the tokenizer update, then
   the discriminator's (hinge, LeCAM, consistency).
@@ -25,6 +28,10 @@ float32 (check_exactness); NotTheSameFunction stops the suite when they differ b
 Quantizer rows: soft_vq forward (with the statistics and the entropy regulariser) and backward
 at the iteration's shapes, ours (`auto`: the fused kernels) against `reference` (the plain rows'
 math), time and peak memory; the notes give its share of the iteration at the same batch.
+
+FLOP ceiling (bench.compare.add_flop_ceiling; gflop: the plain iteration's or quantizer pass's
+matrix products, convolutions and attention, torch's FLOP counter): ceiling_pct and speedup_bound,
+as in the train suite.
 
 Quick mode (CPU, fp32): ViT-S encoder and decoder, 256 px, 64 tokens, batch 4; the quantizer also
 at the authors' per-GPU batch of 32. Full mode (GPU, bf16 autocast): ViT-B and ViT-L, batch 32.
@@ -41,9 +48,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.compare import add_speedups
-from bench.measure import Checked, check_and_time
-from bench.plain_models import plain_copy, update_ema_plain
+from bench.compare import add_flop_ceiling, add_speedups, flop_ceiling_note
+from bench.measure import Checked, check_and_time, dense_matmul_gflops
+from bench.plain_models import PlainLPIPS, plain_copy, update_ema_plain
+from bench.suites.claims import counted_flops
+from bench.suites.train import register_training_flop_formulas
 from bench.training_check import (
     LOSS_TOL, check_same, clear_gradients, float32_convolutions, gradients, make_every_layer_count,
 )
@@ -75,10 +84,10 @@ ENTROPY_WEIGHT = TokenizerLossConfig().entropy_weight
 DISCRIMINATOR_TAPS = DEFAULT_TAPS  # the DINO trunk's blocks read out (it runs up to the last)
 
 # (preset, batch): each runs without and with the GAN terms.
-QUICK = [("softvq-s-64", 1)]
+QUICK = [("softvq-s-64", 4)]
 FULL = [("softvq-b-64", 32), ("softvq-l-64", 32)]
 # Batches of the quantizer rows: the iterations' and the authors' per-GPU batch.
-QUANTIZER_BATCHES = {True: (1, 32), False: (32,)}
+QUANTIZER_BATCHES = {True: (4, 32), False: (32,)}
 # Alternating rounds (time_round_robin's arguments): quick mode sized for the CI budget, full mode
 # for bench/gpu_check.sh's limit of the suite.
 TIMING = {True: dict(rounds=3, repeats=1), False: dict(rounds=5, repeats=2, uncounted_rounds=1)}
@@ -126,10 +135,11 @@ def stacks(networks: Networks, gan: bool, autocast_dtype: torch.dtype | None) ->
     """Ours and the plain copies, from the same current weights."""
     config = TokenizerLossConfig() if gan else TokenizerLossConfig(adversarial_weight=0.0)
     made = {}
-    for label, copy_of in ((OURS, lambda network: network), (PLAIN, plain_copy)):
+    for label, copy_of, lpips in ((OURS, lambda network: network, networks.lpips),
+                                  (PLAIN, plain_copy, PlainLPIPS(networks.lpips))):
         tokenizer, alignment = copy_of(networks.tokenizer), copy_of(networks.alignment)
         discriminator = copy_of(networks.discriminator) if gan else None
-        step = TokenizerTrainingStep(tokenizer, config, lpips=networks.lpips, alignment=alignment,
+        step = TokenizerTrainingStep(tokenizer, config, lpips=lpips, alignment=alignment,
                                      discriminator=discriminator, autocast_dtype=autocast_dtype)
         made[label] = Stack(tokenizer, discriminator, step)
     return made
@@ -215,10 +225,18 @@ def _precision(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def _row(case: str, batch: int, precision: str, stack: str, result: Checked, errors: tuple[float, float]) -> dict:
+def _row(case: str, batch: int, precision: str, stack: str, result: Checked, errors: tuple[float, float],
+         gflop: float) -> dict:
     return {"case": case, "batch": batch, "precision": precision, "backend": stack, "median_ms": result.median_ms,
             "images_per_s": batch / result.median_ms * 1e3, "peak_mib": result.peak_bytes / 2**20,
-            "loss_rel_err": errors[0], "grad_rel_err": errors[1]}
+            "loss_rel_err": errors[0], "grad_rel_err": errors[1], "gflop": gflop}
+
+
+def plain_gflop(step: Callable[[], Any]) -> float:
+    """GFLOP of one call of a plain step (torch's FLOP counter: matrix products, convolutions,
+    attention)."""
+    register_training_flop_formulas()
+    return counted_flops(step)[1] / 1e9
 
 
 def measure_iteration(ctx, networks: Networks, preset: str, batch: int, gan: bool) -> list[dict[str, Any]]:
@@ -233,8 +251,9 @@ def measure_iteration(ctx, networks: Networks, preset: str, batch: int, gan: boo
                         device=device) * 2 - 1
     errors = check_exactness(made, images, f"{case}, batch {batch}")
     iterations = {OURS: ours_iteration(loop, made[OURS], images), PLAIN: plain_iteration(made[PLAIN], images)}
+    gflop = plain_gflop(iterations[PLAIN])
     checked = check_and_time(ctx, iterations, case, **TIMING[ctx.quick])
-    return [_row(case, batch, _precision(device), stack, result, errors) for stack, result in checked.items()]
+    return [_row(case, batch, _precision(device), stack, result, errors, gflop) for stack, result in checked.items()]
 
 
 def quantizer_pass(z: torch.Tensor, codebook: torch.Tensor, grad: torch.Tensor, tau: float, l2_norm: bool,
@@ -269,8 +288,9 @@ def measure_quantizer(ctx, tokenizer: nn.Module, batch: int) -> list[dict[str, A
     chosen = SOFT_VQ.select(SoftVQInputs(ctx.device, torch.float32, True, config.codebook_embed_dim)).name
     ctx.note(f"{case}, batch {batch}: ours runs soft_vq's {chosen} backend (auto's choice), the plain rows its "
              "reference backend.")
+    gflop = plain_gflop(passes[PLAIN])
     checked = check_and_time(ctx, passes, case, **TIMING[ctx.quick])
-    return [_row(case, batch, "fp32", stack, result, errors) for stack, result in checked.items()]
+    return [_row(case, batch, "fp32", stack, result, errors, gflop) for stack, result in checked.items()]
 
 
 def share_notes(ctx, rows: list[dict[str, Any]]) -> None:
@@ -301,6 +321,9 @@ def run(ctx) -> list[dict[str, Any]]:
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     add_speedups(rows, ("case", "batch"), lambda row: row["backend"] == PLAIN)
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    rate = dense_matmul_gflops(ctx.device, dtype)
+    add_flop_ceiling(rows, ("case", "batch"), lambda row: row["gflop"], rate)
     share_notes(ctx, rows)
     timing = TIMING[ctx.quick]
     ctx.note(f"Medians of {timing['rounds']} alternating rounds of {timing['repeats']} iteration(s) each"
@@ -314,15 +337,14 @@ def run(ctx) -> list[dict[str, Any]]:
              "so that every block counts) with the same random draws (DiffAugment, crops), computed as the "
              "iteration before the adversarial start (the discriminator's forwards run without gradient), and for "
              "the quantizer rows its outputs and gradients.")
-    ctx.note("Both stacks share LPIPS (VGG16 convolutions and its heads, plain PyTorch already) and the loss "
-             "arithmetic (TokenizerTrainingStep); the generator term's discriminator forward runs with the heads' "
+    ctx.note("Both stacks share the frozen VGG16 (torch's convolutions: LPIPS's own arithmetic differs, softvq_fast's "
+             "against the lpips package's) and the loss arithmetic (TokenizerTrainingStep); the generator term's discriminator forward runs with the heads' "
              "gradients off on both (the authors' code also computes, then discards, those heads' gradients).")
     ctx.note("The tokenizer's ViTs have no activation-checkpointing option (softvq_fast.models.vit): no rows for "
              "its time/memory trade.")
     if ctx.quick:
-        ctx.note("Quick mode (CPU, fp32): ViT-S encoder and decoder at batch 1 instead of 4 (an iteration with "
-                 "LPIPS at 256 px grows about linearly with the batch, several seconds per image and stack on a "
-                 "2-core CPU: batch 4 would take several times the quick mode's budget); the authors' per-GPU "
-                 "batch of 32 appears in the quantizer rows alone, its share of an iteration at that batch is full "
-                 "mode's. Full mode (GPU, bf16 autocast): ViT-B and ViT-L at batch 32.")
+        ctx.note("Quick mode (CPU, fp32): ViT-S encoder and decoder at batch 4; the authors' per-GPU batch of 32 "
+                 "appears in the quantizer rows alone, its share of an iteration at that batch is full mode's. Full "
+                 "mode (GPU, bf16 autocast): ViT-B and ViT-L at batch 32.")
+    ctx.note(flop_ceiling_note(rate, dtype, "gflop: one plain iteration's, or the plain quantizer pass's"))
     return rows
