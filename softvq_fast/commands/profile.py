@@ -10,15 +10,6 @@ from softvq_fast.commands.generate import DTYPES, finite_float, model_source, ou
 from softvq_fast.models.adaln_transformer import parse_preset
 
 
-def preset_name(text: str) -> str:
-    """argparse type: a generator preset such as SiT-XL/1."""
-    try:
-        parse_preset(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     from softvq_fast.generation import load_generator
     from softvq_fast.models import DiT, SiT
@@ -83,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--generator", type=model_source, default=None,
                         help="SiT or DiT release folder or Hugging Face Hub repo id")
-    source.add_argument("--preset", type=preset_name, default="SiT-XL/1",
+    source.add_argument("--preset", type=arguments.checked_by(parse_preset), default="SiT-XL/1",
                         help="random-weight preset, e.g. SiT-XL/1, DiT-B/1 (default SiT-XL/1)")
     parser.add_argument("--tokens", type=arguments.positive_int, default=64, help="latent tokens of the preset (default 64)")
     parser.add_argument("--channels", type=arguments.positive_int, default=32,
