@@ -36,8 +36,8 @@ constexpr int64_t kLanes = Vec::size();
 // plus kVecs operands and a broadcast fit the 32 registers of AVX-512 (8 x 3) and exactly the 16
 // of AVX2 (4 x 3). Eight rows halve the operand loads per FMA and keep 16 or more FMAs in flight on
 // AVX-512 even for two-vector blocks (32 keys). On AVX2, 12 accumulators instead of 4 x 2 = 8 cover
-// the FMA latency of two pipes: forward and forward+backward 6-15% faster (the AVX2 build on a
-// Zen 4, one thread). kRows divides kLanes: the backward reads kRows columns of P at a time.
+// the FMA latency of two pipes (latency x pipes independent FMAs must be in flight). kRows divides
+// kLanes: the backward reads kRows columns of P at a time.
 constexpr int64_t kRows = kLanes >= 16 ? 8 : 4;
 constexpr int64_t kVecs = 3;
 constexpr int64_t kKeyBlock = 128;    // most keys per L1-sized block: a multiple of kLanes on every ISA
@@ -49,9 +49,8 @@ inline int64_t key_block(int64_t keys, int64_t dpad) {
 }
 // The forward takes all keys in one block (one softmax pass, no rescaling, the longest products)
 // while the packed k and v (2 x keys x dpad floats) stay within this, resident in L2 and read
-// from there by every group of kRows query rows: measured 3-17% faster than key_block's blocks
-// from 160 to 2048 keys (head dims 64, 72), 17% slower at 4096 keys where they no longer fit
-// (this CPU has 2 MiB of L2 a core; the bound leaves room for 1 MiB ones).
+// from there by every group of kRows query rows. Past this bound they would spill out of L2 and
+// key_block's smaller blocks are better; the bound leaves room for CPUs with 1 MiB of L2 a core.
 constexpr int64_t kSingleBlockBytes = 768 * 1024;
 inline int64_t forward_key_block(int64_t keys, int64_t dpad) {
   return 2 * keys * dpad * static_cast<int64_t>(sizeof(float)) <= kSingleBlockBytes ? keys : key_block(keys, dpad);
@@ -205,7 +204,7 @@ void pack_values(const scalar_t* vh, int64_t v_row, int64_t keys, int64_t head_d
 // Asks for the cache lines of `count` rows (row stride ld, `width` elements each), in a writable
 // state if kWrite. One head's rows lie a page or more apart (the heads are interleaved), which the
 // hardware prefetchers do not follow, so each row otherwise waits for its lines when first read or
-// written (the output stores took 8% of the forward at 32 tokens, head dim 72, measured).
+// written, which at short sequences is a visible share of the forward.
 template <bool kWrite, typename scalar_t>
 inline void prefetch_rows(const scalar_t* first, int64_t ld, int64_t count, int64_t width) {
   const int64_t bytes = width * static_cast<int64_t>(sizeof(scalar_t));
@@ -234,7 +233,7 @@ void forward(const AttentionParams& p) {
   // float32 q rows are read in place (in groups of kRows whole rows), bfloat16 ones converted
   // into a buffer first. k is packed (transposed) once per task, and so is v unless it is float32
   // with at most kKeyBlock keys and each row's dpad floats lie within v: read in place then, which
-  // saves more than its strided rows cost (measured; with more keys they cost more). Past a head
+  // saves more than its strided rows cost (with more keys they cost more). Past a head
   // dim that is not whole vectors that reads the next head's values into o's padding columns,
   // which only feed the padding columns of the output rows, never written out.
   constexpr bool kInPlace = std::is_same_v<scalar_t, float>;
