@@ -32,7 +32,7 @@ from torch import nn
 from softvq_fast import hub
 from softvq_fast.models import checkpoint, fields
 from softvq_fast.models.config import SoftVQConfig, preset_config, vit_spec
-from softvq_fast.models.vit import DropPathDraws, LatentDecoder, LatentEncoder
+from softvq_fast.models.vit import Block, DropPathDraws, LatentDecoder, LatentEncoder
 from softvq_fast.nn.linear import Linear, set_linear_backend
 from softvq_fast.nn.soft_vq import SoftVectorQuantizer
 from softvq_fast.nn.transformer import Attention
@@ -189,6 +189,17 @@ class SoftVQVAE(nn.Module):
             self.quantize.backend = soft_vq
         if linear is not None:
             set_linear_backend(self, linear)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each ViT block's activations in the backward instead of keeping them
+        (`vit.Block.checkpoint_activations`): training forwards with grad enabled hold about one
+        (B, S, width) tensor per block instead of all its intermediates, for one more forward of
+        every block; values, gradients and drop path's draws are unchanged, inference untouched."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {enabled!r}")
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.checkpoint_activations = enabled
 
     # ------------------------------------------------------------------------------------ API
     def encode(self, images: torch.Tensor, *, max_batch: int | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from softvq_fast.models import rope
 from softvq_fast.models.config import ViTSpec
@@ -82,12 +83,17 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
 class Block(nn.Module):
     """Pre-norm transformer block with LayerScale on both residual branches and, in training mode
     with `drop_path_rate` > 0, drop path (stochastic depth) on each branch: per sample, the
-    branch is dropped with that probability, else scaled by 1 / (1 - rate)."""
+    branch is dropped with that probability, else scaled by 1 / (1 - rate).
+
+    `checkpoint_activations`: in training mode with grad enabled, keep only the block's input
+    and recompute its activations in the backward (torch.utils.checkpoint, non-reentrant); the
+    same values and gradients for less memory and one more forward of the block."""
 
     def __init__(self, spec: ViTSpec, attention_backend: str, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         dim = spec.width
         self.drop_path_rate = drop_path_rate
+        self.checkpoint_activations = False
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, spec.heads, qkv_bias=True, backend=attention_backend)
         self.ls1 = LayerScale(dim)
@@ -105,6 +111,14 @@ class Block(nn.Module):
             draws, keep = draws or DropPathDraws(), 1.0 - self.drop_path_rate
             scale1 = scale1 * draws.keep_scale(x.shape[0], keep, scale1)
             scale2 = scale2 * draws.keep_scale(x.shape[0], keep, scale2)
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            # The drop-path decisions are drawn above, once: the recomputation reuses their scales
+            # (checkpoint's RNG-state restore does not cover the draws' own generator).
+            return checkpoint(self._branches, x, scale1, scale2, rotate, rows, use_reentrant=False)
+        return self._branches(x, scale1, scale2, rotate, rows)
+
+    def _branches(self, x: torch.Tensor, scale1: torch.Tensor, scale2: torch.Tensor, rotate: Callable | None,
+                  rows: slice | None) -> torch.Tensor:
         x = torch.addcmul(x, self.attn(self.norm1(x), rotate), scale1)
         if rows is not None:
             x = x[:, rows]
