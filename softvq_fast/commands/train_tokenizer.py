@@ -121,6 +121,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     training.add_argument("--grad-clip", type=arguments.positive_float, help="gradient norm clip, both networks (1)")
     training.add_argument("--ema-decay", type=arguments.unit_interval, help="the tokenizer's EMA (0.9999)")
     training.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
+    training.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                          help="recompute the tokenizer's ViT activations in the backward instead of keeping them: "
+                               "less memory (a larger --micro-batch fits), one more ViT forward per step, the same "
+                               "training; a resumed run may change it (default off)")
     training.add_argument("--seed", type=arguments.non_negative_int)
     training.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 autocast on GPUs, fp32 on CPUs")
     training.add_argument("--checkpoint-every", type=arguments.positive_int, help="steps (10000)")
