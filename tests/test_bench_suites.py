@@ -224,10 +224,11 @@ def test_tokenizer_train_suite(ctx, monkeypatch):
     _tiny_tokenizer_suite(monkeypatch)
     rows = tokenizer_train.run(ctx)
     quantizer = "quantizer alone: soft VQ fwd+bwd, 4 tokens, 2 x 40 x 8 codes"
+    checkpointed = "ours + activation checkpointing"
     assert [(r["case"], r["batch"], r["backend"]) for r in rows] == [
-        (case, batch, stack) for case, batch in ((quantizer, 2), (quantizer, 3), ("tiny 32 px, no GAN", 2),
-                                                 ("tiny 32 px, GAN", 2))
-        for stack in ("ours", "plain PyTorch")]
+        (case, batch, stack) for case, batch, stacks in (
+            (quantizer, 2, ()), (quantizer, 3, ()), ("tiny 32 px, no GAN", 2, (checkpointed,)), ("tiny 32 px, GAN", 2, ()))
+        for stack in ("ours", "plain PyTorch", *stacks)]
     _check_baselines(rows, ("case", "batch"), lambda row: row["backend"] == "plain PyTorch")
     assert all(row["loss_rel_err"] <= 1e-5 and row["grad_rel_err"] <= 1e-4 for row in rows)
     assert all(row["images_per_s"] == row["batch"] / row["median_ms"] * 1e3 for row in rows)
@@ -235,6 +236,21 @@ def test_tokenizer_train_suite(ctx, monkeypatch):
     assert shares[0] == "Quantizer share, tiny 32 px, no GAN, batch 2, ours: 1 of 1 ms (100.0%), " + shares[0].split(
         "(100.0%), ")[1]  # fake times: 1 ms for ours everywhere
     assert len(shares) == 4  # both stacks of both iterations at batch 2; none at batch 3
+    (trade,) = [note for note in ctx.notes if note.startswith("Activation checkpointing")]
+    assert trade.startswith("Activation checkpointing, tiny 32 px, no GAN, batch 2: peak ") and trade.endswith(
+        "3.00x ours' time.")  # fake times: 1 ms for ours, 3 ms for the third stack timed
+
+
+def test_tokenizer_train_checkpointed_stack_is_a_checkpointing_copy_of_ours(monkeypatch):
+    _tiny_tokenizer_suite(monkeypatch)
+    networks = tokenizer_train.build_networks("tiny", torch.device("cpu"))
+    made = tokenizer_train.stacks(networks, gan=False, autocast_dtype=None)
+    ours, checkpointed = made["ours"].tokenizer, made["ours + activation checkpointing"].tokenizer
+    assert ours is networks.tokenizer and checkpointed is not ours
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), checkpointed.state_dict().values()))
+    flags = [{m.checkpoint_activations for m in model.modules() if isinstance(m, Block)} for model in (ours, checkpointed)]
+    assert flags == [{False}, {True}]
+    assert list(tokenizer_train.stacks(networks, gan=True, autocast_dtype=None)) == ["ours", "plain PyTorch"]
 
 
 def _plain_copy_skipping_the_decoders_last_block(network):

@@ -7,11 +7,15 @@ Networks (random weights, built in memory: nothing is read or downloaded): the t
 of a preset (softvq_fast.training.tokenizer_model.training_config: 4 codebooks of 8192 x 32,
 the alignment projector), LPIPS on a random VGG16 with random heads, the alignment DINOv2 of the
 encoder's size at patch 16, the DINO ViT-S/16 discriminator with fresh heads.
-Rows of a case (the same weights, images and random draws on both):
+Rows of a case (the same weights, images and random draws on every stack):
   ours           SoftVQVAE.training_forward (the fused soft-VQ op; attention and linear layers on
                  `auto`), the frozen DINOv2 and DINO trunks on `auto` too, softvq_fast's LPIPS,
                  TokenizerTrainingStep's losses, the trainer's AdamW, clipping and EMA
                  (softvq_fast.training.loop)
+  ours + activation checkpointing
+                 (no GAN only) ours with SoftVQVAE.set_activation_checkpointing(True) on a copy of
+                 the tokenizer: each ViT block's activations recomputed in the backward, the
+                 memory/time trade of the trainer's --activation-checkpointing
   plain PyTorch  the baseline: every network copied into plain PyTorch (bench.plain_models.plain_copy:
                  SDPA attention, nn.Linear, Conv2d patch embeddings, LayerScale as a multiply, the
                  encoder's last block over every token, the soft quantiser's `reference` math with
@@ -22,8 +26,9 @@ Rows of a case (the same weights, images and random draws on both):
   no GAN: the tokenizer update alone (adversarial weight 0: reconstruction, LPIPS, entropy,
   alignment); GAN: after the adversarial start, the generator term in the tokenizer update, then
   the discriminator's (hinge, LeCAM, consistency).
-Before timing, both compute every loss term and the tokenizer's gradients on two images in
-float32 (check_exactness); NotTheSameFunction stops the suite when they differ beyond tolerance.
+Before timing, every stack computes every loss term and the tokenizer's gradients on two images in
+float32 (check_exactness); NotTheSameFunction stops the suite when one of ours differs from the
+plain stack beyond tolerance.
 
 Quantizer rows: soft_vq forward (with the statistics and the entropy regulariser) and backward
 at the iteration's shapes, ours (`auto`: the fused kernels) against `reference` (the plain rows'
@@ -70,7 +75,7 @@ TITLE = "Tokenizer training iteration (SoftVQ-VAE losses, backward, AdamW, EMA; 
 BASELINE = ("plain PyTorch: the same iteration with every network in eager PyTorch the way the authors' code runs "
             "it (their soft-VQ math with its tokens x codes tensors, SDPA attention, nn.Linear), the same losses, "
             "AdamW and clipping, their per-parameter EMA update")
-OURS, PLAIN = "ours", "plain PyTorch"
+OURS, PLAIN, CHECKPOINTED = "ours", "plain PyTorch", "ours + activation checkpointing"
 QUANTIZER_CASE = "quantizer alone"
 # The authors' optimiser (the AdamW they configured) and EMA, for both networks.
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP, EMA_DECAY = 1e-4, (0.9, 0.95), 1e-4, 1.0, 0.9999
@@ -131,13 +136,26 @@ class Stack:
     losses: TokenizerTrainingStep
 
 
+def _itself(network: nn.Module) -> nn.Module:
+    return network
+
+
+def _checkpointed_copy(tokenizer: nn.Module) -> nn.Module:
+    checkpointed = copy.deepcopy(tokenizer)
+    checkpointed.set_activation_checkpointing(True)
+    return checkpointed
+
+
 def stacks(networks: Networks, gan: bool, autocast_dtype: torch.dtype | None) -> dict[str, Stack]:
-    """Ours and the plain copies, from the same current weights."""
+    """Ours and the plain copies, from the same current weights; without the GAN also ours on a
+    copy of the tokenizer with activation checkpointing (the same frozen networks)."""
     config = TokenizerLossConfig() if gan else TokenizerLossConfig(adversarial_weight=0.0)
     made = {}
-    for label, copy_of, lpips in ((OURS, lambda network: network, networks.lpips),
-                                  (PLAIN, plain_copy, PlainLPIPS(networks.lpips))):
-        tokenizer, alignment = copy_of(networks.tokenizer), copy_of(networks.alignment)
+    sides = [(OURS, _itself, _itself, networks.lpips), (PLAIN, plain_copy, plain_copy, PlainLPIPS(networks.lpips))]
+    if not gan:  # the tokenizer's activations are the same with the GAN terms: one case shows the trade
+        sides.append((CHECKPOINTED, _checkpointed_copy, _itself, networks.lpips))
+    for label, tokenizer_of, copy_of, lpips in sides:
+        tokenizer, alignment = tokenizer_of(networks.tokenizer), copy_of(networks.alignment)
         discriminator = copy_of(networks.discriminator) if gan else None
         step = TokenizerTrainingStep(tokenizer, config, lpips=lpips, alignment=alignment,
                                      discriminator=discriminator, autocast_dtype=autocast_dtype)
@@ -149,14 +167,15 @@ def _draws(device: torch.device, call: int) -> StepDraws:
     return StepDraws.seeded(0, STEP, 0, call, device=device)
 
 
-def check_exactness(made: dict[str, Stack], images: torch.Tensor, what: str) -> tuple[float, float]:
-    """Every loss term and the tokenizer's gradients of both stacks on the first CHECK_IMAGES
-    images in float32, from equal states and draws. The check runs as the iteration just before
+def check_exactness(made: dict[str, Stack], images: torch.Tensor, what: str) -> dict[str, tuple[float, float]]:
+    """Every loss term and the tokenizer's gradients of each stack on the first CHECK_IMAGES
+    images in float32, from equal states and draws: (loss, gradient) rel_err of each of ours
+    against the plain stack (the plain row takes ours'). The check runs as the iteration just before
     the adversarial start: the discriminator's forwards and terms all run, but without gradient,
     so the gradients compared are those of the other terms. (Gradients through the
     discriminator pass its hinge and LeakyReLU kinks, where float32 rounding alone flips units.)"""
-    results = []
-    for stack in made.values():
+    results = {}
+    for label, stack in made.items():
         losses = copy.copy(stack.losses)  # the same networks and LeCAM state, without autocast
         losses.autocast_dtype = None
         losses.config = dataclasses.replace(losses.config, adversarial_start_step=STEP + 2)
@@ -168,9 +187,12 @@ def check_exactness(made: dict[str, Stack], images: torch.Tensor, what: str) -> 
                 disc = losses.discriminator_losses(images[:CHECK_IMAGES], tokenizer_losses.reconstructions, STEP,
                                                    _draws(images.device, 1))
                 terms += list(disc.terms.values())
-        results.append((torch.stack([term.float() for term in terms]), gradients(stack.tokenizer)))
+        results[label] = (torch.stack([term.float() for term in terms]), gradients(stack.tokenizer))
         clear_gradients(stack.tokenizer)
-    return check_same(what, results[0], results[1], grad_tol=TOKENIZER_GRAD_TOL)
+    errors = {label: check_same(what if label == OURS else f"{what}, {label}", result, results[PLAIN],
+                                grad_tol=TOKENIZER_GRAD_TOL)
+              for label, result in results.items() if label != PLAIN}
+    return {**errors, PLAIN: errors[OURS]}
 
 
 def ours_iteration(loop: TrainingLoop, stack: Stack, images: torch.Tensor) -> Callable[[], None]:
@@ -244,16 +266,21 @@ def measure_iteration(ctx, networks: Networks, preset: str, batch: int, gan: boo
     case = f"{preset} {networks.tokenizer.config.image_size} px, {'GAN' if gan else 'no GAN'}"
     settings = LoopSettings(out=Path(ctx.out_dir) / "tokenizer-train-loop", steps=1, global_batch=batch,
                             precision=_precision(device), grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, progress=False)
-    loop = TrainingLoop(settings, start_runtime(device), config={}, data_size=batch)
+    runtime = start_runtime(device)
+    loop = TrainingLoop(settings, runtime, config={}, data_size=batch)
     made = stacks(networks, gan, loop.autocast_dtype)
     size = networks.tokenizer.config.image_size
     images = torch.rand(batch, 3, size, size, generator=torch.Generator(device=device).manual_seed(batch),
                         device=device) * 2 - 1
     errors = check_exactness(made, images, f"{case}, batch {batch}")
     iterations = {OURS: ours_iteration(loop, made[OURS], images), PLAIN: plain_iteration(made[PLAIN], images)}
+    if CHECKPOINTED in made:  # a loop of its own: a loop holds one part of each name
+        own_loop = TrainingLoop(settings, runtime, config={}, data_size=batch)
+        iterations[CHECKPOINTED] = ours_iteration(own_loop, made[CHECKPOINTED], images)
     gflop = plain_gflop(iterations[PLAIN])
     checked = check_and_time(ctx, iterations, case, **TIMING[ctx.quick])
-    return [_row(case, batch, _precision(device), stack, result, errors, gflop) for stack, result in checked.items()]
+    return [_row(case, batch, _precision(device), stack, result, errors[stack], gflop)
+            for stack, result in checked.items()]
 
 
 def quantizer_pass(z: torch.Tensor, codebook: torch.Tensor, grad: torch.Tensor, tau: float, l2_norm: bool,
@@ -305,6 +332,17 @@ def share_notes(ctx, rows: list[dict[str, Any]]) -> None:
                  f"{row['peak_mib']:.0f} MiB ({q['peak_mib'] / row['peak_mib']:.1%}).")
 
 
+def checkpointing_notes(ctx, rows: list[dict[str, Any]]) -> None:
+    """Activation checkpointing's trade in each case: its peak memory and time against ours'."""
+    ours = {(r["case"], r["batch"]): r for r in rows if r["backend"] == OURS}
+    for row in rows:
+        if row["backend"] == CHECKPOINTED:
+            base = ours[(row["case"], row["batch"])]
+            ctx.note(f"Activation checkpointing, {row['case']}, batch {row['batch']}: peak {row['peak_mib']:.0f} "
+                     f"of ours' {base['peak_mib']:.0f} MiB ({row['peak_mib'] / base['peak_mib']:.1%}), "
+                     f"{row['median_ms'] / base['median_ms']:.2f}x ours' time.")
+
+
 def run(ctx) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for index, (preset, batch) in enumerate(QUICK if ctx.quick else FULL):
@@ -325,6 +363,7 @@ def run(ctx) -> list[dict[str, Any]]:
     rate = dense_matmul_gflops(ctx.device, dtype)
     add_flop_ceiling(rows, ("case", "batch"), lambda row: row["gflop"], rate)
     share_notes(ctx, rows)
+    checkpointing_notes(ctx, rows)
     timing = TIMING[ctx.quick]
     ctx.note(f"Medians of {timing['rounds']} alternating rounds of {timing['repeats']} iteration(s) each"
              + (f" after {timing['uncounted_rounds']} uncounted round(s)" if timing.get("uncounted_rounds") else "")
@@ -340,8 +379,11 @@ def run(ctx) -> list[dict[str, Any]]:
     ctx.note("Both stacks share the frozen VGG16 (torch's convolutions: LPIPS's own arithmetic differs, softvq_fast's "
              "against the lpips package's) and the loss arithmetic (TokenizerTrainingStep); the generator term's discriminator forward runs with the heads' "
              "gradients off on both (the authors' code also computes, then discards, those heads' gradients).")
-    ctx.note("The tokenizer's ViTs have no activation-checkpointing option (softvq_fast.models.vit): no rows for "
-             "its time/memory trade.")
+    ctx.note(f"{CHECKPOINTED} (no-GAN cases): ours with every ViT block of the tokenizer recomputed in the "
+             "backward (softvq_fast.models.vit.Block.checkpoint_activations, the trainer's --activation-checkpointing), "
+             "timed in the same alternating rounds; its exactness is its own against the plain stack, its gflop the "
+             "plain iteration's (the recomputation is not counted). The tokenizer keeps the same activations with the "
+             "GAN terms on (the discriminator's come on top), so the GAN cases have no such row.")
     if ctx.quick:
         ctx.note("Quick mode (CPU, fp32): ViT-S encoder and decoder at batch 4; the authors' per-GPU batch of 32 "
                  "appears in the quantizer rows alone, its share of an iteration at that batch is full mode's. Full "
