@@ -40,10 +40,11 @@ def _images(batch: int, seed: int) -> torch.Tensor:
     return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def _gradients(model: torch.nn.Module, images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+def _gradients(model: torch.nn.Module, images: torch.Tensor, seed: int,
+               autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The gradients of a loss over every training output, drop path drawn from StepDraws(seed)."""
     draws = StepDraws.seeded(seed, 1, 0, 0).drop_path()
-    out = model(images, training_outputs=True, draws=draws)
+    out = model(images, training_outputs=True, draws=draws, autocast_dtype=autocast_dtype)
     loss = out.reconstructions.square().mean() + out.entropy_loss + out.latents.sum() + out.projected.square().mean()
     model.zero_grad(set_to_none=True)
     loss.backward()
@@ -56,15 +57,17 @@ def _assert_same_gradients(got: dict[str, torch.Tensor], expected: dict[str, tor
     assert max(errors.values()) <= GRAD_TOL, max(errors.items(), key=lambda item: item[1])
 
 
-@pytest.mark.parametrize("overrides", [{}, DROP_PATH, {**DROP_PATH, "use_rope": True, "rope_mixed": True}],
-                         ids=["plain", "drop_path", "drop_path_mixed_rope"])
-def test_gradients_equal_those_without_checkpointing(overrides, seed):
+@pytest.mark.parametrize("overrides, autocast_dtype", [
+    ({}, None), (DROP_PATH, None), ({**DROP_PATH, "use_rope": True, "rope_mixed": True}, None),
+    (DROP_PATH, torch.bfloat16),
+], ids=["plain", "drop_path", "drop_path_mixed_rope", "drop_path_bf16_autocast"])
+def test_gradients_equal_those_without_checkpointing(overrides, autocast_dtype, seed):
     model, images = _model(seed, **overrides), _images(4, seed)
-    expected = _gradients(model, images, seed)
+    expected = _gradients(model, images, seed, autocast_dtype)
     model.set_activation_checkpointing(True)
-    _assert_same_gradients(_gradients(model, images, seed), expected)
+    _assert_same_gradients(_gradients(model, images, seed, autocast_dtype), expected)
     if overrides:  # drop path draws: another generator state gives other gradients
-        assert any(not torch.equal(a, b) for a, b in zip(_gradients(model, images, seed + 1).values(),
+        assert any(not torch.equal(a, b) for a, b in zip(_gradients(model, images, seed + 1, autocast_dtype).values(),
                                                           expected.values()))
 
 

@@ -227,7 +227,8 @@ def test_tokenizer_train_suite(ctx, monkeypatch):
     checkpointed = "ours + activation checkpointing"
     assert [(r["case"], r["batch"], r["backend"]) for r in rows] == [
         (case, batch, stack) for case, batch, stacks in (
-            (quantizer, 2, ()), (quantizer, 3, ()), ("tiny 32 px, no GAN", 2, (checkpointed,)), ("tiny 32 px, GAN", 2, ()))
+            (quantizer, 2, ()), (quantizer, 3, ()), ("tiny 32 px, no GAN", 2, (checkpointed,)),
+            ("tiny 32 px, GAN", 2, ()))
         for stack in ("ours", "plain PyTorch", *stacks)]
     _check_baselines(rows, ("case", "batch"), lambda row: row["backend"] == "plain PyTorch")
     assert all(row["loss_rel_err"] <= 1e-5 and row["grad_rel_err"] <= 1e-4 for row in rows)
@@ -248,7 +249,8 @@ def test_tokenizer_train_checkpointed_stack_is_a_checkpointing_copy_of_ours(monk
     ours, checkpointed = made["ours"].tokenizer, made["ours + activation checkpointing"].tokenizer
     assert ours is networks.tokenizer and checkpointed is not ours
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), checkpointed.state_dict().values()))
-    flags = [{m.checkpoint_activations for m in model.modules() if isinstance(m, Block)} for model in (ours, checkpointed)]
+    flags = [{m.checkpoint_activations for m in model.modules() if isinstance(m, Block)}
+             for model in (ours, checkpointed)]
     assert flags == [{False}, {True}]
     assert list(tokenizer_train.stacks(networks, gan=True, autocast_dtype=None)) == ["ours", "plain PyTorch"]
 

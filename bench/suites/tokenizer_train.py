@@ -380,10 +380,11 @@ def run(ctx) -> list[dict[str, Any]]:
              "against the lpips package's) and the loss arithmetic (TokenizerTrainingStep); the generator term's discriminator forward runs with the heads' "
              "gradients off on both (the authors' code also computes, then discards, those heads' gradients).")
     ctx.note(f"{CHECKPOINTED} (no-GAN cases): ours with every ViT block of the tokenizer recomputed in the "
-             "backward (softvq_fast.models.vit.Block.checkpoint_activations, the trainer's --activation-checkpointing), "
-             "timed in the same alternating rounds; its exactness is its own against the plain stack, its gflop the "
-             "plain iteration's (the recomputation is not counted). The tokenizer keeps the same activations with the "
-             "GAN terms on (the discriminator's come on top), so the GAN cases have no such row.")
+             "backward (softvq_fast.models.vit.Block.checkpoint_activations, the trainer's "
+             "--activation-checkpointing), timed in the same alternating rounds; its exactness is its own against the "
+             "plain stack, its gflop the plain iteration's (the recomputation is not counted). The tokenizer keeps "
+             "the same activations with the GAN terms on (the discriminator's come on top), so the GAN cases have no "
+             "such row.")
     if ctx.quick:
         ctx.note("Quick mode (CPU, fp32): ViT-S encoder and decoder at batch 4; the authors' per-GPU batch of 32 "
                  "appears in the quantizer rows alone, its share of an iteration at that batch is full mode's. Full "
