@@ -31,4 +31,6 @@ TORCH_LIBRARY(softvq_fast, m) {
   m.def("gelu_tanh_cpu_forward(Tensor x) -> Tensor");
   m.def("gelu_tanh_cpu_backward(Tensor grad, Tensor x) -> Tensor");
   m.def("transpose_cpu(Tensor x, bool with_column_sums) -> (Tensor, Tensor)");
+  m.def("lpips_distance_cpu_forward(Tensor fx, Tensor fy, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("lpips_distance_cpu_backward(Tensor grad_out, Tensor fx, Tensor fy, Tensor weight, Tensor norm_x, Tensor norm_y, float eps, bool need_fx, bool need_fy, bool need_weight) -> (Tensor, Tensor, Tensor)");
 }
