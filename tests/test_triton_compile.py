@@ -18,9 +18,10 @@ import pytest
 
 pytest.importorskip("triton.backends.compiler")
 
-from support.triton_aot import GPUS, LAYERNORM_DIMS, SOFT_VQ_CASES  # noqa: E402
+from support.triton_aot import GPUS, LAYERNORM_DIMS, LPIPS_DTYPES, SOFT_VQ_CASES  # noqa: E402
 
-CASES = [f"soft_vq-{case}" for case in SOFT_VQ_CASES] + [f"layernorm_modulate-D{dim}" for dim in LAYERNORM_DIMS]
+CASES = ([f"soft_vq-{case}" for case in SOFT_VQ_CASES] + [f"layernorm_modulate-D{dim}" for dim in LAYERNORM_DIMS]
+         + [f"lpips_distance-{case}" for case in LPIPS_DTYPES])
 
 
 MAX_STACK_BYTES = 128

@@ -25,17 +25,23 @@ SOFT_VQ_CASES = {"fp32-D32": (torch.float32, 32, False), "fp32-D32-tf32": (torch
                  "fp32-D256-tf32": (torch.float32, 256, True)}
 SOFT_VQ_ROWS = 16_384
 LAYERNORM_DIMS = (1152, 4608)  # SiT-XL width; a wide one (16 warps)
+# LPIPS-VGG's first layer at 256 px: 64 channels of 256 x 256 pixels (the largest pixel blocks).
+LPIPS_DTYPES = ("fp32", "bf16")
+LPIPS_PIXELS = 256 * 256
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _SCALARS = {"M": "i32", "K": "i32", "D": "i32", "S": "i32", "mod_stride": "i32", "ROWS_PER_PROGRAM": "i32",
-            "inv_tau": "fp32", "inv_t": "fp32", "eps": "fp32"}
+            "inv_tau": "fp32", "inv_t": "fp32", "eps": "fp32", "C": "i32", "P": "i32"}
 _FLOAT32_BUFFERS = {"row_stats_ptr", "grad_row_entropy_ptr", "grad_column_sum_ptr", "column_sum_ptr", "mean_ptr",
-                    "rstd_ptr", "grad_scale_part_ptr", "grad_shift_part_ptr"}
+                    "rstd_ptr", "grad_scale_part_ptr", "grad_shift_part_ptr", "weight_ptr", "norm_x_ptr",
+                    "norm_y_ptr", "block_sums_ptr", "grad_out_ptr", "block_squares_ptr"}
+_DIVISIBLE_SIZES = ("M", "K", "D", "C", "P")
 
 
 def _resources(kernel, dtype: str, constants: dict, num_warps: int, capability: int) -> dict:
     """{"shared": bytes, "stack": bytes a thread} of the compiled kernel. Pointers and the sizes
-    M, K, D are marked divisible by 16, as Triton specialises them at run time for our tensors."""
+    in _DIVISIBLE_SIZES are marked divisible by 16, as Triton specialises them at run time for our
+    tensors."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -50,7 +56,7 @@ def _resources(kernel, dtype: str, constants: dict, num_warps: int, capability: 
             signature[name] = "*i64"
         else:
             signature[name] = "*fp32" if name in _FLOAT32_BUFFERS else f"*{dtype}"
-        if signature[name].startswith("*") or name in ("M", "K", "D"):
+        if signature[name].startswith("*") or name in _DIVISIBLE_SIZES:
             attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
@@ -64,6 +70,7 @@ def _resources(kernel, dtype: str, constants: dict, num_warps: int, capability: 
 
 def main() -> dict:
     from softvq_fast.kernels import layernorm_modulate as ln
+    from softvq_fast.kernels import lpips_distance as lp
     from softvq_fast.kernels import soft_vq as sv
 
     results = {}
@@ -87,6 +94,14 @@ def main() -> dict:
             results[f"layernorm_modulate-D{dim}-{gpu}"] = {
                 name: _resources(kernel, "bf16", {"BLOCK_D": block_d}, ln._num_warps(block_d), capability)
                 for name, kernel in (("forward", ln._forward_kernel), ("backward", ln._backward_kernel))}
+        block_p = lp._block_pixels(LPIPS_PIXELS)
+        backward = {"BLOCK_P": block_p, "NEED_FX": True, "NEED_FY": True, "NEED_WEIGHT": True}
+        kernels = {"forward": (lp._forward_kernel, {"BLOCK_P": block_p}), "backward": (lp._backward_kernel, backward),
+                   "backward-fx": (lp._backward_kernel, dict(backward, NEED_FY=False, NEED_WEIGHT=False))}
+        for case in LPIPS_DTYPES:
+            results[f"lpips_distance-{case}-{gpu}"] = {
+                name: _resources(kernel, case, constants, lp._num_warps(block_p), capability)
+                for name, (kernel, constants) in kernels.items()}
     return results
 
 
