@@ -152,9 +152,9 @@ def test_every_op_registers_one_backends_object_with_one_env_name_pattern():
     import importlib
 
     ops = registered_ops()
-    assert set(ops) == {"attention", "soft_vq", "linear", "layernorm_modulate"}
+    assert set(ops) == {"attention", "soft_vq", "linear", "layernorm_modulate", "lpips_distance"}
     for name, op in ops.items():
         assert op.env_var == f"SOFTVQ_FAST_{name.upper()}_BACKEND"
         assert importlib.import_module(f"softvq_fast.ops.{name}").BACKENDS is op
-    assert {op.legacy_env_var for op in ops.values()} == {
+    assert {op.legacy_env_var for op in ops.values() if op.legacy_env_var is not None} == {
         "SOFTVQ_FAST_ATTENTION", "SOFTVQ_FAST_BACKEND", "SOFTVQ_FAST_LINEAR", "SOFTVQ_FAST_LN_MODULATE_BACKEND"}
