@@ -28,7 +28,8 @@ import torch
 
 from bench.measure import device_name
 
-SUITES = ("softvq", "tokenizer", "claims", "attention", "linear", "layernorm_modulate", "train", "tokenizer_train")
+SUITES = ("softvq", "tokenizer", "claims", "attention", "linear", "layernorm_modulate", "lpips_distance", "train",
+          "tokenizer_train")
 RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 

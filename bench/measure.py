@@ -18,7 +18,7 @@ from typing import Any, Callable, Hashable
 import torch
 
 from bench.compare import relative_error
-from softvq_fast.dispatch import NoBackendError
+from softvq_fast.dispatch import NoBackendError, registered_ops
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,24 @@ def dense_matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
 
 def _label(key: Hashable) -> str:
     return " via ".join(key) if isinstance(key, tuple) else str(key)
+
+
+def op_calls(ctx: Any, op: str, call: Callable[[str], Callable], plain: Callable) -> dict[tuple[str, str], Callable]:
+    """(backend, via) -> function, for a suite that compares one op's backends with plain PyTorch:
+    (name, "softvq_fast") -> call(name) for each backend of `op` that can run here (a note on ctx
+    for each that cannot), then ("torch", "direct") -> plain and, in full mode, ("torch.compile",
+    "direct") -> torch.compile(plain)."""
+    calls: dict[tuple[str, str], Callable] = {}
+    for backend in registered_ops()[op].backends:
+        reason = backend.unavailable_reason()
+        if reason is not None:
+            ctx.note(f"{backend.name}: not run ({reason})")
+            continue
+        calls[backend.name, "softvq_fast"] = call(backend.name)
+    calls["torch", "direct"] = plain
+    if not ctx.quick:
+        calls["torch.compile", "direct"] = torch.compile(plain)
+    return calls
 
 
 def check_and_time(

@@ -12,7 +12,8 @@ from torch.utils import flop_counter
 from bench import measure
 from bench.harness import Context
 from bench.plain_models import PlainSiT, plain_copy
-from bench.suites import attention, layernorm_modulate, linear, softvq, tokenizer, tokenizer_train, train
+from bench.suites import (attention, layernorm_modulate, linear, lpips_distance, softvq, tokenizer, tokenizer_train,
+                          train)
 from bench.training_check import NotTheSameFunction, largest_fitting_batch, make_every_layer_count
 from softvq_fast.models import SiT, SoftVQVAE, adaln_transformer
 from softvq_fast.models.vit import Block, PatchEmbed
@@ -88,6 +89,21 @@ def test_layernorm_modulate_suite(ctx, monkeypatch):
     _check_baselines(rows, ("case", "B", "S", "D", "pass"), lambda row: row["via"] == "direct")
     assert all(row["rel_err"] < 1e-5 for row in rows)
     assert any(note.startswith("CPU: the fused Triton kernels") for note in ctx.notes)
+
+
+def test_lpips_distance_suite(ctx, monkeypatch):
+    monkeypatch.setattr(measure, "time_round_robin", _fake_round_robin)
+    monkeypatch.setattr(lpips_distance, "LAYERS", [("relu1_2", 5, 9), ("relu5_3", 7, 3)])
+    monkeypatch.setattr(lpips_distance, "QUICK_BATCH", 1)
+    rows = lpips_distance.run(ctx)
+    # conftest runs Triton in its interpreter without a GPU: the fused kernels get rows too
+    assert [(r["case"], r["pass"], r["backend"], r["via"]) for r in rows] == [
+        (layer, pass_name, backend, via) for layer in ("relu1_2", "relu5_3") for pass_name in ("fwd", "fwd+bwd")
+        for backend, via in (("reference", "softvq_fast"), ("cpu", "softvq_fast"), ("triton", "softvq_fast"),
+                             ("torch", "direct"))
+    ]
+    _check_baselines(rows, ("case", "B", "pass"), lambda row: row["via"] == "direct" and row["backend"] == "torch")
+    assert all(row["rel_err"] < 1e-5 for row in rows)
 
 
 def test_softvq_suite(ctx, monkeypatch):

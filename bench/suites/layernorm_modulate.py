@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.compare import add_speedups
-from bench.measure import check_and_time
-from softvq_fast.dispatch import registered_ops
+from bench.measure import check_and_time, op_calls
 from softvq_fast.ops.layernorm_modulate import layernorm_modulate
 
 TITLE = "LayerNorm-modulate (fused kernels vs F.layer_norm + modulation)"
@@ -46,21 +45,9 @@ def plain(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 
 def calls_for(ctx) -> dict[tuple[str, str], Modulate]:
-    """(backend, via) -> f(x, shift, scale), with a note for each of our backends that cannot run
-    here at all."""
-    calls: dict[tuple[str, str], Modulate] = {}
-    for backend in registered_ops()["layernorm_modulate"].backends:
-        reason = backend.unavailable_reason()
-        if reason is not None:
-            ctx.note(f"{backend.name}: not run ({reason})")
-            continue
-        calls[backend.name, "softvq_fast"] = (
-            lambda x, shift, scale, name=backend.name: layernorm_modulate(x, shift, scale, eps=EPS, backend=name)
-        )
-    calls["torch", "direct"] = plain
-    if not ctx.quick:
-        calls["torch.compile", "direct"] = torch.compile(plain)
-    return calls
+    """(backend, via) -> f(x, shift, scale) (bench.measure.op_calls)."""
+    return op_calls(ctx, "layernorm_modulate", lambda name: (
+        lambda x, shift, scale: layernorm_modulate(x, shift, scale, eps=EPS, backend=name)), plain)
 
 
 def _step(call: Modulate, x: torch.Tensor, modulation: torch.Tensor, grad: torch.Tensor | None) -> Callable:
