@@ -60,7 +60,9 @@ def ours(vgg_file) -> LPIPS:
     return LPIPS.from_files(vgg_file)
 
 
-def test_lpips_matches_the_package(ours, package_lpips):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_lpips_matches_the_package(ours, package_lpips, backend, monkeypatch):
+    monkeypatch.setenv("SOFTVQ_FAST_LPIPS_DISTANCE_BACKEND", backend)
     # Not square, and not a multiple of 16: the pools floor (relu5_3 is 1 x 2).
     x = (torch.rand(2, 3, 23, 34) * 2 - 1).requires_grad_(True)
     y = (x.detach() + 0.3 * torch.randn_like(x)).clamp(-1, 1).requires_grad_(True)
@@ -73,6 +75,19 @@ def test_lpips_matches_the_package(ours, package_lpips):
     expected_grads = torch.autograd.grad(expected, (x, y), grad_out)
     for grad, expected_grad in zip(grads, expected_grads):
         assert rel_err(grad, expected_grad) <= FP32
+
+
+def test_lpips_under_bf16_autocast(ours):
+    """The VGG features come out in bfloat16 while the heads stay float32: the distance is the
+    float32 one to bf16 accuracy."""
+    x = (torch.rand(2, 3, 21, 30) * 2 - 1).requires_grad_(True)
+    y = (x.detach() + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    expected = ours(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distance = ours(x, y)
+    assert distance.dtype == torch.float32 and rel_err(distance, expected) <= 1e-2
+    (grad,) = torch.autograd.grad(distance.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_lpips_is_frozen(ours):

@@ -9,9 +9,9 @@ the alignment projector), LPIPS on a random VGG16 with random heads, the alignme
 encoder's size at patch 16, the DINO ViT-S/16 discriminator with fresh heads.
 Rows of a case (the same weights, images and random draws on every stack):
   ours           SoftVQVAE.training_forward (the fused soft-VQ op; attention and linear layers on
-                 `auto`), the frozen DINOv2 and DINO trunks on `auto` too, softvq_fast's LPIPS,
-                 TokenizerTrainingStep's losses, the trainer's AdamW, clipping and EMA
-                 (softvq_fast.training.loop)
+                 `auto`), the frozen DINOv2 and DINO trunks on `auto` too, softvq_fast's LPIPS
+                 (the fused lpips_distance op), TokenizerTrainingStep's losses, the trainer's
+                 AdamW, clipping and EMA (softvq_fast.training.loop)
   ours + activation checkpointing
                  (no GAN only) ours with SoftVQVAE.set_activation_checkpointing(True) on a copy of
                  the tokenizer: each ViT block's activations recomputed in the backward, the
@@ -376,9 +376,10 @@ def run(ctx) -> list[dict[str, Any]]:
              "so that every block counts) with the same random draws (DiffAugment, crops), computed as the "
              "iteration before the adversarial start (the discriminator's forwards run without gradient), and for "
              "the quantizer rows its outputs and gradients.")
-    ctx.note("Both stacks share the frozen VGG16 (torch's convolutions: LPIPS's own arithmetic differs, softvq_fast's "
-             "against the lpips package's) and the loss arithmetic (TokenizerTrainingStep); the generator term's discriminator forward runs with the heads' "
-             "gradients off on both (the authors' code also computes, then discards, those heads' gradients).")
+    ctx.note("The stacks share the frozen VGG16's weights and torch's convolutions (LPIPS's own arithmetic differs: "
+             "softvq_fast's fused lpips_distance against the lpips package's eager one) and the loss arithmetic "
+             "(TokenizerTrainingStep); the generator term's discriminator forward runs with the heads' gradients off on "
+             "both (the authors' code also computes, then discards, those heads' gradients).")
     ctx.note(f"{CHECKPOINTED} (no-GAN cases): ours with every ViT block of the tokenizer recomputed in the "
              "backward (softvq_fast.models.vit.Block.checkpoint_activations, the trainer's "
              "--activation-checkpointing), timed in the same alternating rounds; its exactness is its own against the "

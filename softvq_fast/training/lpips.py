@@ -4,7 +4,8 @@ For images x, y in [-1, 1]: both go through the scaling layer ((x - shift) / sca
 and VGG16; at each of relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3 the features are divided by
 their L2 norm over channels (+1e-10), the squared difference is weighted per channel by that
 layer's linear head (a bias-free 1x1 convolution to one channel) and averaged over space; the five
-layers are summed. The heads are read from the installed `lpips` package (its wheel carries
+layers are summed. Each layer's arithmetic is the fused op softvq_fast.ops.lpips_distance (one
+pass over the features instead of a dozen eager ones). The heads are read from the installed `lpips` package (its wheel carries
 weights/v0.1/vgg.pth) or from a file in that layout; VGG16 from a torchvision `vgg16` state dict.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from softvq_fast.ops.lpips_distance import lpips_distance
 from softvq_fast.training.frozen import (
     FrozenModule,
     FrozenWeightsError,
@@ -31,6 +33,7 @@ __all__ = ["LPIPS", "lpips_heads_file", "load_lpips_heads"]
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
 _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
+_EPS = 1e-10  # the lpips package's normalize_tensor
 _HEADS_LAYOUT = "the lpips v0.1 VGG linear heads (lin0..lin4.model.1.weight, (1, C, 1, 1))"
 
 
@@ -52,10 +55,6 @@ def load_lpips_heads(source: str | os.PathLike | None = None) -> list[torch.Tens
     expected = {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(VGG16_CHANNELS)}
     check_layout(expected, state, path, _HEADS_LAYOUT)
     return [state[key] for key in expected]
-
-
-def _unit_channels(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    return features / (features.square().sum(dim=1, keepdim=True).sqrt() + eps)
 
 
 class LPIPS(FrozenModule):
@@ -82,8 +81,8 @@ class LPIPS(FrozenModule):
             raise ValueError(f"x and y must both be (B, 3, H, W), got {tuple(x.shape)} and {tuple(y.shape)}")
         distance = x.new_zeros(x.shape[0])
         for fx, fy, head in zip(self._features(x), self._features(y), self.heads):
-            distance = distance + torch.einsum("bchw,c->bhw", (_unit_channels(fx) - _unit_channels(fy)).square(),
-                                               head).mean(dim=(1, 2))
+            # under autocast the features are in the autocast dtype; the op takes one dtype
+            distance = distance + lpips_distance(fx, fy, head.to(fx.dtype), eps=_EPS)
         return distance
 
     def _features(self, image: torch.Tensor) -> list[torch.Tensor]:
