@@ -14,7 +14,8 @@
 #    against the libraries, with its error against float64; claims: 256 and 512 px, each within
 #    its own budget), then the CUDA tests (`-m cuda`: attention kernels, Triton soft-VQ and
 #    LayerNorm-modulate kernels, CUDA-graph sampling, tokenizer on CUDA), then the other suites
-#    (layernorm_modulate, soft-VQ, tokenizer, then the training steps: train, tokenizer_train),
+#    (layernorm_modulate, lpips_distance, soft-VQ, tokenizer, then the training steps: train,
+#    tokenizer_train),
 #    our CUDA attention kernel under compute-sanitizer
 #    (memcheck, racecheck) and Nsight Compute, then the CPU tests with whatever time is left,
 # 3. prints the stage statuses, the attention comparison and what the CUDA attention `auto` order
@@ -91,7 +92,7 @@ bench_suites() {
 # comparison fit this limit.
 bench_suites attention:60 claims:180
 run_stage tests-cuda 120 $PYTHON -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/bench/junit-cuda.xml" --durations=10 tests
-bench_suites layernorm_modulate:45 softvq:60 tokenizer:60
+bench_suites layernorm_modulate:45 lpips_distance:30 softvq:60 tokenizer:60
 # The training suites: each stays within its limit (bench/suites/train.py, tokenizer_train.py).
 bench_suites train:120 tokenizer_train:120
 # Then our CUDA attention kernel under compute-sanitizer (out-of-bounds or misaligned accesses;
