@@ -158,3 +158,15 @@ def test_attention_order_everywhere_faster_and_partial_results(tmp_path, capsys)
     assert "softvq first on CUDA at every measured shape" in capsys.readouterr().out
     assert attention_order.main([str(tmp_path / "missing")]) == 0
     assert capsys.readouterr().out.startswith("(no attention results:")
+
+
+def test_the_gpu_check_runs_every_suite():
+    """bench/gpu_check.sh names its suites one by one: a suite added to the harness must be there
+    (all but linear, whose backends differ on the CPU only)."""
+    import re
+    from pathlib import Path
+
+    script = (Path(harness.__file__).parent / "gpu_check.sh").read_text()
+    listed = {name for line in re.findall(r"^bench_suites (.+)$", script, flags=re.M)
+              for name in re.findall(r"(\w+):\d+", line)}
+    assert listed == set(harness.SUITES) - {"linear"}
