@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -167,30 +168,73 @@ def record(suite: str, device_kind: str, text: str) -> None:
         f.write(current)
 
 
-def run_suites(names: list[str], device: torch.device, quick: bool, out_dir: str, record_results: bool) -> int:
+def run_suite(name: str, env: dict[str, Any], device: torch.device, quick: bool, out_dir: str,
+              record_results: bool) -> tuple[dict[str, Any], str]:
+    """Runs one suite in this process: prints its section, writes its PNG, records it if asked.
+    Returns its results.json entry and its markdown section."""
+    module = importlib.import_module(f"bench.suites.{name}")
+    ctx = Context(device=device, quick=quick, out_dir=out_dir, suite=name)
+    print(f"\n## {module.TITLE} (running)", flush=True)
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+    rows = module.run(ctx)
+    load, seconds = (load_before, os.getloadavg()[0]), time.perf_counter() - started
+    text = section_markdown(module.TITLE, env, rows, ctx.notes, quick, load=load, seconds=seconds,
+                            baseline=getattr(module, "BASELINE", None))
+    print(text, flush=True)
+    png = os.path.join(out_dir, f"{name}.png")
+    getattr(module, "plot", lambda r, p: _default_plot(module.TITLE, r, p))(rows, png)
+    if record_results:
+        record(name, device.type, text)
+    entry = {"title": module.TITLE, "rows": rows, "notes": ctx.notes, "load_average": load, "seconds": seconds}
+    return entry, text
+
+
+def run_suite_in_child(name: str, device: torch.device, quick: bool, out_dir: str,
+                       record_results: bool) -> tuple[dict[str, Any], str] | int:
+    """Runs one suite through `python -m bench` in a child process (its output goes to ours) and
+    returns what run_suite returned there, or the child's exit status if it failed."""
+    results = os.path.join(out_dir, f"{name}.child.json")
+    command = [sys.executable, "-m", "bench", "--suite", name, "--quick" if quick else "--full",
+               "--device", str(device), "--out", out_dir, "--child-results", results]
+    status = subprocess.run(command + (["--record"] if record_results else []), check=False).returncode
+    if status != 0:
+        return status
+    with open(results) as f:
+        child = json.load(f)
+    os.remove(results)
+    return child["entry"], child["markdown"]
+
+
+def run_suites(names: list[str], device: torch.device, quick: bool, out_dir: str, record_results: bool, *,
+               isolated: bool = False, child_results: str | None = None) -> int:
+    """Runs the suites one after the other, then writes results.json and results.md for them all.
+
+    isolated: each suite in a fresh child process, so that no suite's numbers depend on the suites
+    run before it (on the CPU a process's allocator keeps or returns freed memory depending on what
+    it freed before, which moves allocation-heavy steps by tens of percent). child_results: the
+    file a child writes its suite's results to, for the parent."""
     os.makedirs(out_dir, exist_ok=True)
     env = environment(device)
-    print(f"# softvq-fast benchmarks on {env['machine']} ({'quick' if quick else 'full'} mode), {env['date']}")
+    if child_results is None:
+        print(f"# softvq-fast benchmarks on {env['machine']} ({'quick' if quick else 'full'} mode), {env['date']}")
     summary: dict[str, Any] = {"environment": env, "quick": quick, "suites": {}}
     markdown = [f"# softvq-fast benchmarks\n\n{json.dumps(env, indent=1)}\n"]
     run_started = time.perf_counter()
     for name in names:
-        module = importlib.import_module(f"bench.suites.{name}")
-        ctx = Context(device=device, quick=quick, out_dir=out_dir, suite=name)
-        print(f"\n## {module.TITLE} (running)", flush=True)
-        load_before, started = os.getloadavg()[0], time.perf_counter()
-        rows = module.run(ctx)
-        load, seconds = (load_before, os.getloadavg()[0]), time.perf_counter() - started
-        text = section_markdown(module.TITLE, env, rows, ctx.notes, quick, load=load, seconds=seconds,
-                                baseline=getattr(module, "BASELINE", None))
-        print(text, flush=True)
+        if isolated:
+            outcome = run_suite_in_child(name, device, quick, out_dir, record_results)
+            if isinstance(outcome, int):
+                print(f"\nsuite {name} failed (exit status {outcome})", file=sys.stderr)
+                return outcome
+            entry, text = outcome
+        else:
+            entry, text = run_suite(name, env, device, quick, out_dir, record_results)
+        summary["suites"][name] = entry
         markdown.append(text)
-        summary["suites"][name] = {"title": module.TITLE, "rows": rows, "notes": ctx.notes, "load_average": load,
-                                   "seconds": seconds}
-        png = os.path.join(out_dir, f"{name}.png")
-        getattr(module, "plot", lambda r, p: _default_plot(module.TITLE, r, p))(rows, png)
-        if record_results:
-            record(name, device.type, text)
+    if child_results is not None:
+        with open(child_results, "w") as f:
+            json.dump({"entry": summary["suites"][names[0]], "markdown": markdown[1]}, f, default=str)
+        return 0
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     with open(os.path.join(out_dir, "results.md"), "w") as f:

@@ -170,3 +170,18 @@ def test_the_gpu_check_runs_every_suite():
     listed = {name for line in re.findall(r"^bench_suites (.+)$", script, flags=re.M)
               for name in re.findall(r"(\w+):\d+", line)}
     assert listed == set(harness.SUITES) - {"linear"}
+
+
+def test_suites_run_in_child_processes(tmp_path, monkeypatch, capsys):
+    """The children's sections come back into results.json and results.md; a failing child's
+    exit status is the run's."""
+    monkeypatch.chdir(harness.RESULTS_MD.rsplit("/bench/", 1)[0])  # `python -m bench` from the repository root
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the children would time Triton's interpreter
+    out = tmp_path / "out"
+    assert harness.run_suites(["layernorm_modulate"], torch.device("cpu"), True, str(out), False, isolated=True) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["suites"]) == ["layernorm_modulate"]
+    assert all(entry["rows"] and entry["notes"] for entry in summary["suites"].values())
+    assert "LayerNorm-modulate" in (out / "results.md").read_text()
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".json") == ["results.json"]  # no child files left
+    assert harness.run_suite_in_child("layernorm_modulate", torch.device("meta"), True, str(out), False) != 0
