@@ -391,4 +391,10 @@ def run(ctx) -> list[dict[str, Any]]:
                  "appears in the quantizer rows alone, its share of an iteration at that batch is full mode's. Full "
                  "mode (GPU, bf16 autocast): ViT-B and ViT-L at batch 32.")
     ctx.note(flop_ceiling_note(rate, dtype, "gflop: one plain iteration's, or the plain quantizer pass's"))
+    if ctx.device.type == "cpu":
+        ctx.note("On the CPU the iterations' times depend on the C library's allocator: with glibc's defaults in a "
+                 "fresh process (as here), temporaries of tens of MB go back to the system when freed and come back "
+                 "as fresh pages in the next iteration, a cost that grows with what a stack allocates (peak_mib); an "
+                 "allocator that keeps freed memory (tcmalloc, jemalloc, or glibc with MALLOC_MMAP_THRESHOLD_ set "
+                 "high) makes both stacks faster and the speed-up smaller.")
     return rows
