@@ -121,6 +121,8 @@ def test_derive_window_takes_the_largest_loss_free_window():
     lower_only = derive_window([({"macs": m}, won) for m, won in [(1, False), (4, True), (16, False), (64, True)]],
                                frozenset())
     assert lower_only == {"macs": (64.0, math.inf)}
+    # a win with a loss above it and no upper bound allowed: no window of wins alone
+    assert derive_window([({"macs": m}, won) for m, won in [(1, False), (4, True), (16, False)]], frozenset()) is None
 
 
 def test_file_round_trip_and_format(machine, tmp_path):

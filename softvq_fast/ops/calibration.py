@@ -177,7 +177,8 @@ def round_robin_timer(rounds: int = 3, seconds_per_sample: float = 0.02) -> Time
 def derive_window(points: Sequence[tuple[Mapping[str, int], bool]],
                   bounded_above: frozenset[str]) -> dict[str, tuple[float, float]] | None:
     """The window (feature -> inclusive (low, high)) of `points` (features, won) by the module
-    docstring's rule, or None when no case was won."""
+    docstring's rule, or None when no window holds wins alone (no case won, or every window
+    around a win takes in a loss too)."""
     if not any(won for _, won in points):
         return None
     names = sorted(points[0][0])
@@ -195,6 +196,8 @@ def derive_window(points: Sequence[tuple[Mapping[str, int], bool]],
         key = (len(inside), -width)
         if best_key is None or key > best_key:
             best, best_key = window, key
+    if best is None:
+        return None
     return {name: (0.0 if low == values[name][0] else float(low),
                    math.inf if high == values[name][-1] or name not in bounded_above else float(high))
             for name, (low, high) in best.items()}
