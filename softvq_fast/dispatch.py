@@ -76,6 +76,24 @@ class Backend:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
+class ExtensionCpuBackend(Backend):
+    """C++ CPU kernels of softvq_fast._C. Subclasses set `dtypes` and `kernel`, one of the op's
+    kernels in torch.ops.softvq_fast: an extension built before the op was added lacks it."""
+
+    name = "cpu"
+    devices = frozenset({"cpu"})
+    kernel: str = ""
+
+    def unavailable_reason(self) -> str | None:
+        from softvq_fast._extension import EXTENSION_ERROR, extension_available
+
+        if not extension_available():
+            return f"needs the C++ extension ({EXTENSION_ERROR})"
+        if not hasattr(torch.ops.softvq_fast, self.kernel):
+            return f"the C++ extension was built without the {self.kernel} kernel (rebuild it)"
+        return None
+
+
 def triton_interpreted() -> bool:
     """True under TRITON_INTERPRET=1, where Triton runs its kernels on CPU tensors (tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -158,3 +158,15 @@ def test_every_op_registers_one_backends_object_with_one_env_name_pattern():
         assert importlib.import_module(f"softvq_fast.ops.{name}").BACKENDS is op
     assert {op.legacy_env_var for op in ops.values() if op.legacy_env_var is not None} == {
         "SOFTVQ_FAST_ATTENTION", "SOFTVQ_FAST_BACKEND", "SOFTVQ_FAST_LINEAR", "SOFTVQ_FAST_LN_MODULATE_BACKEND"}
+
+
+def test_a_cpu_backend_whose_kernel_the_extension_lacks_says_rebuild():
+    from softvq_fast.dispatch import ExtensionCpuBackend
+    from softvq_fast.ops.lpips_distance import CpuBackend
+
+    class Stale(ExtensionCpuBackend):
+        kernel = "no_such_kernel"
+
+    if CpuBackend().unavailable_reason() is not None:
+        pytest.skip("the extension is not built")
+    assert Stale().unavailable_reason() == "the C++ extension was built without the no_such_kernel kernel (rebuild it)"

@@ -32,13 +32,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from softvq_fast._extension import EXTENSION_ERROR, extension_available
-from softvq_fast.dispatch import AUTO, Backend, OpBackends, TritonBackend, grad_needed, register_op
+from softvq_fast.dispatch import (
+    AUTO, Backend, ExtensionCpuBackend, OpBackends, TritonBackend, grad_needed, register_op,
+)
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 REFERENCE_DTYPES = DTYPES | {torch.float64}
-# An extension built before this op lacks its kernels.
-_CPU_KERNELS = extension_available() and hasattr(torch.ops.softvq_fast, "lpips_distance_cpu_forward")
 
 
 @dataclass(frozen=True)
@@ -56,17 +55,9 @@ class ReferenceBackend(Backend):
     dtypes = REFERENCE_DTYPES
 
 
-class CpuBackend(Backend):
-    name = "cpu"
-    devices = frozenset({"cpu"})
+class CpuBackend(ExtensionCpuBackend):
     dtypes = DTYPES
-
-    def unavailable_reason(self) -> str | None:
-        if not extension_available():
-            return f"needs the C++ extension ({EXTENSION_ERROR})"
-        if not _CPU_KERNELS:
-            return "the C++ extension was built without the lpips_distance kernels (rebuild it)"
-        return None
+    kernel = "lpips_distance_cpu_forward"
 
 
 class LpipsDistanceTritonBackend(TritonBackend):

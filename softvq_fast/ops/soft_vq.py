@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from softvq_fast._extension import EXTENSION_ERROR, extension_available
-from softvq_fast.dispatch import AUTO, Backend, OpBackends, TritonBackend, grad_needed, register_op
+from softvq_fast.dispatch import (
+    AUTO, Backend, ExtensionCpuBackend, OpBackends, TritonBackend, grad_needed, register_op,
+)
 from softvq_fast.ops.soft_vq_reference import SoftVQParts, reference_parts
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -53,13 +54,9 @@ class ReferenceBackend(Backend):
     dtypes = REFERENCE_DTYPES
 
 
-class CpuBackend(Backend):
-    name = "cpu"
-    devices = frozenset({"cpu"})
+class CpuBackend(ExtensionCpuBackend):
     dtypes = DTYPES
-
-    def unavailable_reason(self) -> str | None:
-        return None if extension_available() else f"needs the C++ extension ({EXTENSION_ERROR})"
+    kernel = "soft_vq_cpu_forward"
 
 
 class SoftVQTritonBackend(TritonBackend):
