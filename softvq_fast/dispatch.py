@@ -76,6 +76,18 @@ class Backend:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
+FLOAT_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+REFERENCE_DTYPES = FLOAT_DTYPES | {torch.float64}
+
+
+class ReferenceBackend(Backend):
+    """An op's eager PyTorch formula: any device torch runs, float64 too (the tests' reference)."""
+
+    name = "reference"
+    devices = frozenset({"cpu", "cuda"})
+    dtypes = REFERENCE_DTYPES
+
+
 class ExtensionCpuBackend(Backend):
     """C++ CPU kernels of softvq_fast._C. Subclasses set `dtypes` and `kernel`, one of the op's
     kernels in torch.ops.softvq_fast: an extension built before the op was added lacks it."""

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from softvq_fast.dispatch import AUTO, Backend, OpBackends, TritonBackend, grad_needed, register_op
+from softvq_fast.dispatch import (
+    AUTO, FLOAT_DTYPES, OpBackends, ReferenceBackend, TritonBackend, grad_needed, register_op,
+)
 
-_FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16})
 _MAX_TRITON_DIM = 16384
 
 
@@ -33,18 +34,12 @@ class LayerNormModulateInputs:
 
 
 class LayerNormModulateTritonBackend(TritonBackend):
-    dtypes = _FLOATS
+    dtypes = FLOAT_DTYPES
 
     def input_reasons(self, inputs: LayerNormModulateInputs) -> list[str]:
         if inputs.dim > _MAX_TRITON_DIM:
             return [f"hidden size {inputs.dim} > {_MAX_TRITON_DIM} (one row per program)"]
         return []
-
-
-class ReferenceBackend(Backend):
-    name = "reference"
-    devices = frozenset({"cpu", "cuda"})
-    dtypes = _FLOATS | {torch.float64}
 
 
 def _priority(inputs: LayerNormModulateInputs) -> tuple[str, ...]:

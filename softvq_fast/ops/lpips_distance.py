@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from softvq_fast.dispatch import (
-    AUTO, Backend, ExtensionCpuBackend, OpBackends, TritonBackend, grad_needed, register_op,
+    AUTO, FLOAT_DTYPES, REFERENCE_DTYPES, ExtensionCpuBackend, OpBackends, ReferenceBackend, TritonBackend,
+    grad_needed, register_op,
 )
 
-DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
-REFERENCE_DTYPES = DTYPES | {torch.float64}
 
 
 @dataclass(frozen=True)
@@ -49,19 +48,13 @@ class LpipsDistanceInputs:
     needs_grad: bool
 
 
-class ReferenceBackend(Backend):
-    name = "reference"
-    devices = frozenset({"cpu", "cuda"})
-    dtypes = REFERENCE_DTYPES
-
-
 class CpuBackend(ExtensionCpuBackend):
-    dtypes = DTYPES
+    dtypes = FLOAT_DTYPES
     kernel = "lpips_distance_cpu_forward"
 
 
 class LpipsDistanceTritonBackend(TritonBackend):
-    dtypes = DTYPES
+    dtypes = FLOAT_DTYPES
 
 
 def _priority(inputs: LpipsDistanceInputs) -> tuple[str, ...]:

@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from softvq_fast.dispatch import (
-    AUTO, Backend, ExtensionCpuBackend, OpBackends, TritonBackend, grad_needed, register_op,
+    AUTO, FLOAT_DTYPES, REFERENCE_DTYPES, ExtensionCpuBackend, OpBackends, ReferenceBackend, TritonBackend,
+    grad_needed, register_op,
 )
 from softvq_fast.ops.soft_vq_reference import SoftVQParts, reference_parts
 
-DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
-REFERENCE_DTYPES = DTYPES | {torch.float64}
 ENTROPY_TEMPERATURE = 0.01
 MAX_TRITON_DIM = 256
 # Rows of the fused forward's row_stats (4, C, M), all float32. The max logit is kept apart from
@@ -48,19 +47,13 @@ class SoftVQInputs:
     dim: int
 
 
-class ReferenceBackend(Backend):
-    name = "reference"
-    devices = frozenset({"cpu", "cuda"})
-    dtypes = REFERENCE_DTYPES
-
-
 class CpuBackend(ExtensionCpuBackend):
-    dtypes = DTYPES
+    dtypes = FLOAT_DTYPES
     kernel = "soft_vq_cpu_forward"
 
 
 class SoftVQTritonBackend(TritonBackend):
-    dtypes = DTYPES
+    dtypes = FLOAT_DTYPES
 
     def input_reasons(self, inputs: SoftVQInputs) -> list[str]:
         if inputs.dim > MAX_TRITON_DIM:
