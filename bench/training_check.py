@@ -24,6 +24,16 @@ class NotTheSameFunction(AssertionError):
     compare different computations."""
 
 
+def training_precision(device: torch.device) -> str:
+    """The training suites' precision (LoopSettings' name): bf16 autocast on GPUs, fp32 on the CPU."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of training_precision(device)'s matrix products."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 @contextlib.contextmanager
 def float32_convolutions() -> Iterator[None]:
     """cuDNN convolutions in IEEE float32 within the block (cuDNN's default is TF32 on GPUs that

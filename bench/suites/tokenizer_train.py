@@ -59,7 +59,8 @@ from bench.plain_models import PlainLPIPS, plain_copy, update_ema_plain
 from bench.suites.claims import counted_flops
 from bench.suites.train import register_training_flop_formulas
 from bench.training_check import (
-    LOSS_TOL, check_same, clear_gradients, float32_convolutions, gradients, make_every_layer_count,
+    LOSS_TOL, check_same, clear_gradients, float32_convolutions, gradients, make_every_layer_count, training_dtype,
+    training_precision,
 )
 from softvq_fast.models.config import vit_spec
 from softvq_fast.ops.soft_vq import BACKENDS as SOFT_VQ, SoftVQInputs, soft_vq
@@ -243,10 +244,6 @@ def plain_iteration(stack: Stack, images: torch.Tensor) -> Callable[[], None]:
     return iteration
 
 
-def _precision(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def _row(case: str, batch: int, precision: str, stack: str, result: Checked, errors: tuple[float, float],
          gflop: float) -> dict:
     return {"case": case, "batch": batch, "precision": precision, "backend": stack, "median_ms": result.median_ms,
@@ -265,7 +262,8 @@ def measure_iteration(ctx, networks: Networks, preset: str, batch: int, gan: boo
     device = ctx.device
     case = f"{preset} {networks.tokenizer.config.image_size} px, {'GAN' if gan else 'no GAN'}"
     settings = LoopSettings(out=Path(ctx.out_dir) / "tokenizer-train-loop", steps=1, global_batch=batch,
-                            precision=_precision(device), grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, progress=False)
+                            precision=training_precision(device), grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY,
+                            progress=False)
     runtime = start_runtime(device)
     loop = TrainingLoop(settings, runtime, config={}, data_size=batch)
     made = stacks(networks, gan, loop.autocast_dtype)
@@ -279,7 +277,7 @@ def measure_iteration(ctx, networks: Networks, preset: str, batch: int, gan: boo
         iterations[CHECKPOINTED] = ours_iteration(own_loop, made[CHECKPOINTED], images)
     gflop = plain_gflop(iterations[PLAIN])
     checked = check_and_time(ctx, iterations, case, **TIMING[ctx.quick])
-    return [_row(case, batch, _precision(device), stack, result, errors[stack], gflop)
+    return [_row(case, batch, training_precision(device), stack, result, errors[stack], gflop)
             for stack, result in checked.items()]
 
 
@@ -359,7 +357,7 @@ def run(ctx) -> list[dict[str, Any]]:
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     add_speedups(rows, ("case", "batch"), lambda row: row["backend"] == PLAIN)
-    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    dtype = training_dtype(ctx.device)
     rate = dense_matmul_gflops(ctx.device, dtype)
     add_flop_ceiling(rows, ("case", "batch"), lambda row: row["gflop"], rate)
     share_notes(ctx, rows)

@@ -44,7 +44,7 @@ from bench.plain_models import PlainSiT, flow_matching_loss_plain, update_ema_pl
 from bench.suites.claims import _register_flop_formulas, counted_flops
 from bench.training_check import (
     GRAD_TOL, LOSS_TOL, check_same, clear_gradients, float32_convolutions, gradients, largest_fitting_batch,
-    make_every_layer_count,
+    make_every_layer_count, training_dtype, training_precision,
 )
 from softvq_fast.models import SiT
 from softvq_fast.training.generator import training_backends
@@ -183,14 +183,6 @@ def register_training_flop_formulas() -> None:
         register_flop_formula(op)(sdpa_cpu_backward)
 
 
-def _precision(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def measure_case(ctx, case: Case, batch: int) -> list[dict[str, Any]]:
     """Both stacks' rows for one case at `batch`."""
     device = ctx.device
@@ -204,7 +196,8 @@ def measure_case(ctx, case: Case, batch: int) -> list[dict[str, Any]]:
     check = check_exactness(model, plain, inputs, f"{case.name}, batch {batch}")
     flops = training_flops_per_sample(plain, inputs)
     settings = LoopSettings(out=Path(ctx.out_dir) / "train-loop", steps=1, global_batch=batch,
-                            precision=_precision(device), grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, progress=False)
+                            precision=training_precision(device), grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY,
+                            progress=False)
     loop = TrainingLoop(settings, start_runtime(device), config={}, data_size=batch)
     backends = training_backends(model, batch, device, loop.autocast_dtype)
     ctx.note(f"{case.name}, batch {batch}: ours runs attention {backends['attention']}, LayerNorm-modulate "
@@ -212,8 +205,8 @@ def measure_case(ctx, case: Case, batch: int) -> list[dict[str, Any]]:
     steps = {OURS: ours_step(loop, model, inputs), PLAIN: plain_step(plain, inputs, loop.autocast)}
     checked = check_and_time(ctx, steps, case.name, **TIMING[ctx.quick])
     tokens = model.num_tokens
-    return [{"case": case.name, "tokens": tokens, "batch": batch, "precision": _precision(device), "backend": stack,
-             "median_ms": result.median_ms, "samples_per_s": batch / result.median_ms * 1e3,
+    return [{"case": case.name, "tokens": tokens, "batch": batch, "precision": training_precision(device),
+             "backend": stack, "median_ms": result.median_ms, "samples_per_s": batch / result.median_ms * 1e3,
              "peak_mib": result.peak_bytes / 2**20, "loss_rel_err": check[0], "grad_rel_err": check[1],
              "gflops_per_sample": flops / 1e9, "sd_vae": case.sd_vae}
             for stack, result in checked.items()]
@@ -244,7 +237,7 @@ def run(ctx) -> list[dict[str, Any]]:
             torch.cuda.empty_cache()
     add_cost_ratios(rows)
     add_speedups(rows, ("case",), lambda row: row["backend"] == PLAIN)
-    dtype = _autocast_dtype(ctx.device)
+    dtype = training_dtype(ctx.device)
     rate = dense_matmul_gflops(ctx.device, dtype)
     add_flop_ceiling(rows, ("case",), lambda row: row["gflops_per_sample"] * row["batch"], rate)
     timing = TIMING[ctx.quick]
