@@ -741,7 +741,8 @@ def linear_backend(layer: nn.Module, rows: int, device: torch.device) -> str:
     tokens: `auto` may choose by size) that need a gradient."""
     from softvq_fast.ops.linear import select_backend
 
-    x = torch.empty(rows, layer.weight.shape[1], device=device, requires_grad=True)
+    # one row expanded: the choice reads the size, not the values
+    x = torch.empty(1, layer.weight.shape[1], device=device, requires_grad=True).expand(rows, -1)
     weight = torch.empty(layer.weight.shape, device=device)
     with torch.enable_grad():
         return select_backend(x, weight, backend=layer.linear_backend).name
